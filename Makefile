@@ -1,0 +1,36 @@
+# Quick start:  make run   (set up .venv, run the default experiment)
+#               make test  (the test suite; .ci/run calls exactly this)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SHARED_DATA := $(abspath ../shared/data/ag_news)
+export FEDSLIP_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/train.csv.gz),$(SHARED_DATA),)
+export HF_HUB_DISABLE_TELEMETRY := 1
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+METHOD ?= fedavg_lora
+OUT ?= runs/$(METHOD)
+ARGS ?=
+
+.PHONY: setup run test lint clean
+
+$(BIN)/fedslip: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(BIN)/fedslip
+
+run: setup
+	$(BIN)/fedslip run --method $(METHOD) --out $(OUT) $(ARGS)
+
+# pytest exits 5 when it collects no test: that is a failure here, never a pass.
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: setup
+	$(BIN)/ruff check fedslip tests
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,256 @@
+"""One client: the local training step of every method, evaluation, and its private state.
+
+The method's math, per batch (x, y), with g = global track, p = private track:
+
+* ``global_only`` (fedavg_lora)::
+
+      L_g = CE(f(x; g), y) + (mu/2) * sum_t ||g_t - g_t^round||^2          -> updates g
+
+* ``joint`` (dual_naive)::
+
+      L = CE(f(x; g + p), y)                                               -> updates g and p
+
+* ``separated`` (fedslip), clean optimization separation::
+
+      L_g = CE(f(x; g), y) + (mu/2) * sum_t ||g_t - g_t^round||^2          -> updates g only
+      L_p = CE(f(x; sg[g] + p), y)                                         -> updates p only
+
+  ``sg[.]`` = stop-gradient: the private loss sees the global track as constants (``detach=false``
+  lets L_p reach g too, as an ablation). Each track has its own AdamW and learning rate.
+
+The private track trains only in rounds ``private_warmup_rounds < r`` and (if set)
+``r <= private_freeze_round``; its lottery-ticket mask is applied after every step (``masking.py``).
+It lives in ``<state_dir>/private.safetensors`` (+ ``mask.safetensors``, ``rewind.safetensors``) and
+is never part of a reply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import comm, masking
+from .config import ExperimentConfig
+from .data import Encoded, eval_batches, train_batches
+from .model import GLOBAL, PRIVATE, TrackedModel
+from .storage import load_tensors, save_tensors
+
+
+def proximal_term(params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor],
+                  mu: float) -> torch.Tensor:
+    """FedProx: (mu/2) * sum over the global track's tensors of ||w - w_round||_2^2."""
+    total = sum(((p - reference[n]) ** 2).sum() for n, p in params.items())
+    return 0.5 * mu * total
+
+
+def private_trains(cfg: ExperimentConfig, round_idx: int) -> bool:
+    """Private schedule: frozen during warmup rounds and after the freeze round."""
+    if not cfg.private_track or round_idx <= cfg.private_warmup_rounds:
+        return False
+    return cfg.private_freeze_round == 0 or round_idx <= cfg.private_freeze_round
+
+
+def local_steps(cfg: ExperimentConfig, num_examples: int) -> int:
+    if cfg.local_steps:
+        return cfg.local_steps
+    return cfg.local_epochs * -(-num_examples // cfg.batch_size)
+
+
+def run_seed(*parts: int) -> int:
+    """A seed for one (run seed, round, client, purpose) tuple, stable across processes."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    loss: float  # mean CE of the global-track objective (global-only logits; combined for joint)
+    private_loss: Optional[float]  # mean CE of the private objective (separated only)
+
+
+def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentConfig, steps: int,
+                train_private: bool, mask: Optional[masking.Mask], prox_reference: Optional[dict],
+                seed: int, desc: str = "local") -> TrainResult:
+    """Run ``steps`` local optimizer steps of the configured objective. See the module docstring."""
+    torch.manual_seed(seed)  # dropout
+    generator = torch.Generator().manual_seed(seed)
+    g_params, p_params = model.global_params, model.private_params
+    opt_g = torch.optim.AdamW(g_params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt_p = (torch.optim.AdamW(p_params.values(), lr=cfg.private_lr, weight_decay=cfg.weight_decay)
+             if train_private else None)
+    mu = cfg.fedprox_mu if prox_reference is not None else 0.0
+    if mu:
+        prox_reference = {n: t.to(model.device) for n, t in prox_reference.items()}
+    both = (GLOBAL, PRIVATE) if model.has_private else (GLOBAL,)
+    losses, private_losses = [], []
+    model.model.train()
+    for batch in tqdm(train_batches(tokenizer, data, cfg.batch_size, generator, steps), total=steps,
+                      desc=desc, leave=False, disable=None):
+        labels = batch["labels"].to(model.device)
+        opt_g.zero_grad(set_to_none=True)
+        if opt_p:
+            opt_p.zero_grad(set_to_none=True)
+
+        if cfg.objective == "joint":
+            grad = (GLOBAL, PRIVATE) if train_private else (GLOBAL,)
+            ce = F.cross_entropy(model.logits(batch, both, grad), labels)
+            loss = ce + (proximal_term(g_params, prox_reference, mu) if mu else 0.0)
+            loss.backward()
+        else:  # global_only and separated: the global track learns from global-only logits
+            ce = F.cross_entropy(model.logits(batch, (GLOBAL,), (GLOBAL,)), labels)
+            loss = ce + (proximal_term(g_params, prox_reference, mu) if mu else 0.0)
+            loss.backward()
+            if cfg.objective == "separated" and train_private:
+                grad = (PRIVATE,) if cfg.detach else (GLOBAL, PRIVATE)
+                ce_p = F.cross_entropy(model.logits(batch, both, grad), labels)
+                ce_p.backward()
+                private_losses.append(ce_p.item())
+        losses.append(ce.item())
+
+        opt_g.step()
+        if opt_p:
+            if mask is not None:
+                masking.mask_gradients(p_params, mask)
+            opt_p.step()
+            if mask is not None:
+                masking.apply_mask(p_params, mask)
+    return TrainResult(steps=steps, loss=float(np.mean(losses)) if losses else float("nan"),
+                       private_loss=float(np.mean(private_losses)) if private_losses else None)
+
+
+@torch.inference_mode()
+def evaluate(model: TrackedModel, tokenizer, data: Encoded, tracks: tuple[str, ...], batch_size: int,
+             num_labels: int) -> dict:
+    """Accuracy, mean CE and per-class correct/total counts of ``tracks`` on ``data``."""
+    correct = torch.zeros(num_labels, dtype=torch.long)
+    total = torch.zeros(num_labels, dtype=torch.long)
+    loss_sum = 0.0
+    with model.eval_mode():
+        for batch in eval_batches(tokenizer, data, batch_size):
+            logits = model.logits(batch, tracks).cpu()
+            labels = batch["labels"]
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            hit = logits.argmax(-1) == labels
+            total += torch.bincount(labels, minlength=num_labels)
+            correct += torch.bincount(labels[hit], minlength=num_labels)
+    n = int(total.sum())
+    return {"accuracy": float(correct.sum()) / n if n else float("nan"),
+            "loss": loss_sum / n if n else float("nan"),
+            "correct_per_class": correct.tolist(), "total_per_class": total.tolist()}
+
+
+class PrivateStore:
+    """A client's private state directory: private track, lottery-ticket mask, rewind point."""
+
+    FILES = {"private": "private.safetensors", "mask": "mask.safetensors", "rewind": "rewind.safetensors"}
+
+    def __init__(self, state_dir: Path):
+        self.dir = Path(state_dir)
+
+    def path(self, what: str) -> Path:
+        return self.dir / self.FILES[what]
+
+    def exists(self, what: str) -> bool:
+        return self.path(what).is_file()
+
+    def load(self, what: str) -> dict[str, torch.Tensor]:
+        return load_tensors(self.path(what))
+
+    def load_mask(self) -> masking.Mask:
+        return {n: t.bool() for n, t in self.load("mask").items()}
+
+    def save(self, what: str, tensors: dict[str, torch.Tensor]) -> None:
+        if what == "mask":
+            tensors = {n: t.to(torch.uint8) for n, t in tensors.items()}
+        save_tensors(self.path(what), tensors)
+
+
+@dataclass
+class FitReply:
+    payload: bytes
+    num_examples: int
+    metrics: dict
+
+
+class Client:
+    """A federated client. ``fit`` and ``evaluate`` take and return serialized payloads only, so any
+    engine (in-process or Flower) can carry the messages."""
+
+    def __init__(self, cid: int, cfg: ExperimentConfig, model: TrackedModel, tokenizer, train: Encoded,
+                 test: Encoded, state_dir: Path):
+        self.cid, self.cfg, self.model, self.tokenizer = cid, cfg, model, tokenizer
+        self.train, self.test = train, test
+        self.store = PrivateStore(state_dir)
+        self.uses_mask = cfg.private_track and cfg.private_target_sparsity > 0
+
+    # --- private state --------------------------------------------------------------------
+    def _load_private(self) -> Optional[masking.Mask]:
+        """Load this client's private track (initializing it on first use) into the shared model."""
+        if not self.model.has_private:
+            return None
+        if not self.store.exists("private"):
+            init = self.model.fresh_private_state(run_seed(self.cfg.seed, 0, self.cid, 7))
+            self.store.save("private", init)
+            if self.uses_mask:
+                self.store.save("mask", masking.full_mask(init))
+            if self.cfg.private_rewind_round == 0:
+                self.store.save("rewind", init)
+        self.model.load_private_state(self.store.load("private"))
+        return self.store.load_mask() if self.uses_mask else None
+
+    def _end_of_round_private(self, round_idx: int, mask: Optional[masking.Mask], trained: bool) -> float:
+        """Prune (if scheduled), rewind (if configured), persist. Returns the private sparsity."""
+        weights = self.model.private_state()
+        if self.cfg.private_rewind_round == round_idx and round_idx > 0:
+            self.store.save("rewind", weights)
+        if mask is not None and trained and round_idx >= self.cfg.private_prune_start_round:
+            rate = masking.step_rate(masking.sparsity(mask), self.cfg.private_target_sparsity,
+                                     self.cfg.private_prune_rate)
+            if rate > 0:
+                mask = masking.prune(weights, mask, rate, self.cfg.private_prune_scope)
+                if self.cfg.private_rewind_round >= 0 and self.store.exists("rewind"):
+                    weights = self.store.load("rewind")
+                weights = {n: w * mask[n] for n, w in weights.items()}
+                self.store.save("mask", mask)
+        self.store.save("private", weights)
+        return masking.sparsity(mask) if mask is not None else 0.0
+
+    # --- federated API -----------------------------------------------------------------------
+    def fit(self, payload: bytes, round_idx: int) -> FitReply:
+        global_state = comm.decode(payload)
+        self.model.load_global_state(global_state)
+        mask = self._load_private()
+        trains_private = private_trains(self.cfg, round_idx)
+        result = train_local(self.model, self.tokenizer, self.train, self.cfg,
+                             local_steps(self.cfg, len(self.train)), trains_private, mask,
+                             global_state, run_seed(self.cfg.seed, round_idx, self.cid),
+                             desc=f"round {round_idx} client {self.cid}")
+        metrics = {"train_loss": result.loss, "private_train_loss": result.private_loss,
+                   "steps": result.steps, "private_trained": trains_private}
+        if self.model.has_private:
+            metrics["private_sparsity"] = self._end_of_round_private(round_idx, mask, trains_private)
+        return FitReply(comm.encode(self.model.global_state()), len(self.train), metrics)
+
+    def evaluate(self, payload: bytes, tracks: Optional[tuple[str, ...]] = None) -> dict:
+        """Accuracy of this client's inference model (global + private) on its own test rows."""
+        self.model.load_global_state(comm.decode(payload))
+        self._load_private()
+        return evaluate(self.model, self.tokenizer, self.test, tracks or self.model.inference_tracks(),
+                        self.cfg.eval_batch_size, self.cfg.num_labels)
+
+    def kstep(self, payload: bytes, steps: int) -> dict:
+        """Fine-tune the final model for ``steps`` local steps (no FedProx), evaluate; persists nothing."""
+        global_state = comm.decode(payload)
+        self.model.load_global_state(global_state)
+        mask = self._load_private()
+        train_local(self.model, self.tokenizer, self.train, self.cfg, steps,
+                    private_trains(self.cfg, self.cfg.rounds), mask, None,
+                    run_seed(self.cfg.seed, self.cfg.rounds + 1, self.cid), desc=f"k-step client {self.cid}")
+        return evaluate(self.model, self.tokenizer, self.test, self.model.inference_tracks(),
+                        self.cfg.eval_batch_size, self.cfg.num_labels)

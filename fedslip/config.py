@@ -1,0 +1,293 @@
+"""Experiment configuration: one dataclass, its defaults, method presets, validation, TOML load/dump.
+
+Every field documents itself in ``metadata["help"]``; the CLI flags (``--num-clients`` for
+``num_clients``) and the README's config reference are generated from these fields, so the three
+cannot drift apart.
+
+Resolution order (later wins): dataclass defaults -> the method's preset (``PRESETS``) -> TOML file
+-> command-line flags. A preset only fills fields the user did not set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import tomli_w
+
+METHODS = ("fedavg_lora", "dual_naive", "fedslip")
+PARTITIONS = ("dominant", "dirichlet", "iid")
+HEADS = ("shared", "shared_full")
+OBJECTIVES = ("global_only", "joint", "separated")
+PRECISIONS = ("auto", "bf16", "fp32")
+PRUNE_SCOPES = ("matrix", "global")
+EVAL_SPLITS = ("test", "val")
+ENGINES = ("embedded",)
+AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the allowed values."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ExperimentConfig:
+    # --- experiment ---------------------------------------------------------------------------
+    method: str = _f("fedavg_lora", f"Method preset: {', '.join(METHODS)}. Presets set the method fields "
+                     "below unless you set them yourself.")
+    engine: str = _f("embedded", "Where the federation runs: `embedded` (in-process, one backbone).")
+    rounds: int = _f(5, "Federated rounds.")
+    num_clients: int = _f(4, "Number of clients.")
+    fraction_fit: float = _f(1.0, "Fraction of clients sampled to train each round (at least one).")
+    seed: int = _f(0, "Seed for partitions, initialization, client sampling and batch order.")
+    # --- data -------------------------------------------------------------------------------
+    data_dir: str = _f("", "Directory with train/test CSV(.gz) files. Empty: env FEDSLIP_DATA_DIR, else the "
+                       "hub dataset `fancyzhx/ag_news`.")
+    text_columns: list[str] = _f(["title", "description"], "CSV columns joined (with a space) into the input "
+                                 "text.")
+    label_column: str = _f("label", "CSV column holding the integer class label (0-based).")
+    class_names: list[str] = _f(AG_NEWS_CLASSES, "Class names, index = label. Their count is the number of "
+                                "classes.")
+    partition: str = _f("dominant", f"Client label distribution: {', '.join(PARTITIONS)}.")
+    dominant_fraction: float = _f(0.8, "partition=dominant: share of client i's data from class i mod C; the "
+                                  "rest is spread evenly over the other classes.")
+    dirichlet_alpha: float = _f(0.5, "partition=dirichlet: concentration of each client's class proportions.")
+    samples_per_client: int = _f(500, "Training rows per client (from the train split, disjoint between "
+                                 "clients).")
+    test_samples_per_client: int = _f(250, "Test rows per client, drawn from the test split with the client's "
+                                      "train label distribution, disjoint between clients.")
+    val_samples_per_client: int = _f(0, "Validation rows per client carved from the train split (disjoint from "
+                                     "all train rows), same label distribution. Needed for eval_split=val.")
+    global_test_samples: int = _f(2000, "Size of the stratified global test set drawn from the test split; "
+                                  "0 = the whole test split.")
+    eval_split: str = _f("test", "What accuracies are measured on: `test` (the report) or `val` (tuning: each "
+                         "client's validation rows, global = their union). Never tune on test.")
+    max_seq_len: int = _f(64, "Token limit per text (longer texts are truncated).")
+    # --- model ------------------------------------------------------------------------------
+    backbone: str = _f("minilm", "`minilm` (packaged all-MiniLM-L6-v2, offline), `tiny` (random-init 2-layer "
+                       "BERT for tests), a local model directory, or a hub id such as "
+                       "`distilbert-base-uncased`.")
+    lora_rank: int = _f(8, "Rank of the global-track LoRA.")
+    lora_alpha: float = _f(16.0, "LoRA alpha of the global track (scaling = alpha / rank).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input of both tracks.")
+    lora_targets: list[str] = _f([], "Module names LoRA adapts; empty = per architecture (BERT/RoBERTa "
+                                 "query,value; DistilBERT q_lin,v_lin).")
+    head: str = _f("shared", "Classifier head in the global track: `shared` = the final classifier layer; "
+                   "`shared_full` = the whole head (adds DistilBERT's pre_classifier).")
+    # --- local training ---------------------------------------------------------------------
+    local_epochs: int = _f(1, "Local epochs per round (ignored when local_steps > 0).")
+    local_steps: int = _f(0, "Local optimizer steps per round; 0 = use local_epochs.")
+    batch_size: int = _f(32, "Training batch size.")
+    eval_batch_size: int = _f(128, "Evaluation batch size.")
+    lr: float = _f(2e-3, "AdamW learning rate of the global track.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (both tracks).")
+    precision: str = _f("auto", "`bf16` autocast for forward passes (weights and optimizer stay fp32), "
+                        "`fp32`, or `auto` (bf16 where the CPU/GPU supports it).")
+    kstep: int = _f(50, "After the last round each client fine-tunes its final model for this many local "
+                    "steps and is evaluated again (the baseline's K-step personalization); 0 = skip.")
+    # --- method (set by presets) ----------------------------------------------------------
+    private_track: bool = _f(False, "Give every client a private LoRA track that never leaves it.")
+    objective: str = _f("global_only", "`global_only` (FedAvg), `joint` (one loss on the combined logits "
+                        "trains both tracks), `separated` (global loss on global-only logits; private loss on "
+                        "combined logits).")
+    detach: bool = _f(True, "objective=separated: the private loss treats the global track as constant, so "
+                      "it sends no gradient to it.")
+    fedprox_mu: float = _f(0.0, "FedProx: adds (mu/2)*||w - w_round||^2 over the global track to its loss.")
+    private_rank: int = _f(8, "Rank of the private LoRA track.")
+    private_alpha: float = _f(16.0, "LoRA alpha of the private track.")
+    private_lr: float = _f(2e-3, "AdamW learning rate of the private track.")
+    private_targets: list[str] = _f([], "Modules of the private track; empty = same as the global track.")
+    private_warmup_rounds: int = _f(0, "Rounds (from round 1) in which the private track is frozen and only "
+                                    "the global track trains.")
+    private_freeze_round: int = _f(0, "After this round the private track stops training; 0 = never.")
+    private_target_sparsity: float = _f(0.0, "Lottery-ticket mask: final share of private weights pruned "
+                                        "(0 = no mask).")
+    private_prune_rate: float = _f(0.2, "Share of the still-unmasked private weights pruned at the end of "
+                                   "each pruning round.")
+    private_prune_scope: str = _f("matrix", "Prune the smallest magnitudes per weight `matrix` or over the "
+                                  "`global` private track.")
+    private_prune_start_round: int = _f(1, "First round at whose end pruning happens (after warmup).")
+    private_rewind_round: int = _f(-1, "Rewind surviving private weights to their values at the end of this "
+                                   "round after each pruning (0 = initialization); -1 = no rewinding.")
+
+    # ------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def two_tracks(self) -> bool:
+        return self.private_track
+
+    def resolved_data_dir(self) -> str:
+        return self.data_dir or os.environ.get("FEDSLIP_DATA_DIR", "")
+
+    def validate(self) -> None:
+        """Check every field once, here, so that the rest of the code can trust the config."""
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+
+        def positive(*names: str) -> None:
+            for n in names:
+                if not getattr(self, n) > 0:
+                    raise ConfigError(f"{n} must be > 0, got {getattr(self, n)!r}")
+
+        def non_negative(*names: str) -> None:
+            for n in names:
+                if getattr(self, n) < 0:
+                    raise ConfigError(f"{n} must be >= 0, got {getattr(self, n)!r}")
+
+        choice("method", METHODS)
+        choice("engine", ENGINES)
+        choice("partition", PARTITIONS)
+        choice("head", HEADS)
+        choice("objective", OBJECTIVES)
+        choice("precision", PRECISIONS)
+        choice("private_prune_scope", PRUNE_SCOPES)
+        choice("eval_split", EVAL_SPLITS)
+        positive("rounds", "num_clients", "samples_per_client", "test_samples_per_client", "batch_size",
+                 "eval_batch_size", "lr", "max_seq_len", "lora_rank", "lora_alpha", "private_rank",
+                 "private_alpha", "private_lr", "dirichlet_alpha")
+        non_negative("local_steps", "local_epochs", "kstep", "weight_decay", "fedprox_mu",
+                     "val_samples_per_client", "global_test_samples", "private_warmup_rounds",
+                     "private_freeze_round", "lora_dropout", "private_prune_start_round")
+        if self.local_steps == 0 and self.local_epochs == 0:
+            raise ConfigError("set local_epochs > 0 or local_steps > 0 (both are 0: clients would not train)")
+        if not 0 < self.dominant_fraction <= 1:
+            raise ConfigError(f"dominant_fraction must be in (0, 1], got {self.dominant_fraction!r}")
+        if not 0 < self.fraction_fit <= 1:
+            raise ConfigError(f"fraction_fit must be in (0, 1], got {self.fraction_fit!r}")
+        if not 0 <= self.private_target_sparsity < 1:
+            raise ConfigError(f"private_target_sparsity must be in [0, 1), got {self.private_target_sparsity!r}")
+        if not 0 < self.private_prune_rate < 1:
+            raise ConfigError(f"private_prune_rate must be in (0, 1), got {self.private_prune_rate!r}")
+        if self.private_rewind_round < -1:
+            raise ConfigError(f"private_rewind_round must be -1 (off) or >= 0, got {self.private_rewind_round}")
+        if self.lora_dropout >= 1:
+            raise ConfigError(f"lora_dropout must be < 1, got {self.lora_dropout!r}")
+        if len(self.class_names) < 2:
+            raise ConfigError(f"class_names needs at least 2 classes, got {self.class_names!r}")
+        if not self.text_columns:
+            raise ConfigError("text_columns must name at least one column")
+        if self.eval_split == "val" and self.val_samples_per_client == 0:
+            raise ConfigError("eval_split='val' needs val_samples_per_client > 0")
+        if not self.private_track and self.objective != "global_only":
+            raise ConfigError(f"objective={self.objective!r} needs private_track=true")
+        if self.private_track and self.objective == "global_only":
+            raise ConfigError("private_track=true needs objective 'joint' or 'separated'")
+        for name in ("lr", "private_lr", "dominant_fraction", "fedprox_mu"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be finite, got {getattr(self, name)!r}")
+
+    # --- persistence ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(self.to_toml())
+
+
+# Presets fill the method fields; anything the user sets explicitly wins.
+PRESETS: dict[str, dict[str, Any]] = {
+    # FedAvg + LoRA: one global track, no private state.
+    "fedavg_lora": dict(private_track=False, objective="global_only", fedprox_mu=0.0, head="shared"),
+    # The seed's first dual-track version: both tracks learn from one combined loss, no stabilizers,
+    # and the whole classifier head travels with the global LoRA.
+    "dual_naive": dict(private_track=True, objective="joint", detach=False, fedprox_mu=0.0,
+                       head="shared_full", private_warmup_rounds=0, private_freeze_round=0,
+                       private_target_sparsity=0.0, private_rewind_round=-1),
+    # FedSLIP: clean separation, FedProx, warmup, sparse private track. Values chosen on validation
+    # data (README, "Choosing FedSLIP's defaults").
+    "fedslip": dict(private_track=True, objective="separated", detach=True, fedprox_mu=0.01,
+                    head="shared", private_warmup_rounds=1, private_freeze_round=0,
+                    private_target_sparsity=0.5, private_prune_rate=0.2, private_rewind_round=-1),
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a TOML/CLI value to the field's type, with an error that names the field."""
+    f = FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("list"):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return list(value)
+        if kind == "bool":
+            if isinstance(value, str):
+                low = value.lower()
+                if low not in ("true", "false", "1", "0", "yes", "no"):
+                    raise TypeError
+                return low in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if kind == "str":
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{name}: expected {kind}, got {value!r}")
+
+
+def make_config(overrides: Optional[dict[str, Any]] = None, toml_path: Optional[Path] = None) -> ExperimentConfig:
+    """Build a validated config: defaults <- method preset <- TOML file <- ``overrides``.
+
+    >>> make_config({"method": "fedslip", "rounds": 3}).fedprox_mu
+    0.01
+    """
+    user: dict[str, Any] = {}
+    if toml_path is not None:
+        path = Path(toml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            user.update(tomllib.loads(path.read_text()))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    user.update(overrides or {})
+    unknown = sorted(set(user) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    user = {k: _coerce(k, v) for k, v in user.items()}
+    method = user.get("method", FIELDS["method"].default)
+    if method not in PRESETS:
+        raise ConfigError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    values = {**PRESETS[method], **user}
+    return ExperimentConfig(**values)
+
+
+def load_config(path: Path) -> ExperimentConfig:
+    """Load a fully resolved ``config.toml`` (as written into every run directory)."""
+    return make_config(toml_path=path)

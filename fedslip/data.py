@@ -1,0 +1,162 @@
+"""Loading text-classification splits (local CSV/CSV.gz or the hub), tokenizing once, batching.
+
+Local layout: a directory with ``train.csv[.gz]`` and ``test.csv[.gz]``, either with a header that
+names ``label_column`` and ``text_columns`` (our AG News copy: ``label,title,description``, labels
+0-based) or headerless in the original AG News order (label 1..C, then the text columns).
+Without a directory the hub dataset ``fancyzhx/ag_news`` is loaded through ``datasets``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import ExperimentConfig
+
+HUB_DATASET = "fancyzhx/ag_news"
+
+
+class DataError(ValueError):
+    """A data file or split is missing or malformed; the message names the file and the problem."""
+
+
+@dataclass
+class TextSplit:
+    """One split as plain texts and integer labels (0..C-1)."""
+
+    texts: list[str]
+    labels: np.ndarray
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def find_split_file(data_dir: Path, split: str) -> Path:
+    for name in (f"{split}.csv", f"{split}.csv.gz"):
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise DataError(f"data directory {data_dir} has no {split}.csv or {split}.csv.gz")
+
+
+def read_csv_split(path: Path, text_columns: Sequence[str], label_column: str, num_labels: int) -> TextSplit:
+    """Read one CSV split, accepting our header format or the original headerless AG News format."""
+    try:
+        raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as e:
+        raise DataError(f"{path} is not a readable CSV file: {e}") from None
+    if raw.empty:
+        raise DataError(f"{path} is empty")
+    first = list(raw.iloc[0])
+    if label_column in first:
+        frame = raw.iloc[1:].set_axis(first, axis=1)
+        missing = [c for c in [label_column, *text_columns] if c not in frame.columns]
+        if missing:
+            raise DataError(f"{path} has columns {first}, missing {missing} "
+                            f"(set text_columns / label_column to match)")
+        label_text, offset = frame[label_column], 0
+        texts_frame = frame[list(text_columns)]
+    else:
+        # Original AG News: no header, label 1..C in the first column, then the text columns.
+        if raw.shape[1] != 1 + len(text_columns):
+            raise DataError(f"{path} has no header naming {label_column!r} and {raw.shape[1]} columns; a "
+                            f"headerless file needs {1 + len(text_columns)} (label, "
+                            f"{', '.join(text_columns)})")
+        label_text, offset = raw[0], 1
+        texts_frame = raw.iloc[:, 1:]
+    if len(label_text) == 0:
+        raise DataError(f"{path} has a header but no rows")
+    labels = pd.to_numeric(label_text.str.strip(), errors="coerce")
+    bad = labels.isna() | (labels % 1 != 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{path}: label {label_text.iloc[row]!r} in data row {row + 1} is not an integer")
+    labels = labels.to_numpy().astype(np.int64) - offset
+    out_of_range = (labels < 0) | (labels >= num_labels)
+    if out_of_range.any():
+        row = int(np.flatnonzero(out_of_range)[0])
+        lo, hi = offset, num_labels - 1 + offset
+        raise DataError(f"{path}: label {labels[row] + offset} in data row {row + 1} is outside {lo}..{hi} "
+                        f"({num_labels} classes configured in class_names)")
+    texts = [" ".join(part for part in parts if part) for parts in texts_frame.itertuples(index=False)]
+    return TextSplit(texts=texts, labels=labels, source=str(path))
+
+
+def load_hub_split(split: str, num_labels: int) -> TextSplit:  # pragma: no cover - needs the network
+    """AG News from the hub (``datasets``); its ``text`` already joins title and description."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(HUB_DATASET, split=split)
+    except Exception as e:
+        raise DataError(f"could not load {HUB_DATASET} split {split!r} from the hub ({e}); "
+                        f"pass data_dir or set FEDSLIP_DATA_DIR to a local copy") from None
+    labels = np.asarray(ds["label"], dtype=np.int64)
+    if labels.min() < 0 or labels.max() >= num_labels:
+        raise DataError(f"{HUB_DATASET}: labels outside 0..{num_labels - 1}")
+    return TextSplit(texts=list(ds["text"]), labels=labels, source=f"hub:{HUB_DATASET}/{split}")
+
+
+def load_splits(cfg: ExperimentConfig) -> tuple[TextSplit, TextSplit]:
+    """The train and test splits named by the config (local directory, else the hub)."""
+    data_dir = cfg.resolved_data_dir()
+    if not data_dir:
+        return load_hub_split("train", cfg.num_labels), load_hub_split("test", cfg.num_labels)
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist")
+    return tuple(  # type: ignore[return-value]
+        read_csv_split(find_split_file(root, split), cfg.text_columns, cfg.label_column, cfg.num_labels)
+        for split in ("train", "test")
+    )
+
+
+@dataclass
+class Encoded:
+    """Token ids of a set of rows, tokenized once per run and padded per batch."""
+
+    input_ids: list[list[int]]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode(tokenizer, split: TextSplit, rows: Sequence[int], max_seq_len: int) -> Encoded:
+    texts = [split.texts[i] for i in rows]
+    ids = tokenizer(texts, truncation=True, max_length=max_seq_len)["input_ids"] if texts else []
+    return Encoded(input_ids=list(ids), labels=torch.as_tensor(split.labels[list(rows)], dtype=torch.long))
+
+
+def collate(tokenizer, data: Encoded, idx: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Dynamic padding: pad to the longest sequence of this batch, not to max_seq_len."""
+    batch = tokenizer.pad({"input_ids": [data.input_ids[i] for i in idx]}, return_tensors="pt")
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "labels": data.labels[list(idx)]}
+
+
+def train_batches(tokenizer, data: Encoded, batch_size: int, generator: torch.Generator,
+                  steps: int) -> Iterator[dict[str, torch.Tensor]]:
+    """``steps`` shuffled batches, reshuffling at each pass over the data (epochs continue seamlessly)."""
+    done = 0
+    while done < steps:
+        order = torch.randperm(len(data), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            if done == steps:
+                return
+            yield collate(tokenizer, data, order[start:start + batch_size])
+            done += 1
+
+
+def eval_batches(tokenizer, data: Encoded, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Length-grouped batches (sorted by length) so that little compute goes to padding."""
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    for start in range(0, len(order), batch_size):
+        yield collate(tokenizer, data, order[start:start + batch_size])

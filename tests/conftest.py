@@ -1,0 +1,58 @@
+"""Shared fixtures: a small synthetic AG-News-shaped data set and tiny-backbone configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fedslip import make_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+KEYWORDS = [["war", "minister", "election"], ["match", "team", "coach"], ["stocks", "profit", "market"],
+            ["software", "internet", "chip"]]
+
+
+def write_agnews_like(root: Path, train_per_class: int = 150, test_per_class: int = 60, seed: int = 0) -> Path:
+    """Header-format CSVs (``label,title,description``) whose texts carry class keywords."""
+    rng = np.random.default_rng(seed)
+    filler = ["the", "a", "report", "today", "new", "says", "after", "year", "people", "plan"]
+    root.mkdir(parents=True, exist_ok=True)
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        rows = []
+        for label, words in enumerate(KEYWORDS):
+            for _ in range(per_class):
+                body = list(rng.choice(filler, 6)) + list(rng.choice(words, 2))
+                rng.shuffle(body)
+                rows.append((label, f"{rng.choice(words)} news", " ".join(body)))
+        frame = pd.DataFrame(rows, columns=["label", "title", "description"]).sample(frac=1, random_state=seed)
+        frame.to_csv(root / f"{split}.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return write_agnews_like(tmp_path_factory.mktemp("agnews"))
+
+
+@pytest.fixture
+def tiny_cfg(data_dir):
+    """Factory for a fast tiny-backbone config on the synthetic data."""
+    def make(**overrides):
+        base = dict(backbone="tiny", data_dir=str(data_dir), rounds=2, samples_per_client=32,
+                    test_samples_per_client=16, global_test_samples=64, batch_size=16, kstep=0,
+                    precision="fp32")
+        return make_config({**base, **overrides})
+    return make
+
+
+def real_data_dir() -> Path | None:
+    env = os.environ.get("FEDSLIP_DATA_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO.parent / "shared" / "data" / "ag_news")
+    return next((p for p in candidates if (p / "train.csv.gz").is_file() or (p / "train.csv").is_file()), None)

@@ -1,0 +1,90 @@
+"""Config: presets, precedence (defaults < preset < TOML < flags), validation, reference in README."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedslip.cli import build_parser, config_overrides, config_reference
+from fedslip.config import FIELDS, ConfigError, ExperimentConfig, load_config, make_config
+from conftest import REPO
+
+
+def test_defaults_are_the_seed_protocol():
+    cfg = make_config()
+    assert (cfg.method, cfg.num_clients, cfg.dominant_fraction, cfg.partition) == ("fedavg_lora", 4, 0.8, "dominant")
+    assert (cfg.backbone, cfg.lora_rank, cfg.head) == ("minilm", 8, "shared")
+
+
+def test_presets_fill_method_fields_but_user_values_win():
+    assert make_config({"method": "fedslip"}).objective == "separated"
+    assert make_config({"method": "dual_naive"}).head == "shared_full"
+    assert make_config({"method": "fedslip", "fedprox_mu": 0}).fedprox_mu == 0.0
+    assert make_config({"method": "fedslip", "detach": False}).detach is False
+
+
+def test_toml_then_flags_precedence(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('method = "fedslip"\nrounds = 7\nlora_targets = ["query"]\n')
+    args = build_parser().parse_args(["run", "--out", "x", "--config", str(path), "--rounds", "3",
+                                      "--dominant-fraction", "0.5", "--no-detach", "--lora-targets", "query,value"])
+    cfg = make_config(config_overrides(args), args.config)
+    assert (cfg.method, cfg.rounds, cfg.dominant_fraction, cfg.detach) == ("fedslip", 3, 0.5, False)
+    assert cfg.lora_targets == ["query", "value"]
+    assert make_config(toml_path=path).rounds == 7
+
+
+def test_every_field_has_a_flag_and_help():
+    parser = build_parser()
+    run_parser = parser._subparsers._group_actions[0].choices["run"]
+    flags = {opt for a in run_parser._actions for opt in a.option_strings}
+    for name, f in FIELDS.items():
+        assert "--" + name.replace("_", "-") in flags
+        assert f.metadata["help"]
+
+
+def test_resolved_config_roundtrips_through_toml(tmp_path):
+    cfg = make_config({"method": "fedslip", "rounds": 3, "lora_targets": ["query"]})
+    cfg.save(tmp_path / "config.toml")
+    assert load_config(tmp_path / "config.toml") == cfg
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"rounds": 0}, "rounds"),
+    ({"rounds": -2}, "rounds"),
+    ({"dominant_fraction": 0}, "dominant_fraction"),
+    ({"dominant_fraction": 1.5}, "dominant_fraction"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"method": "fedsgd"}, "method"),
+    ({"partition": "shards"}, "partition"),
+    ({"fraction_fit": 0}, "fraction_fit"),
+    ({"private_target_sparsity": 1.0}, "private_target_sparsity"),
+    ({"lr": float("nan")}, "lr"),
+    ({"rounds": "three"}, "rounds"),
+    ({"rounds": 2.5}, "rounds"),
+    ({"detach": "maybe"}, "detach"),
+    ({"no_such_key": 1}, "no_such_key"),
+    ({"eval_split": "val"}, "val_samples_per_client"),
+    ({"local_epochs": 0, "local_steps": 0}, "local_epochs"),
+])
+def test_invalid_values_give_one_clear_error(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        make_config(overrides)
+
+
+def test_missing_or_broken_toml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        make_config(toml_path=tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        make_config(toml_path=bad)
+
+
+def test_direct_construction_validates_too():
+    with pytest.raises(ConfigError):
+        ExperimentConfig(rounds=0)
+
+
+def test_readme_config_reference_is_in_sync():
+    readme = (REPO / "README.md").read_text()
+    assert config_reference() in readme, "regenerate the README table with `fedslip config-reference`"

@@ -1,0 +1,130 @@
+"""End-to-end runs on the tiny backbone: files, metrics, byte accounting, determinism, refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fedslip
+from fedslip import comm
+from fedslip.config import ConfigError
+from fedslip.data import DataError
+from fedslip.experiment import RunDirError
+from fedslip.model import BackboneError
+
+ROUND_KEYS = {"round", "global_accuracy", "personalized_accuracy", "personalized_accuracy_per_client",
+              "train_loss", "upload_bytes", "download_bytes", "seconds", "private_bytes_transmitted"}
+SUMMARY_KEYS = {"method", "seed", "rounds", "num_clients", "global_accuracy", "personalized_accuracy",
+                "personalized_accuracy_per_client", "comm_bytes_per_round", "kstep_accuracy",
+                "kstep_accuracy_per_client", "private_bytes_transmitted", "wall_seconds", "versions"}
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("runs") / "fedavg"
+    cfg = fedslip.make_config(dict(backbone="tiny", data_dir=str(data_dir), rounds=2, samples_per_client=32,
+                                   test_samples_per_client=16, global_test_samples=64, batch_size=16, kstep=3,
+                                   precision="fp32"))
+    return out, cfg, fedslip.run(cfg, out, progress=False)
+
+
+def test_run_writes_every_file_and_metric(baseline_run):
+    out, cfg, summary = baseline_run
+    for name in ("config.toml", "partition.json", "metrics.jsonl", "summary.json", "global.safetensors"):
+        assert (out / name).is_file(), name
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(ROUND_KEYS <= set(r) for r in rows)
+    assert SUMMARY_KEYS <= set(summary)
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert fedslip.load_config(out / "config.toml") == cfg
+    assert len(summary["kstep_accuracy_per_client"]) == 4 and 0 <= summary["kstep_accuracy"] <= 1
+    # fedavg: the personalized model is the global model
+    assert rows[-1]["personalized_accuracy"] == rows[-1]["global_track_local_accuracy"]
+
+
+def test_bytes_counted_are_the_serialized_payloads(baseline_run):
+    out, cfg, summary = baseline_run
+    payload_len = len(comm.encode(load_file(out / "global.safetensors")))
+    for row in read_metrics(out):
+        assert row["download_bytes"] == payload_len * cfg.num_clients
+        assert row["upload_bytes"] == payload_len * cfg.num_clients
+    assert summary["comm_bytes_per_round"] == 2 * payload_len * cfg.num_clients
+    assert summary["private_bytes_transmitted"] == 0
+
+
+def test_same_seed_same_results(baseline_run, tmp_path):
+    out, cfg, summary = baseline_run
+    again = fedslip.run(cfg, tmp_path / "again", progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(read_metrics(out)) == strip(read_metrics(tmp_path / "again"))
+    assert again["kstep_accuracy_per_client"] == summary["kstep_accuracy_per_client"]
+    a, b = load_file(out / "global.safetensors"), load_file(tmp_path / "again" / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fraction_fit_samples_clients(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(fraction_fit=0.5, rounds=2)
+    fedslip.run(cfg, tmp_path / "r", progress=False)
+    rows = read_metrics(tmp_path / "r")
+    assert all(len(r["participants"]) == 2 for r in rows)
+    assert rows[0]["upload_bytes"] == rows[0]["download_bytes"]
+
+
+def test_existing_run_is_refused_and_kept(baseline_run):
+    out, cfg, _ = baseline_run
+    before = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunDirError, match="already holds a run"):
+        fedslip.run(cfg, out, progress=False)
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("overrides, error", [
+    ({"data_dir": "/nonexistent/agnews"}, DataError),
+    ({"samples_per_client": 10_000}, DataError),
+    ({"backbone": "./no/such/model"}, BackboneError),
+    ({"lora_targets": ["nothing_here"]}, BackboneError),
+])
+def test_bad_input_fails_before_anything_is_written(tiny_cfg, tmp_path, overrides, error):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(error):
+        fedslip.run(tiny_cfg(**overrides), out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_overwrite_replaces_only_run_files(baseline_run, tiny_cfg, tmp_path):
+    out = tmp_path / "run"
+    fedslip.run(tiny_cfg(rounds=1), out, progress=False)
+    (out / "notes.txt").write_text("keep me")
+    fedslip.run(tiny_cfg(rounds=2), out, overwrite=True, progress=False)
+    assert len(read_metrics(out)) == 2 and (out / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_run_and_errors(data_dir, tmp_path):
+    base = [sys.executable, "-m", "fedslip.cli", "run", "--backbone", "tiny", "--data-dir", str(data_dir),
+            "--rounds", "1", "--samples-per-client", "16", "--test-samples-per-client", "8",
+            "--global-test-samples", "32", "--kstep", "0", "--quiet"]
+    ok = subprocess.run(base + ["--out", str(tmp_path / "cli")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["method"] == "fedavg_lora"
+    again = subprocess.run(base + ["--out", str(tmp_path / "cli")], capture_output=True, text=True)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    bad = subprocess.run(base + ["--out", str(tmp_path / "x"), "--rounds", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "rounds must be > 0" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_api_rejects_invalid_config_object():
+    with pytest.raises(ConfigError):
+        fedslip.make_config({"num_clients": 0})
