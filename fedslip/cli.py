@@ -1,6 +1,8 @@
 """``fedslip`` command line: a thin layer over the Python API.
 
     fedslip run --method fedavg_lora --out runs/x [--config cfg.toml] [--rounds 3 ...]
+    fedslip predict --run runs/x --client 0 "some text" ...
+    fedslip export --run runs/x --client 0 --out exported/
     fedslip config-reference          # the config table that README.md embeds
 """
 
@@ -60,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bars or round log")
     add_config_flags(run)
+    predict = sub.add_parser("predict", help="classify texts with a client's personalized model")
+    predict.add_argument("--run", required=True, help="finished run directory")
+    predict.add_argument("--client", type=int, required=True, help="client id (0-based)")
+    predict.add_argument("--global", dest="global_only", action="store_true", help="global track only")
+    predict.add_argument("--json", action="store_true", help="print JSON lines with probabilities")
+    predict.add_argument("texts", nargs="+", help="texts to classify")
+    export = sub.add_parser("export", help="merge a client's tracks into a plain transformers model directory")
+    export.add_argument("--run", required=True, help="finished run directory")
+    export.add_argument("--client", type=int, required=True, help="client id (0-based)")
+    export.add_argument("--global", dest="global_only", action="store_true", help="global track only")
+    export.add_argument("--out", required=True, help="new or empty directory")
     sub.add_parser("config-reference", help="print the config reference table (markdown)")
     return parser
 
@@ -78,10 +91,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .server import RoundFailed
     from .storage import StateFileError
 
+    from .inference import RunModel
+
     try:
+        if args.command in ("predict", "export"):
+            run_model = RunModel(args.run, args.client, use_private=not args.global_only)
+            if args.command == "export":
+                print(run_model.export(args.out))
+                return 0
+            for p in run_model.predict(args.texts):
+                if args.json:
+                    print(json.dumps(p.__dict__))
+                else:
+                    print(f"{p.class_name}\t{max(p.probabilities):.3f}\t{p.text}")
+            return 0
         cfg = make_config(config_overrides(args), args.config)
         summary = api.run(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    except (ConfigError, DataError, RunDirError, BackboneError, StateFileError, RoundFailed) as e:
+    except (ConfigError, DataError, RunDirError, BackboneError, StateFileError, RoundFailed, FileExistsError,
+            ValueError) as e:
         print(f"fedslip: error: {e}", file=sys.stderr)
         return 2
     keys = ("method", "global_accuracy", "personalized_accuracy", "kstep_accuracy", "comm_mib_per_round",

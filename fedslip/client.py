@@ -74,10 +74,36 @@ class TrainResult:
     private_loss: Optional[float]  # mean CE of the private objective (separated only)
 
 
+def backward_step(model: TrackedModel, batch: dict[str, torch.Tensor], cfg: ExperimentConfig,
+                  train_private: bool, prox_reference: Optional[dict], mu: float) -> tuple[float, Optional[float]]:
+    """Compute the configured objective on one batch and accumulate its gradients (module docstring).
+
+    Returns (CE that trains the global track, CE that trains the private track or None).
+    """
+    labels = batch["labels"].to(model.device)
+    both = (GLOBAL, PRIVATE) if model.has_private else (GLOBAL,)
+    prox = proximal_term(model.global_params, prox_reference, mu) if mu else 0.0
+    if cfg.objective == "joint":
+        grad = (GLOBAL, PRIVATE) if train_private else (GLOBAL,)
+        ce = F.cross_entropy(model.logits(batch, both, grad), labels)
+        (ce + prox).backward()
+        return ce.item(), None
+    # global_only and separated: the global track learns from global-only logits
+    ce = F.cross_entropy(model.logits(batch, (GLOBAL,), (GLOBAL,)), labels)
+    (ce + prox).backward()
+    if cfg.objective != "separated" or not train_private:
+        return ce.item(), None
+    # private: combined logits; with detach the global track is a constant here (sg[g])
+    grad = (PRIVATE,) if cfg.detach else (GLOBAL, PRIVATE)
+    ce_p = F.cross_entropy(model.logits(batch, both, grad), labels)
+    ce_p.backward()
+    return ce.item(), ce_p.item()
+
+
 def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentConfig, steps: int,
                 train_private: bool, mask: Optional[masking.Mask], prox_reference: Optional[dict],
                 seed: int, desc: str = "local") -> TrainResult:
-    """Run ``steps`` local optimizer steps of the configured objective. See the module docstring."""
+    """Run ``steps`` local optimizer steps of the configured objective, each track with its own AdamW."""
     torch.manual_seed(seed)  # dropout
     generator = torch.Generator().manual_seed(seed)
     g_params, p_params = model.global_params, model.private_params
@@ -87,32 +113,17 @@ def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentCo
     mu = cfg.fedprox_mu if prox_reference is not None else 0.0
     if mu:
         prox_reference = {n: t.to(model.device) for n, t in prox_reference.items()}
-    both = (GLOBAL, PRIVATE) if model.has_private else (GLOBAL,)
     losses, private_losses = [], []
     model.model.train()
     for batch in tqdm(train_batches(tokenizer, data, cfg.batch_size, generator, steps), total=steps,
                       desc=desc, leave=False, disable=None):
-        labels = batch["labels"].to(model.device)
         opt_g.zero_grad(set_to_none=True)
         if opt_p:
             opt_p.zero_grad(set_to_none=True)
-
-        if cfg.objective == "joint":
-            grad = (GLOBAL, PRIVATE) if train_private else (GLOBAL,)
-            ce = F.cross_entropy(model.logits(batch, both, grad), labels)
-            loss = ce + (proximal_term(g_params, prox_reference, mu) if mu else 0.0)
-            loss.backward()
-        else:  # global_only and separated: the global track learns from global-only logits
-            ce = F.cross_entropy(model.logits(batch, (GLOBAL,), (GLOBAL,)), labels)
-            loss = ce + (proximal_term(g_params, prox_reference, mu) if mu else 0.0)
-            loss.backward()
-            if cfg.objective == "separated" and train_private:
-                grad = (PRIVATE,) if cfg.detach else (GLOBAL, PRIVATE)
-                ce_p = F.cross_entropy(model.logits(batch, both, grad), labels)
-                ce_p.backward()
-                private_losses.append(ce_p.item())
-        losses.append(ce.item())
-
+        loss, private_loss = backward_step(model, batch, cfg, train_private, prox_reference, mu)
+        losses.append(loss)
+        if private_loss is not None:
+            private_losses.append(private_loss)
         opt_g.step()
         if opt_p:
             if mask is not None:
@@ -132,7 +143,7 @@ def evaluate(model: TrackedModel, tokenizer, data: Encoded, tracks: tuple[str, .
     total = torch.zeros(num_labels, dtype=torch.long)
     loss_sum = 0.0
     with model.eval_mode():
-        for batch in eval_batches(tokenizer, data, batch_size):
+        for _, batch in eval_batches(tokenizer, data, batch_size):
             logits = model.logits(batch, tracks).cpu()
             labels = batch["labels"]
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()

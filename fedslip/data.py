@@ -155,8 +155,9 @@ def train_batches(tokenizer, data: Encoded, batch_size: int, generator: torch.Ge
             done += 1
 
 
-def eval_batches(tokenizer, data: Encoded, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Length-grouped batches (sorted by length) so that little compute goes to padding."""
+def eval_batches(tokenizer, data: Encoded, batch_size: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(row indices, batch) in length-grouped order, so that little compute goes to padding."""
     order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
     for start in range(0, len(order), batch_size):
-        yield collate(tokenizer, data, order[start:start + batch_size])
+        idx = order[start:start + batch_size]
+        yield idx, collate(tokenizer, data, idx)

@@ -1,0 +1,285 @@
+"""FedSLIP's guarantees on the tiny backbone: privacy of the private track, the mask, the gradient
+separation, FedProx, the private schedule, persistence, predict/export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+import fedslip
+from fedslip import comm, masking
+from fedslip.client import Client, backward_step, proximal_term, run_seed
+from fedslip.data import train_batches
+from fedslip.experiment import prepare
+from fedslip.inference import RunModel
+from fedslip.model import GLOBAL, PRIVATE, TrackedModel
+from fedslip.server import Server
+
+
+@pytest.fixture(scope="module")
+def fedslip_run(tmp_path_factory, data_dir, request):
+    """3 rounds, 3 clients, every serialized message recorded."""
+    out = tmp_path_factory.mktemp("runs") / "fedslip"
+    cfg = fedslip.make_config(dict(method="fedslip", backbone="tiny", data_dir=str(data_dir), rounds=3,
+                                   num_clients=3, samples_per_client=32, test_samples_per_client=16,
+                                   global_test_samples=64, batch_size=16, kstep=0, precision="fp32",
+                                   private_warmup_rounds=0, private_target_sparsity=0.5,
+                                   private_prune_rate=0.3))
+    messages: list[bytes] = []
+    original = comm.encode
+    mp = pytest.MonkeyPatch()
+    mp.setattr(comm, "encode", lambda tensors: messages.append(original(tensors)) or messages[-1])
+    try:
+        summary = fedslip.run(cfg, out, progress=False)
+    finally:
+        mp.undo()
+    return out, cfg, summary, messages
+
+
+def test_no_message_carries_a_private_tensor(fedslip_run):
+    out, cfg, summary, messages = fedslip_run
+    assert len(messages) >= cfg.rounds * cfg.num_clients
+    private_values = [t for c in range(cfg.num_clients)
+                      for t in load_file(out / "clients" / str(c) / "private.safetensors").values()]
+    for payload in messages:
+        for name, tensor in comm.decode(payload).items():
+            assert f".{PRIVATE}." not in name
+            assert not any(t.shape == tensor.shape and torch.equal(t, tensor) for t in private_values)
+    assert summary["private_bytes_transmitted"] == 0
+    assert all(json.loads(line)["private_bytes_transmitted"] == 0
+               for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_fedslip_sends_exactly_the_baseline_bytes(fedslip_run, tmp_path):
+    out, cfg, summary, _ = fedslip_run
+    base = fedslip.run(fedslip.make_config({**cfg.to_dict(), "method": "fedavg_lora", "private_track": False,
+                                            "objective": "global_only", "rounds": 1}), tmp_path / "b",
+                       progress=False)
+    assert base["comm_bytes_per_round"] == summary["comm_bytes_per_round"]
+
+
+def test_private_state_stays_in_the_client_directories(fedslip_run):
+    out, cfg, *_ = fedslip_run
+    server_side = [p for p in out.rglob("*.safetensors") if "clients" not in p.parts]
+    assert [p.name for p in server_side] == ["global.safetensors"]
+    assert not any(f".{PRIVATE}." in k for k in load_file(out / "global.safetensors"))
+    for c in range(cfg.num_clients):
+        names = sorted(p.name for p in (out / "clients" / str(c)).iterdir())
+        assert names == ["mask.safetensors", "private.safetensors"]
+
+
+def test_mask_is_binary_reaches_target_on_schedule_and_zeros_stay_zero(fedslip_run):
+    out, cfg, summary, _ = fedslip_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # prune 30% of the survivors per round, capped at 50%: 0.3, 0.5 (capped), 0.5
+    expected = [0.3, 0.5, 0.5]
+    for row, want in zip(rows, expected):
+        assert all(abs(s - want) < 0.01 for s in row["private_sparsity"].values()), row["private_sparsity"]
+    for c in range(cfg.num_clients):
+        mask = load_file(out / "clients" / str(c) / "mask.safetensors")
+        weights = load_file(out / "clients" / str(c) / "private.safetensors")
+        for name, m in mask.items():
+            assert set(m.unique().tolist()) <= {0, 1}
+            assert torch.all(weights[name][m == 0] == 0)
+
+
+def test_masked_entries_get_no_update_during_training(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(method="fedslip", private_warmup_rounds=0, private_target_sparsity=0.6, private_prune_rate=0.6,
+                   num_clients=1, rounds=2)
+    setup = prepare(cfg)
+    client = Client(0, cfg, setup.model, setup.tokenizer, setup.clients[0].train, setup.clients[0].test,
+                    tmp_path / "c0")
+    payload = comm.encode(setup.model.global_state())
+    client.fit(payload, 1)  # prunes at the end of round 1
+    mask = client.store.load_mask()
+    client.fit(payload, 2)  # trains with the mask; target reached, no more pruning
+    assert all(torch.equal(mask[k], client.store.load_mask()[k]) for k in mask)
+    assert abs(masking.sparsity(mask) - 0.6) < 0.01
+    weights = client.store.load("private")
+    assert all(torch.all(weights[n][~m] == 0) for n, m in mask.items())
+    assert any(torch.any(weights[n][m] != 0) for n, m in mask.items())
+
+
+def grads(params):
+    return {n: None if p.grad is None else p.grad.clone() for n, p in params.items()}
+
+
+def is_zero(g):
+    return all(v is None or torch.count_nonzero(v) == 0 for v in g.values())
+
+
+@pytest.fixture
+def two_track(tiny_cfg):
+    cfg = tiny_cfg(method="fedslip")
+    setup = prepare(cfg)
+    model = setup.model
+    torch.manual_seed(1)
+    model.load_private_state({n: torch.randn_like(t) * 0.1 for n, t in model.private_state().items()})
+    model.load_global_state({n: t + torch.randn_like(t) * 0.1 for n, t in model.global_state().items()})
+    batch = next(train_batches(setup.tokenizer, setup.clients[0].train, 8, torch.Generator().manual_seed(0), 1))
+    return cfg, model, batch
+
+
+def zero(model):
+    for p in list(model.global_params.values()) + list(model.private_params.values()):
+        p.grad = None
+
+
+def test_detach_separates_the_gradients(two_track):
+    cfg, model, batch = two_track
+    with model.eval_mode():  # no dropout: comparable gradients
+        # global loss alone: nothing reaches the private track
+        zero(model)
+        labels = batch["labels"]
+        torch.nn.functional.cross_entropy(model.logits(batch, (GLOBAL,), (GLOBAL,)), labels).backward()
+        global_alone, private_after_global = grads(model.global_params), grads(model.private_params)
+        assert is_zero(private_after_global)
+        # private loss alone (global detached): nothing reaches the global track
+        zero(model)
+        torch.nn.functional.cross_entropy(model.logits(batch, (GLOBAL, PRIVATE), (PRIVATE,)), labels).backward()
+        assert is_zero(grads(model.global_params))
+        private_alone = grads(model.private_params)
+        # the full step = the sum of the two, i.e. each track got exactly its own loss
+        zero(model)
+        backward_step(model, batch, cfg, True, None, 0.0)
+        for n, g in grads(model.global_params).items():
+            assert torch.allclose(g, global_alone[n], atol=1e-6)
+        for n, g in grads(model.private_params).items():
+            assert torch.allclose(g, private_alone[n], atol=1e-6)
+        # ablation detach=false: the private loss now also reaches the global track
+        zero(model)
+        cfg_nd = fedslip.make_config({**cfg.to_dict(), "detach": False})
+        backward_step(model, batch, cfg_nd, True, None, 0.0)
+        assert any(not torch.allclose(g, global_alone[n], atol=1e-6) for n, g in grads(model.global_params).items())
+
+
+def test_fedprox_term_matches_hand_computation():
+    params = {"a": torch.nn.Parameter(torch.tensor([1.0, 2.0])), "b": torch.nn.Parameter(torch.tensor([[3.0]]))}
+    ref = {"a": torch.tensor([0.0, 0.0]), "b": torch.tensor([[1.0]])}
+    # (0.1 / 2) * ((1 + 4) + 4) = 0.45
+    assert proximal_term(params, ref, 0.1).item() == pytest.approx(0.45)
+    proximal_term(params, ref, 0.1).backward()
+    assert torch.allclose(params["a"].grad, torch.tensor([0.1, 0.2]))  # mu * (w - w_ref)
+
+
+def test_fedprox_pulls_the_global_track_towards_the_round_start(two_track):
+    cfg, model, batch = two_track
+    reference = {n: torch.zeros_like(p) for n, p in model.global_params.items()}
+    with model.eval_mode():
+        zero(model)
+        backward_step(model, batch, cfg, False, None, 0.0)
+        plain = grads(model.global_params)
+        zero(model)
+        backward_step(model, batch, cfg, False, reference, 0.5)
+        for n, p in model.global_params.items():
+            assert torch.allclose(p.grad, plain[n] + 0.5 * p.detach(), atol=1e-6)
+
+
+def test_warmup_and_freeze_keep_the_private_track_unchanged(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(method="fedslip", private_warmup_rounds=1, private_freeze_round=2, num_clients=1,
+                   rounds=3, private_target_sparsity=0.0)
+    setup = prepare(cfg)
+    client = Client(0, cfg, setup.model, setup.tokenizer, setup.clients[0].train, setup.clients[0].test,
+                    tmp_path / "c0")
+    server = Server(cfg, setup.model.global_state())
+    snapshots = []
+    for r in (1, 2, 3):
+        reply = client.fit(server.broadcast(), r)
+        server.aggregate({0: (reply.payload, reply.num_examples)})
+        snapshots.append(client.store.load("private"))
+    initial = setup.model.fresh_private_state(0)  # shape reference only
+    assert snapshots[0].keys() == initial.keys()
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert not same(snapshots[0], snapshots[1]), "round 2 trains the private track"
+    assert same(snapshots[1], snapshots[2]), "after the freeze round the private track is unchanged"
+
+
+def test_warmup_round_leaves_the_fresh_private_track_untouched(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(method="fedslip", private_warmup_rounds=1, num_clients=1, private_target_sparsity=0.0)
+    setup = prepare(cfg)
+    client = Client(0, cfg, setup.model, setup.tokenizer, setup.clients[0].train, setup.clients[0].test,
+                    tmp_path / "c0")
+    before = setup.model.global_state()
+    client.fit(comm.encode(before), 1)
+    fresh = setup.model.fresh_private_state(run_seed(cfg.seed, 0, 0, 7))
+    after = client.store.load("private")
+    assert all(torch.equal(after[k], fresh[k]) for k in fresh)
+
+
+def test_restored_private_state_gives_identical_logits(fedslip_run):
+    out, cfg, *_ = fedslip_run
+    texts = ["stocks profit market news", "team coach match"]
+    a = RunModel(out, client=1).logits(texts)
+    b = RunModel(out, client=1).logits(texts)  # a fresh backbone, state read back from files
+    g = RunModel(out, client=1, use_private=False).logits(texts)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, g), "the private track must matter for the personalized prediction"
+
+
+def test_export_reproduces_predict(fedslip_run, tmp_path):
+    out, cfg, *_ = fedslip_run
+    texts = ["stocks profit market news", "team coach match", "war minister election today"]
+    run_model = RunModel(out, client=2)
+    expected = run_model.logits(texts)
+    predictions = [p.label for p in run_model.predict(texts)]
+    export_dir = RunModel(out, client=2).export(tmp_path / "export")
+    plain = AutoModelForSequenceClassification.from_pretrained(export_dir).eval()
+    tok = run_model.tokenizer
+    with torch.inference_mode():
+        logits = plain(**tok(texts, return_tensors="pt", padding=True, truncation=True,
+                             max_length=cfg.max_seq_len)).logits
+    assert torch.allclose(logits, expected, atol=1e-4)
+    assert logits.argmax(-1).tolist() == predictions
+    assert plain.config.id2label[0] == "World"
+
+
+def test_predict_cli(fedslip_run):
+    import subprocess
+    import sys
+    out, *_ = fedslip_run
+    res = subprocess.run([sys.executable, "-m", "fedslip.cli", "predict", "--run", str(out), "--client", "0",
+                          "--json", "team coach match"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    row = json.loads(res.stdout.splitlines()[0])
+    assert row["class_name"] in fedslip.make_config().class_names
+    bad = subprocess.run([sys.executable, "-m", "fedslip.cli", "predict", "--run", str(out), "--client", "9",
+                          "x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "client 9 does not exist" in bad.stderr
+
+
+def test_dual_naive_transmits_lora_plus_whole_head_and_trains_jointly(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(method="dual_naive")
+    assert (cfg.objective, cfg.detach, cfg.fedprox_mu, cfg.private_target_sparsity) == ("joint", False, 0.0, 0.0)
+    summary = fedslip.run(cfg, tmp_path / "naive", progress=False)
+    assert summary["private_bytes_transmitted"] == 0
+    assert summary["private_track_params"] > 0
+
+
+def test_prune_per_matrix_and_global_remove_the_smallest_magnitudes():
+    w = {"a": torch.tensor([[0.1, -5.0], [0.3, 4.0]]), "b": torch.tensor([0.2, -0.05, 9.0, 1.0])}
+    m = masking.prune(w, masking.full_mask(w), 0.5, "matrix")
+    assert m["a"].tolist() == [[False, True], [False, True]]
+    assert m["b"].tolist() == [False, False, True, True]
+    g = masking.prune(w, masking.full_mask(w), 0.5, "global")
+    assert g["a"].tolist() == [[False, True], [False, True]] and g["b"].tolist() == [False, False, True, True]
+    g2 = masking.prune(w, g, 0.5, "global")  # survivors 5, 4, 9, 1 -> drop 1 and 4
+    assert masking.sparsity(g2) == 0.75 and g2["b"].tolist() == [False, False, True, False]
+    assert masking.step_rate(0.0, 0.5, 0.2) == 0.2
+    assert masking.step_rate(0.45, 0.5, 0.2) == pytest.approx(1 - 0.5 / 0.55)
+    assert masking.step_rate(0.5, 0.5, 0.2) == 0.0
+
+
+def test_rewind_resets_survivors_to_the_rewind_point(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(method="fedslip", private_warmup_rounds=0, private_target_sparsity=0.5,
+                   private_prune_rate=0.5, private_rewind_round=0, num_clients=1)
+    setup = prepare(cfg)
+    client = Client(0, cfg, setup.model, setup.tokenizer, setup.clients[0].train, setup.clients[0].test,
+                    tmp_path / "c0")
+    client.fit(comm.encode(setup.model.global_state()), 1)
+    init, mask, after = client.store.load("rewind"), client.store.load_mask(), client.store.load("private")
+    assert all(torch.equal(after[n], init[n] * mask[n]) for n in init)
+    assert abs(masking.sparsity(mask) - 0.5) < 0.01
