@@ -22,13 +22,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__, comm
-from .client import Client
-from .config import ExperimentConfig
+from .client import Client, evaluate
+from .config import ExperimentConfig, load_config
 from .engines.embedded import EmbeddedEngine
-from .experiment import RunDir, Setup, prepare
+from .experiment import Checkpoint, RunDir, RunDirError, Setup, prepare
 from .model import GLOBAL
-from .server import Server, sample_clients
-from .client import evaluate
+from .partition import Partition
+from .server import RoundFailed, Server, UpdateError, sample_clients, validate_update
+from .storage import StateFileError
 
 log = logging.getLogger("fedslip")
 MIB = 1024 * 1024
@@ -43,26 +44,33 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "peft": peft.__version__}
 
 
-def _per_client(results: dict[int, dict]) -> list[float]:
-    return [results[c]["accuracy"] for c in sorted(results)]
+def _per_client(results: dict[int, dict], num_clients: int) -> list[float | None]:
+    """Accuracy per client id; None where the client failed."""
+    return [results[c]["accuracy"] if c in results else None for c in range(num_clients)]
 
 
-def evaluate_round(setup: Setup, engine: EmbeddedEngine, payload: bytes) -> dict:
+def _mean(values: list[float | None]) -> float:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else float("nan")
+
+
+def evaluate_round(setup: Setup, engine: EmbeddedEngine, payload: bytes, round_idx: int) -> dict:
     """Global track on the global test set; each client's inference model (and its global track alone,
     for dual-track methods) on the client's own test rows."""
-    model = setup.model
+    model, n = setup.model, setup.cfg.num_clients
     model.load_global_state(comm.decode(payload))
     glob = evaluate(model, setup.tokenizer, setup.global_eval, (GLOBAL,), setup.cfg.eval_batch_size,
                     setup.cfg.num_labels)
-    personal = engine.evaluate(payload)
-    local_global = engine.evaluate(payload, (GLOBAL,)) if model.has_private else personal
+    personal, failed = engine.evaluate(payload, round_idx)
+    local_global, failed_g = engine.evaluate(payload, round_idx, (GLOBAL,)) if model.has_private else (personal, {})
     return {
         "global_accuracy": glob["accuracy"],
         "global_loss": glob["loss"],
-        "personalized_accuracy": float(np.mean(_per_client(personal))),
-        "personalized_accuracy_per_client": _per_client(personal),
-        "global_track_local_accuracy": float(np.mean(_per_client(local_global))),
-        "global_track_local_accuracy_per_client": _per_client(local_global),
+        "personalized_accuracy": _mean(_per_client(personal, n)),
+        "personalized_accuracy_per_client": _per_client(personal, n),
+        "global_track_local_accuracy": _mean(_per_client(local_global, n)),
+        "global_track_local_accuracy_per_client": _per_client(local_global, n),
+        "failed_evaluations": {str(c): e for c, e in {**failed_g, **failed}.items()},
         "_detail": {"global": glob, "personalized": personal},
     }
 
@@ -76,52 +84,93 @@ def run(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, progres
     run_dir.create(overwrite)
     cfg.save(run_dir.path / "config.toml")
     setup.partition.save(run_dir.path / "partition.json")
+    return _federate(setup, run_dir, Checkpoint(0, setup.model.global_state(), [], 0.0), started, progress)
 
+
+def resume(out: str | Path, progress: bool = True) -> dict:
+    """Continue an interrupted run from its last completed round; the result equals an uninterrupted run."""
+    started = time.perf_counter()
+    run_dir = RunDir(Path(out))
+    config_path = run_dir.path / "config.toml"
+    if not config_path.is_file():
+        raise RunDirError(f"{run_dir.path} is not a run directory (no config.toml)")
+    if (run_dir.path / "summary.json").exists():
+        raise RunDirError(f"{run_dir.path} holds a finished run (summary.json); nothing to resume")
+    cfg = load_config(config_path)
+    checkpoint = run_dir.load_checkpoint()
+    setup = prepare(cfg)
+    saved = Partition.load(run_dir.path / "partition.json")
+    if saved != setup.partition:
+        raise RunDirError(f"{run_dir.path}: the data or config no longer produce the run's partition.json; "
+                          f"refusing to resume into an incompatible run")
+    if checkpoint is None:
+        checkpoint = Checkpoint(0, setup.model.global_state(), [], 0.0)
+    else:
+        try:
+            validate_update(checkpoint.global_state, setup.model.global_state())
+        except UpdateError as e:
+            raise StateFileError(f"{run_dir.path / 'checkpoint'} does not match the model: {e}") from None
+    log.info("resuming %s after round %d", run_dir.path, checkpoint.round)
+    run_dir.rewrite_metrics(checkpoint.history)
+    return _federate(setup, run_dir, checkpoint, started - checkpoint.elapsed, progress)
+
+
+def _federate(setup: Setup, run_dir: RunDir, start: Checkpoint, started: float, progress: bool) -> dict:
+    """Rounds ``start.round + 1 .. cfg.rounds``, checkpointing after each; then K-step and the summary."""
+    cfg = setup.cfg
     clients = [Client(cid, cfg, setup.model, setup.tokenizer, data.train, data.test, run_dir.client_dir(cid))
                for cid, data in enumerate(setup.clients)]
     engine = EmbeddedEngine(clients)
-    server = Server(cfg, setup.model.global_state())
-    history: list[dict] = []
-
-    for round_idx in tqdm(range(1, cfg.rounds + 1), desc="rounds", disable=not progress or None):
+    server = Server(cfg, start.global_state)
+    history = list(start.history)
+    evaluation = None
+    for round_idx in tqdm(range(start.round + 1, cfg.rounds + 1), desc="rounds", disable=not progress or None,
+                          initial=start.round, total=cfg.rounds):
         t0 = time.perf_counter()
         cids = sample_clients(cfg, round_idx)
         download = server.broadcast()
-        replies = engine.fit(download, cids, round_idx)
-        outcome = server.aggregate({cid: (r.payload, r.num_examples) for cid, r in replies.items()})
+        replies, failed = engine.fit(download, cids, round_idx)
+        try:
+            outcome = server.aggregate({cid: (r.payload, r.num_examples) for cid, r in replies.items()}, failed)
+        except RoundFailed as e:
+            raise RoundFailed(f"round {round_idx} not applied: {e}. The checkpoint of round {round_idx - 1} is "
+                              f"kept; fix the cause and continue with `fedslip run --resume {run_dir.path}`") from None
         messages = [download] * len(cids) + [r.payload for r in replies.values()]
-        evaluation = evaluate_round(setup, engine, server.broadcast())
+        evaluation = evaluate_round(setup, engine, server.broadcast(), round_idx)
         row = {
             "round": round_idx,
             **{k: v for k, v in evaluation.items() if not k.startswith("_")},
-            "train_loss": float(np.mean([r.metrics["train_loss"] for r in replies.values()])),
+            "train_loss": _mean([r.metrics["train_loss"] for r in replies.values()]),
             "participants": cids,
             "rejected_updates": len(outcome.rejected),
+            "rejected": {str(c): reason for c, reason in outcome.rejected.items()},
             "upload_bytes": sum(len(r.payload) for r in replies.values()),
             "download_bytes": len(download) * len(cids),
             "private_bytes_transmitted": sum(comm.private_bytes(m) for m in messages),
         }
         if setup.model.has_private:
-            private_losses = [r.metrics["private_train_loss"] for r in replies.values()
-                              if r.metrics["private_train_loss"] is not None]
-            row["private_train_loss"] = float(np.mean(private_losses)) if private_losses else None
+            row["private_train_loss"] = _mean([r.metrics["private_train_loss"] for r in replies.values()
+                                               if r.metrics["private_train_loss"] is not None]) or None
             row["private_trained"] = any(r.metrics["private_trained"] for r in replies.values())
             row["private_sparsity"] = {str(c): r.metrics["private_sparsity"] for c, r in replies.items()}
         row["seconds"] = time.perf_counter() - t0
-        run_dir.append_metrics(row)
         history.append(row)
+        run_dir.save_checkpoint(round_idx, server.state, history, time.perf_counter() - started)
+        run_dir.append_metrics(row)
         log.info("round %d/%d | global %.2f%% | personalized %.2f%% | loss %.4f | up %.2f MiB down %.2f MiB "
                  "| %.1fs", round_idx, cfg.rounds, 100 * row["global_accuracy"],
                  100 * row["personalized_accuracy"], row["train_loss"], row["upload_bytes"] / MIB,
                  row["download_bytes"] / MIB, row["seconds"])
 
     final_payload = server.broadcast()
+    if evaluation is None:  # resumed after the last round: evaluate the final state again
+        evaluation = evaluate_round(setup, engine, final_payload, cfg.rounds)
     run_dir.save_global(server.state)
     summary = _summary(cfg, setup, history, evaluation["_detail"])
     if cfg.kstep > 0:
-        kstep = engine.kstep(final_payload, cfg.kstep)
-        summary["kstep_accuracy_per_client"] = _per_client(kstep)
-        summary["kstep_accuracy"] = float(np.mean(summary["kstep_accuracy_per_client"]))
+        kstep, _ = engine.kstep(final_payload, cfg.kstep)
+        summary["kstep_accuracy_per_client"] = _per_client(kstep, cfg.num_clients)
+        summary["kstep_accuracy"] = _mean(summary["kstep_accuracy_per_client"])
         log.info("k-step (%d steps) personalized accuracy %.2f%%", cfg.kstep, 100 * summary["kstep_accuracy"])
     summary["wall_seconds"] = time.perf_counter() - started
     run_dir.write_summary(summary)
@@ -143,7 +192,8 @@ def _summary(cfg: ExperimentConfig, setup: Setup, history: list[dict], detail: d
                                 "train_loss", "upload_bytes", "download_bytes")},
         "global_accuracy_per_class": per_class(detail["global"]),
         "personalized_accuracy_per_class_per_client": [per_class(detail["personalized"][c])
-                                                       for c in sorted(detail["personalized"])],
+                                                       if c in detail["personalized"] else None
+                                                       for c in range(cfg.num_clients)],
         "majority_floor_per_client": [c.majority_floor for c in setup.clients],
         "comm_bytes_per_round": float(np.mean(comm_per_round)),
         "comm_mib_per_round": float(np.mean(comm_per_round)) / MIB,

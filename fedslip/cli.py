@@ -12,7 +12,8 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .config import FIELDS, ConfigError, make_config
 
@@ -58,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one federated experiment")
     run.add_argument("--config", type=str, default=None, help="TOML file with config keys")
-    run.add_argument("--out", type=str, required=True, help="run directory to create")
+    run.add_argument("--out", type=str, default=None, help="run directory to create")
+    run.add_argument("--resume", type=str, default=None, metavar="RUN_DIR",
+                     help="continue an interrupted run from its last completed round (uses RUN_DIR/config.toml)")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bars or round log")
     add_config_flags(run)
@@ -77,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "config-reference":
         print(config_reference())
@@ -85,13 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(message)s")
     from . import api  # heavy imports only when needed
-    from .data import DataError
-    from .experiment import RunDirError
-    from .model import BackboneError
-    from .server import RoundFailed
-    from .storage import StateFileError
-
     from .inference import RunModel
+    from .server import RoundFailed
 
     try:
         if args.command in ("predict", "export"):
@@ -105,10 +103,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 else:
                     print(f"{p.class_name}\t{max(p.probabilities):.3f}\t{p.text}")
             return 0
-        cfg = make_config(config_overrides(args), args.config)
-        summary = api.run(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    except (ConfigError, DataError, RunDirError, BackboneError, StateFileError, RoundFailed, FileExistsError,
-            ValueError) as e:
+        if args.resume:
+            if args.out or args.config or config_overrides(args):
+                raise ConfigError("--resume continues a run with its own config.toml; pass no --out, --config "
+                                  "or config flags")
+            summary = api.resume(args.resume, progress=not args.quiet)
+        else:
+            if not args.out:
+                raise ConfigError("fedslip run needs --out DIR (or --resume RUN_DIR)")
+            cfg = make_config(config_overrides(args), args.config)
+            summary = api.run(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    except (ValueError, RoundFailed, FileExistsError) as e:  # our errors: ConfigError, DataError, ... are ValueErrors
         print(f"fedslip: error: {e}", file=sys.stderr)
         return 2
     keys = ("method", "global_accuracy", "personalized_accuracy", "kstep_accuracy", "comm_mib_per_round",

@@ -26,9 +26,9 @@ is never part of a reply.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from . import comm, masking
 from .config import ExperimentConfig
 from .data import Encoded, eval_batches, train_batches
 from .model import GLOBAL, PRIVATE, TrackedModel
-from .storage import load_tensors, save_tensors
+from .storage import load_tensors_and_metadata, save_tensors
 
 
 def proximal_term(params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor],
@@ -71,11 +71,11 @@ def run_seed(*parts: int) -> int:
 class TrainResult:
     steps: int
     loss: float  # mean CE of the global-track objective (global-only logits; combined for joint)
-    private_loss: Optional[float]  # mean CE of the private objective (separated only)
+    private_loss: float | None  # mean CE of the private objective (separated only)
 
 
 def backward_step(model: TrackedModel, batch: dict[str, torch.Tensor], cfg: ExperimentConfig,
-                  train_private: bool, prox_reference: Optional[dict], mu: float) -> tuple[float, Optional[float]]:
+                  train_private: bool, prox_reference: dict | None, mu: float) -> tuple[float, float | None]:
     """Compute the configured objective on one batch and accumulate its gradients (module docstring).
 
     Returns (CE that trains the global track, CE that trains the private track or None).
@@ -101,7 +101,7 @@ def backward_step(model: TrackedModel, batch: dict[str, torch.Tensor], cfg: Expe
 
 
 def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentConfig, steps: int,
-                train_private: bool, mask: Optional[masking.Mask], prox_reference: Optional[dict],
+                train_private: bool, mask: masking.Mask | None, prox_reference: dict | None,
                 seed: int, desc: str = "local") -> TrainResult:
     """Run ``steps`` local optimizer steps of the configured objective, each track with its own AdamW."""
     torch.manual_seed(seed)  # dropout
@@ -157,29 +157,46 @@ def evaluate(model: TrackedModel, tokenizer, data: Encoded, tracks: tuple[str, .
 
 
 class PrivateStore:
-    """A client's private state directory: private track, lottery-ticket mask, rewind point."""
+    """A client's private state directory: private track, lottery-ticket mask, rewind point.
 
-    FILES = {"private": "private.safetensors", "mask": "mask.safetensors", "rewind": "rewind.safetensors"}
+    ``private.safetensors`` and ``mask.safetensors`` carry the round they were written after (in the
+    safetensors metadata); the previous generation is kept as ``*.prev.safetensors``. Loading "before
+    round r" takes the newest generation written after a round < r, so a client whose round r was
+    interrupted (or not committed by the server's checkpoint) resumes from exactly round r-1.
+    """
+
+    FILES = {"private": "private", "mask": "mask", "rewind": "rewind"}
 
     def __init__(self, state_dir: Path):
         self.dir = Path(state_dir)
 
-    def path(self, what: str) -> Path:
-        return self.dir / self.FILES[what]
+    def path(self, what: str, previous: bool = False) -> Path:
+        return self.dir / f"{self.FILES[what]}{'.prev' if previous else ''}.safetensors"
 
     def exists(self, what: str) -> bool:
         return self.path(what).is_file()
 
-    def load(self, what: str) -> dict[str, torch.Tensor]:
-        return load_tensors(self.path(what))
+    def load(self, what: str, before_round: float = float("inf")) -> dict[str, torch.Tensor] | None:
+        """Newest generation of ``what`` written after a round < ``before_round`` (None if none)."""
+        best, best_round = None, -1
+        for previous in (False, True):
+            path = self.path(what, previous)
+            if path.is_file():
+                tensors, meta = load_tensors_and_metadata(path)
+                written = int(meta.get("round", 0))
+                if best_round < written < before_round:  # ties keep the current generation
+                    best, best_round = tensors, written
+        if what == "mask" and best is not None:
+            best = {n: t.bool() for n, t in best.items()}
+        return best
 
-    def load_mask(self) -> masking.Mask:
-        return {n: t.bool() for n, t in self.load("mask").items()}
-
-    def save(self, what: str, tensors: dict[str, torch.Tensor]) -> None:
+    def save(self, what: str, tensors: dict[str, torch.Tensor], round_idx: int) -> None:
+        """Write a new generation; the current one becomes ``*.prev`` (atomic renames and writes)."""
         if what == "mask":
             tensors = {n: t.to(torch.uint8) for n, t in tensors.items()}
-        save_tensors(self.path(what), tensors)
+        if what != "rewind" and self.path(what).is_file():
+            os.replace(self.path(what), self.path(what, previous=True))
+        save_tensors(self.path(what), tensors, metadata={"round": str(round_idx)})
 
 
 @dataclass
@@ -201,25 +218,27 @@ class Client:
         self.uses_mask = cfg.private_track and cfg.private_target_sparsity > 0
 
     # --- private state --------------------------------------------------------------------
-    def _load_private(self) -> Optional[masking.Mask]:
-        """Load this client's private track (initializing it on first use) into the shared model."""
+    def _load_private(self, before_round: float) -> masking.Mask | None:
+        """Load this client's private track as of the end of the last round < ``before_round`` into the
+        shared model (initializing it on first use). Returns its mask (None without one)."""
         if not self.model.has_private:
             return None
-        if not self.store.exists("private"):
-            init = self.model.fresh_private_state(run_seed(self.cfg.seed, 0, self.cid, 7))
-            self.store.save("private", init)
+        weights = self.store.load("private", before_round)
+        if weights is None:
+            weights = self.model.fresh_private_state(run_seed(self.cfg.seed, 0, self.cid, 7))
+            self.store.save("private", weights, 0)
             if self.uses_mask:
-                self.store.save("mask", masking.full_mask(init))
+                self.store.save("mask", masking.full_mask(weights), 0)
             if self.cfg.private_rewind_round == 0:
-                self.store.save("rewind", init)
-        self.model.load_private_state(self.store.load("private"))
-        return self.store.load_mask() if self.uses_mask else None
+                self.store.save("rewind", weights, 0)
+        self.model.load_private_state(weights)
+        return self.store.load("mask", before_round) if self.uses_mask else None
 
-    def _end_of_round_private(self, round_idx: int, mask: Optional[masking.Mask], trained: bool) -> float:
+    def _end_of_round_private(self, round_idx: int, mask: masking.Mask | None, trained: bool) -> float:
         """Prune (if scheduled), rewind (if configured), persist. Returns the private sparsity."""
         weights = self.model.private_state()
         if self.cfg.private_rewind_round == round_idx and round_idx > 0:
-            self.store.save("rewind", weights)
+            self.store.save("rewind", weights, round_idx)
         if mask is not None and trained and round_idx >= self.cfg.private_prune_start_round:
             rate = masking.step_rate(masking.sparsity(mask), self.cfg.private_target_sparsity,
                                      self.cfg.private_prune_rate)
@@ -228,15 +247,16 @@ class Client:
                 if self.cfg.private_rewind_round >= 0 and self.store.exists("rewind"):
                     weights = self.store.load("rewind")
                 weights = {n: w * mask[n] for n, w in weights.items()}
-                self.store.save("mask", mask)
-        self.store.save("private", weights)
+        if mask is not None:
+            self.store.save("mask", mask, round_idx)
+        self.store.save("private", weights, round_idx)
         return masking.sparsity(mask) if mask is not None else 0.0
 
     # --- federated API -----------------------------------------------------------------------
     def fit(self, payload: bytes, round_idx: int) -> FitReply:
         global_state = comm.decode(payload)
         self.model.load_global_state(global_state)
-        mask = self._load_private()
+        mask = self._load_private(before_round=round_idx)
         trains_private = private_trains(self.cfg, round_idx)
         result = train_local(self.model, self.tokenizer, self.train, self.cfg,
                              local_steps(self.cfg, len(self.train)), trains_private, mask,
@@ -248,10 +268,12 @@ class Client:
             metrics["private_sparsity"] = self._end_of_round_private(round_idx, mask, trains_private)
         return FitReply(comm.encode(self.model.global_state()), len(self.train), metrics)
 
-    def evaluate(self, payload: bytes, tracks: Optional[tuple[str, ...]] = None) -> dict:
-        """Accuracy of this client's inference model (global + private) on its own test rows."""
+    def evaluate(self, payload: bytes, tracks: tuple[str, ...] | None = None,
+                 after_round: float = float("inf")) -> dict:
+        """Accuracy of this client's inference model (global + its private track as of ``after_round``)
+        on its own test rows."""
         self.model.load_global_state(comm.decode(payload))
-        self._load_private()
+        self._load_private(before_round=after_round + 1)
         return evaluate(self.model, self.tokenizer, self.test, tracks or self.model.inference_tracks(),
                         self.cfg.eval_batch_size, self.cfg.num_labels)
 
@@ -259,7 +281,7 @@ class Client:
         """Fine-tune the final model for ``steps`` local steps (no FedProx), evaluate; persists nothing."""
         global_state = comm.decode(payload)
         self.model.load_global_state(global_state)
-        mask = self._load_private()
+        mask = self._load_private(before_round=self.cfg.rounds + 1)
         train_local(self.model, self.tokenizer, self.train, self.cfg, steps,
                     private_trains(self.cfg, self.cfg.rounds), mask, None,
                     run_seed(self.cfg.seed, self.cfg.rounds + 1, self.cid), desc=f"k-step client {self.cid}")

@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import tomli_w
+import tomllib
 
 METHODS = ("fedavg_lora", "dual_naive", "fedslip")
 PARTITIONS = ("dominant", "dirichlet", "iid")
@@ -28,6 +28,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 PRUNE_SCOPES = ("matrix", "global")
 EVAL_SPLITS = ("test", "val")
 ENGINES = ("embedded",)
+AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
 
 
@@ -96,6 +97,17 @@ class ExperimentConfig:
                         "`fp32`, or `auto` (bf16 where the CPU/GPU supports it).")
     kstep: int = _f(50, "After the last round each client fine-tunes its final model for this many local "
                     "steps and is evaluated again (the baseline's K-step personalization); 0 = skip.")
+    # --- server: aggregation and update validation -----------------------------------------
+    aggregation: str = _f("fedavg", "Server aggregation of the global track: `fedavg` (sample-weighted mean), "
+                          "`median` or `trimmed_mean` (coordinate-wise, robust to outlier clients; flwr's "
+                          "implementations).")
+    trim_fraction: float = _f(0.2, "aggregation=trimmed_mean: share cut from each end per coordinate.")
+    min_fit_clients: int = _f(1, "Fewest valid client updates that still apply a round; fewer stops the run "
+                              "(after the last completed round's checkpoint).")
+    max_update_norm: float = _f(0.0, "Reject a client update whose L2 distance from the broadcast global track "
+                                "exceeds this; 0 = no bound.")
+    max_payload_bytes: int = _f(0, "Reject a client payload larger than this many bytes; 0 = 2x the broadcast "
+                                "payload.")
     # --- method (set by presets) ----------------------------------------------------------
     private_track: bool = _f(False, "Give every client a private LoRA track that never leaves it.")
     objective: str = _f("global_only", "`global_only` (FedAvg), `joint` (one loss on the combined logits "
@@ -160,12 +172,19 @@ class ExperimentConfig:
         choice("precision", PRECISIONS)
         choice("private_prune_scope", PRUNE_SCOPES)
         choice("eval_split", EVAL_SPLITS)
+        choice("aggregation", AGGREGATIONS)
         positive("rounds", "num_clients", "samples_per_client", "test_samples_per_client", "batch_size",
                  "eval_batch_size", "lr", "max_seq_len", "lora_rank", "lora_alpha", "private_rank",
                  "private_alpha", "private_lr", "dirichlet_alpha")
         non_negative("local_steps", "local_epochs", "kstep", "weight_decay", "fedprox_mu",
                      "val_samples_per_client", "global_test_samples", "private_warmup_rounds",
-                     "private_freeze_round", "lora_dropout", "private_prune_start_round")
+                     "private_freeze_round", "lora_dropout", "private_prune_start_round", "max_update_norm",
+                     "max_payload_bytes")
+        positive("min_fit_clients")
+        if self.min_fit_clients > self.num_clients:
+            raise ConfigError(f"min_fit_clients={self.min_fit_clients} exceeds num_clients={self.num_clients}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}")
         if self.local_steps == 0 and self.local_epochs == 0:
             raise ConfigError("set local_epochs > 0 or local_steps > 0 (both are 0: clients would not train)")
         if not 0 < self.dominant_fraction <= 1:
@@ -261,7 +280,7 @@ def _coerce(name: str, value: Any) -> Any:
     raise ConfigError(f"{name}: expected {kind}, got {value!r}")
 
 
-def make_config(overrides: Optional[dict[str, Any]] = None, toml_path: Optional[Path] = None) -> ExperimentConfig:
+def make_config(overrides: dict[str, Any] | None = None, toml_path: Path | None = None) -> ExperimentConfig:
     """Build a validated config: defaults <- method preset <- TOML file <- ``overrides``.
 
     >>> make_config({"method": "fedslip", "rounds": 3}).fedprox_mu

@@ -8,9 +8,9 @@ Without a directory the hub dataset ``fancyzhx/ag_news`` is loaded through ``dat
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd

@@ -19,7 +19,7 @@ from .config import ExperimentConfig
 from .data import Encoded, encode, load_splits
 from .model import TrackedModel, load_tokenizer
 from .partition import Partition, make_partition
-from .storage import save_tensors, write_json
+from .storage import StateFileError, atomic_write_bytes, load_tensors, read_json, save_tensors, write_json
 
 
 class RunDirError(ValueError):
@@ -27,7 +27,7 @@ class RunDirError(ValueError):
 
 
 RUN_FILES = ("config.toml", "partition.json", "metrics.jsonl", "summary.json", "global.safetensors")
-RUN_DIRS = ("clients",)
+RUN_DIRS = ("clients", "checkpoint")
 
 
 @dataclass
@@ -67,6 +67,14 @@ def prepare(cfg: ExperimentConfig) -> Setup:
     return Setup(cfg, tokenizer, model, partition, clients, global_eval)
 
 
+@dataclass
+class Checkpoint:
+    round: int
+    global_state: dict[str, torch.Tensor]
+    history: list[dict]
+    elapsed: float
+
+
 class RunDir:
     """The files of one run: ``config.toml``, ``partition.json``, ``metrics.jsonl`` (one line per round),
     ``summary.json``, ``global.safetensors`` and ``clients/<id>/`` (each client's private state)."""
@@ -98,6 +106,35 @@ class RunDir:
     def append_metrics(self, row: dict) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def rewrite_metrics(self, rows: list[dict]) -> None:
+        atomic_write_bytes(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    # --- checkpoint: the commit point of a round ------------------------------------------------
+    def save_checkpoint(self, round_idx: int, global_state: dict[str, torch.Tensor], history: list[dict],
+                        elapsed: float) -> None:
+        """``checkpoint/global-<round>.safetensors``, then ``checkpoint/state.json`` naming it (the commit
+        point), then the older tensors go. A crash at any point leaves a consistent last checkpoint."""
+        folder = self.path / "checkpoint"
+        name = f"global-{round_idx:05d}.safetensors"
+        save_tensors(folder / name, global_state)
+        write_json(folder / "state.json", {"round": round_idx, "global": name, "history": history,
+                                           "elapsed": elapsed})
+        for old in folder.glob("global-*.safetensors"):
+            if old.name != name:
+                old.unlink()
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        """The last completed round, or None if no round completed."""
+        state_path = self.path / "checkpoint" / "state.json"
+        if not state_path.exists():
+            return None
+        meta = read_json(state_path)
+        if not isinstance(meta, dict) or {"round", "global", "history", "elapsed"} - set(meta):
+            raise StateFileError(f"{state_path} lacks round/global/history/elapsed")
+        tensors = load_tensors(self.path / "checkpoint" / meta["global"])
+        return Checkpoint(round=int(meta["round"]), global_state=tensors, history=meta["history"],
+                          elapsed=float(meta["elapsed"]))
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / "summary.json", summary)

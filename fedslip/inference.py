@@ -9,9 +9,9 @@ weights, so ``AutoModelForSequenceClassification.from_pretrained(out)`` needs ne
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -46,7 +46,10 @@ class RunModel:
         self.model.load_global_state(load_tensors(run.path / "global.safetensors"))
         self.tracks: tuple[str, ...] = (GLOBAL,)
         if use_private and self.model.has_private:
-            self.model.load_private_state(PrivateStore(run.client_dir(client)).load("private"))
+            private = PrivateStore(run.client_dir(client)).load("private")
+            if private is None:
+                raise StateFileError(f"{run.client_dir(client)} holds no private state for client {client}")
+            self.model.load_private_state(private)
             self.tracks = (GLOBAL, PRIVATE)
 
     @torch.inference_mode()

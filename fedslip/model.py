@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -19,10 +19,10 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 from transformers.utils import logging as hf_logging
 
+from .config import ExperimentConfig
+
 # transformers 5 warns about a deprecated attribute that peft 0.21 still reads; nothing for users to do.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-from .config import ExperimentConfig
 
 GLOBAL, PRIVATE = "global", "private"
 

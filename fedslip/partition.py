@@ -39,7 +39,7 @@ class Partition:
         Path(path).write_text(json.dumps(asdict(self)))
 
     @classmethod
-    def load(cls, path: Path) -> "Partition":
+    def load(cls, path: Path) -> Partition:
         raw = json.loads(Path(path).read_text())
         return cls(clients=[ClientRows(**c) for c in raw["clients"]], global_test=raw["global_test"])
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,15 +41,32 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    atomic_write_bytes(path, st_save({k: v.contiguous() for k, v in tensors.items()}))
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    atomic_write_bytes(path, st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors_and_metadata(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise StateFileError(f"{path} does not exist")
     try:
-        return st_load(path.read_bytes())
-    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        data = path.read_bytes()
+        tensors = st_load(data)
+        header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
+    except (SafetensorError, ValueError, RuntimeError, OSError, struct.error) as e:
         raise StateFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return tensors, header.get("__metadata__", {})
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_tensors_and_metadata(path)[0]
+
+
+def read_json(path: Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise StateFileError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise StateFileError(f"{path} is not readable JSON (truncated or corrupt?): {e}") from None

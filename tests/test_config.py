@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import REPO
 
 from fedslip.cli import build_parser, config_overrides, config_reference
 from fedslip.config import FIELDS, ConfigError, ExperimentConfig, load_config, make_config
-from conftest import REPO
 
 
 def test_defaults_are_the_seed_protocol():

@@ -6,8 +6,8 @@ import gzip
 
 import pytest
 
-from fedslip.data import DataError, load_splits, read_csv_split
 from fedslip.config import make_config
+from fedslip.data import DataError, load_splits, read_csv_split
 
 AG = ["title", "description"]
 

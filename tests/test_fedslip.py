@@ -16,7 +16,7 @@ from fedslip.client import Client, backward_step, proximal_term, run_seed
 from fedslip.data import train_batches
 from fedslip.experiment import prepare
 from fedslip.inference import RunModel
-from fedslip.model import GLOBAL, PRIVATE, TrackedModel
+from fedslip.model import GLOBAL, PRIVATE
 from fedslip.server import Server
 
 
@@ -65,11 +65,13 @@ def test_fedslip_sends_exactly_the_baseline_bytes(fedslip_run, tmp_path):
 def test_private_state_stays_in_the_client_directories(fedslip_run):
     out, cfg, *_ = fedslip_run
     server_side = [p for p in out.rglob("*.safetensors") if "clients" not in p.parts]
-    assert [p.name for p in server_side] == ["global.safetensors"]
-    assert not any(f".{PRIVATE}." in k for k in load_file(out / "global.safetensors"))
+    assert sorted(p.name for p in server_side) == ["global-00003.safetensors", "global.safetensors"]
+    for path in server_side:
+        assert not any(f".{PRIVATE}." in k for k in load_file(path))
     for c in range(cfg.num_clients):
         names = sorted(p.name for p in (out / "clients" / str(c)).iterdir())
-        assert names == ["mask.safetensors", "private.safetensors"]
+        assert names == ["mask.prev.safetensors", "mask.safetensors", "private.prev.safetensors",
+                         "private.safetensors"]
 
 
 def test_mask_is_binary_reaches_target_on_schedule_and_zeros_stay_zero(fedslip_run):
@@ -95,9 +97,9 @@ def test_masked_entries_get_no_update_during_training(tiny_cfg, tmp_path):
                     tmp_path / "c0")
     payload = comm.encode(setup.model.global_state())
     client.fit(payload, 1)  # prunes at the end of round 1
-    mask = client.store.load_mask()
+    mask = client.store.load("mask")
     client.fit(payload, 2)  # trains with the mask; target reached, no more pruning
-    assert all(torch.equal(mask[k], client.store.load_mask()[k]) for k in mask)
+    assert all(torch.equal(mask[k], client.store.load("mask")[k]) for k in mask)
     assert abs(masking.sparsity(mask) - 0.6) < 0.01
     weights = client.store.load("private")
     assert all(torch.all(weights[n][~m] == 0) for n, m in mask.items())
@@ -280,6 +282,6 @@ def test_rewind_resets_survivors_to_the_rewind_point(tiny_cfg, tmp_path):
     client = Client(0, cfg, setup.model, setup.tokenizer, setup.clients[0].train, setup.clients[0].test,
                     tmp_path / "c0")
     client.fit(comm.encode(setup.model.global_state()), 1)
-    init, mask, after = client.store.load("rewind"), client.store.load_mask(), client.store.load("private")
+    init, mask, after = client.store.load("rewind"), client.store.load("mask"), client.store.load("private")
     assert all(torch.equal(after[n], init[n] * mask[n]) for n in init)
     assert abs(masking.sparsity(mask) - 0.5) < 0.01

@@ -6,9 +6,9 @@ Needs the AG News copy (FEDSLIP_DATA_DIR or ../shared/data/ag_news); CI provides
 from __future__ import annotations
 
 import pytest
+from conftest import real_data_dir
 
 import fedslip
-from conftest import real_data_dir
 
 pytestmark = pytest.mark.integration
 DATA = real_data_dir()

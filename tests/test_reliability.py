@@ -1,0 +1,226 @@
+"""Fault injection: each test fails if the protection it names is removed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fedslip
+from fedslip import comm
+from fedslip.client import Client, FitReply
+from fedslip.experiment import RunDirError
+from fedslip.inference import RunModel
+from fedslip.server import RoundFailed, Server, combine
+from fedslip.storage import StateFileError
+
+
+def rows(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_tensors(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def client_states(run_dir, n):
+    return [load_file(run_dir / "clients" / str(c) / "private.safetensors") for c in range(n)]
+
+
+RUN_ARGS = dict(method="fedslip", backbone="tiny", rounds=4, samples_per_client=64, test_samples_per_client=16,
+                global_test_samples=64, batch_size=8, local_epochs=2, kstep=2, precision="fp32",
+                private_warmup_rounds=1, private_target_sparsity=0.5)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    summary = fedslip.run(fedslip.make_config({**RUN_ARGS, "data_dir": str(data_dir)}), out, progress=False)
+    return out, summary
+
+
+def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(uninterrupted, data_dir, tmp_path):
+    full, full_summary = uninterrupted
+    out = tmp_path / "killed"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**RUN_ARGS, "data_dir": str(data_dir)}.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "fedslip.cli", "run", "--out", str(out), "--quiet", *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            state = out / "checkpoint" / "state.json"
+            if state.exists() and json.loads(state.read_text())["round"] >= 2:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)  # inside round 3
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not (out / "summary.json").exists()
+    summary = fedslip.resume(out, progress=False)
+    assert rows(out) == rows(full)
+    for key in ("global_accuracy", "personalized_accuracy_per_client", "kstep_accuracy_per_client",
+                "comm_bytes_per_round", "private_sparsity"):
+        assert summary[key] == full_summary[key], key
+    a, b = load_file(out / "global.safetensors"), load_file(full / "global.safetensors")
+    assert all(torch.allclose(a[k], b[k]) for k in a)
+    for mine, theirs in zip(client_states(out, 4), client_states(full, 4)):
+        assert same_tensors(mine, theirs)
+
+
+def test_resume_refuses_finished_and_foreign_directories(uninterrupted, tmp_path):
+    full, _ = uninterrupted
+    with pytest.raises(RunDirError, match="finished run"):
+        fedslip.resume(full)
+    with pytest.raises(RunDirError, match="not a run directory"):
+        fedslip.resume(tmp_path)
+
+
+def test_truncated_checkpoint_is_one_clear_error_naming_the_file(uninterrupted, tmp_path):
+    full, _ = uninterrupted
+    out = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(full), str(out)], check=True)
+    (out / "summary.json").unlink()
+    ckpt = next((out / "checkpoint").glob("global-*.safetensors"))
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(StateFileError, match=ckpt.name):
+        fedslip.resume(out, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "nothing may be overwritten"
+
+
+def test_truncated_private_state_names_the_file(uninterrupted, tmp_path):
+    full, _ = uninterrupted
+    out = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(full), str(out)], check=True)
+    private = out / "clients" / "1" / "private.safetensors"
+    private.write_bytes(private.read_bytes()[:50])
+    with pytest.raises(StateFileError, match="private.safetensors"):
+        RunModel(out, client=1)
+
+
+# --- bad client updates --------------------------------------------------------------------------------
+def corrupt(kind, state):
+    state = {k: v.clone() for k, v in state.items()}
+    name = next(iter(state))
+    if kind == "nan":
+        state[name].view(-1)[0] = float("nan")
+    elif kind == "inf":
+        state[name].view(-1)[0] = float("inf")
+    elif kind == "shape":
+        state[name] = torch.zeros(3, 3)
+    elif kind == "missing":
+        del state[name]
+    elif kind == "dtype":
+        state[name] = state[name].double()
+    elif kind == "oversized":
+        state["padding"] = torch.zeros(len(comm.encode(state)))  # x4 bytes: far over 2x the broadcast
+    elif kind == "garbage":
+        return b"not a safetensors payload"
+    return comm.encode(state)
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "shape", "missing", "dtype", "oversized", "garbage"])
+def test_invalid_update_is_rejected_and_only_valid_ones_are_aggregated(tiny_cfg, kind):
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    reference = {"a": torch.randn(4, 3), "b": torch.randn(5)}
+    updates = [{k: v + torch.randn_like(v) for k, v in reference.items()} for _ in range(3)]
+    server = Server(cfg, reference)
+    replies = {c: (comm.encode(u), 10 * (c + 1)) for c, u in enumerate(updates)}
+    replies[3] = (corrupt(kind, updates[0]), 10)
+    outcome = server.aggregate(replies)
+    assert list(outcome.rejected) == [3] and outcome.accepted == [0, 1, 2]
+    expected = combine([(u, 10 * (c + 1)) for c, u in enumerate(updates)])
+    assert same_tensors(server.state, expected)
+    assert all(torch.isfinite(t).all() for t in server.state.values())
+
+
+def test_update_norm_bound(tiny_cfg):
+    reference = {"a": torch.zeros(4)}
+    server = Server(tiny_cfg(max_update_norm=1.0), reference)
+    outcome = server.aggregate({0: (comm.encode({"a": torch.full((4,), 0.1)}), 1),
+                                1: (comm.encode({"a": torch.full((4,), 5.0)}), 1)})
+    assert outcome.rejected.keys() == {1} and "max_update_norm" in outcome.rejected[1]
+    assert torch.allclose(server.state["a"], torch.full((4,), 0.1))
+
+
+def test_robust_aggregation_resists_an_outlier(tiny_cfg):
+    updates = [{"a": torch.tensor([1.0, 2.0])}, {"a": torch.tensor([1.2, 2.2])}, {"a": torch.tensor([1.1, 2.1])},
+               {"a": torch.tensor([1000.0, -1000.0])}]
+    for method in ("median", "trimmed_mean"):
+        server = Server(tiny_cfg(aggregation=method, trim_fraction=0.25), {"a": torch.zeros(2)})
+        server.aggregate({c: (comm.encode(u), 5) for c, u in enumerate(updates)})
+        assert torch.allclose(server.state["a"], torch.tensor([1.15, 2.05]), atol=1e-5), method
+    mean = Server(tiny_cfg(), {"a": torch.zeros(2)})
+    mean.aggregate({c: (comm.encode(u), 5) for c, u in enumerate(updates)})
+    assert mean.state["a"][0] > 100
+
+
+def test_a_client_sending_nan_is_excluded_end_to_end(tiny_cfg, tmp_path, monkeypatch):
+    original = Client.fit
+
+    def fit(self, payload, round_idx):
+        reply = original(self, payload, round_idx)
+        if self.cid == 2:
+            return FitReply(corrupt("nan", comm.decode(reply.payload)), reply.num_examples, reply.metrics)
+        return reply
+
+    monkeypatch.setattr(Client, "fit", fit)
+    summary = fedslip.run(tiny_cfg(rounds=2), tmp_path / "r", progress=False)
+    assert all(r["rejected_updates"] == 1 and "2" in r["rejected"] for r in rows(tmp_path / "r"))
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "r" / "global.safetensors").values())
+    assert summary["global_accuracy"] >= 0
+
+
+# --- clients that raise -----------------------------------------------------------------------------------
+def raising_fit(bad_cids):
+    original = Client.fit
+
+    def fit(self, payload, round_idx):
+        if self.cid in bad_cids:
+            raise RuntimeError(f"client {self.cid} lost its disk")
+        return original(self, payload, round_idx)
+    return fit
+
+
+def test_a_failing_client_does_not_stop_the_round(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(Client, "fit", raising_fit({1}))
+    fedslip.run(tiny_cfg(rounds=2, method="fedslip"), tmp_path / "r", progress=False)
+    for r in rows(tmp_path / "r"):
+        assert r["rejected_updates"] == 1 and "lost its disk" in r["rejected"]["1"]
+        assert r["upload_bytes"] == r["download_bytes"] * 3 // 4
+
+
+def test_too_few_valid_clients_stops_cleanly_and_the_run_resumes(tiny_cfg, tmp_path, monkeypatch):
+    cfg = tiny_cfg(rounds=3, min_fit_clients=4)
+    original = Client.fit
+    calls = {"n": 0}
+
+    def fit(self, payload, round_idx):
+        if round_idx == 2 and self.cid == 0:
+            raise RuntimeError("transient failure")
+        calls["n"] += 1
+        return original(self, payload, round_idx)
+
+    monkeypatch.setattr(Client, "fit", fit)
+    with pytest.raises(RoundFailed, match="round 2 not applied.*--resume"):
+        fedslip.run(cfg, tmp_path / "r", progress=False)
+    assert [r["round"] for r in rows(tmp_path / "r")] == [1]
+    monkeypatch.setattr(Client, "fit", original)
+    summary = fedslip.resume(tmp_path / "r", progress=False)
+    reference = fedslip.run(cfg, tmp_path / "ref", progress=False)
+    assert rows(tmp_path / "r") == rows(tmp_path / "ref")
+    assert summary["global_accuracy"] == reference["global_accuracy"]
