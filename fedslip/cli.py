@@ -53,6 +53,12 @@ def config_reference() -> str:
     return "\n".join(lines)
 
 
+def _command(argv: Sequence[str] | None) -> str:
+    import shlex
+
+    return "fedslip " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedslip", description="Personalized federated fine-tuning with "
                                      "dual-track LoRA.")
@@ -76,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--client", type=int, required=True, help="client id (0-based)")
     export.add_argument("--global", dest="global_only", action="store_true", help="global track only")
     export.add_argument("--out", required=True, help="new or empty directory")
+    compare = sub.add_parser("compare", help="run methods x seeds on identical partitions, then report")
+    compare.add_argument("--methods", default="fedavg_lora,dual_naive,fedslip", help="comma-separated presets")
+    compare.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    compare.add_argument("--config", type=str, default=None, help="TOML file with config keys")
+    compare.add_argument("--out", required=True, help="comparison directory (runs are kept and resumed there)")
+    compare.add_argument("--quiet", action="store_true", help="no progress bars or round log")
+    add_config_flags(compare)
+    report = sub.add_parser("report", help="rebuild report.md, results.json and plots from finished runs")
+    report.add_argument("paths", nargs="+", help="run directories or folders of them (e.g. a compare --out)")
+    report.add_argument("--out", default=None, help="where to write (default: the single path given)")
     sub.add_parser("config-reference", help="print the config reference table (markdown)")
     return parser
 
@@ -103,6 +119,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     print(f"{p.class_name}\t{max(p.probabilities):.3f}\t{p.text}")
             return 0
+        if args.command == "compare":
+            from .compare import compare
+
+            results = compare([m.strip() for m in args.methods.split(",") if m.strip()],
+                              [int(x) for x in args.seeds.split(",") if x.strip()], args.out,
+                              config_overrides(args), args.config, command=_command(argv),
+                              progress=not args.quiet)
+            print(f"{args.out}/report.md")
+            print(json.dumps({m: {k: v["mean"] for k, v in a.items() if isinstance(v, dict)}
+                              for m, a in results["by_method"].items()}, indent=2))
+            return 0
+        if args.command == "report":
+            from .report import build_report, find_runs
+
+            if args.out is None and len(args.paths) != 1:
+                raise ConfigError("report with several paths needs --out")
+            out = args.out or args.paths[0]
+            build_report(find_runs(args.paths), out)
+            print(f"{out}/report.md")
+            return 0
         if args.resume:
             if args.out or args.config or config_overrides(args):
                 raise ConfigError("--resume continues a run with its own config.toml; pass no --out, --config "
@@ -113,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError("fedslip run needs --out DIR (or --resume RUN_DIR)")
             cfg = make_config(config_overrides(args), args.config)
             summary = api.run(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    except (ValueError, RoundFailed, FileExistsError) as e:  # our errors: ConfigError, DataError, ... are ValueErrors
+    # ConfigError, DataError, BackboneError, RunDirError, StateFileError, ... are ValueErrors
+    except (ValueError, RoundFailed, FileExistsError, FileNotFoundError) as e:
         print(f"fedslip: error: {e}", file=sys.stderr)
         return 2
     keys = ("method", "global_accuracy", "personalized_accuracy", "kstep_accuracy", "comm_mib_per_round",

@@ -1,0 +1,225 @@
+"""Tables and plots from run directories: ``report.md``, ``results.json`` and PNGs.
+
+    fedslip report docs/results/seed_cpu            # a compare directory (rebuilt from its runs)
+    fedslip report runs/a runs/b --out reports/ab   # any run directories
+
+Every number comes from the runs' own ``summary.json`` / ``metrics.jsonl``; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import ExperimentConfig, load_config
+from .storage import atomic_write_bytes, read_json, write_json
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    cfg: ExperimentConfig
+    summary: dict
+    rounds: list[dict]
+
+    @property
+    def method(self) -> str:
+        return self.cfg.method
+
+
+def load_run(path: Path) -> RunRecord:
+    path = Path(path)
+    rounds = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return RunRecord(path, load_config(path / "config.toml"), read_json(path / "summary.json"), rounds)
+
+
+def find_runs(paths: list[Path]) -> list[RunRecord]:
+    """Finished runs in ``paths`` (each a run directory or a folder of them), sorted by method and seed."""
+    found = []
+    for p in map(Path, paths):
+        candidates = [p] if (p / "summary.json").is_file() else sorted(d for d in p.iterdir() if d.is_dir())
+        found += [load_run(d) for d in candidates if (d / "summary.json").is_file()]
+    if not found:
+        raise FileNotFoundError(f"no finished run (summary.json) under {', '.join(map(str, paths))}")
+    return sorted(found, key=lambda r: (r.method, r.cfg.seed))
+
+
+def _stats(values: list[float | None]) -> dict:
+    v = np.array([x for x in values if x is not None], dtype=float)
+    if v.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+
+
+def aggregate(runs: list[RunRecord]) -> dict:
+    by_method: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in runs:
+        by_method[r.method].append(r)
+    out = {}
+    for method, rs in by_method.items():
+        s = [r.summary for r in rs]
+        out[method] = {
+            "seeds": [r.cfg.seed for r in rs],
+            **{key: _stats([x.get(key) for x in s]) for key in
+               ("global_accuracy", "personalized_accuracy", "kstep_accuracy", "comm_mib_per_round",
+                "global_track_local_accuracy", "private_bytes_transmitted", "wall_seconds")},
+        }
+    return out
+
+
+def _pct(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}" if stat["n"] > 1 else f"{100 * stat['mean']:.1f}"
+
+
+def _verdict(agg: dict) -> list[str]:
+    """Plain statements comparing fedslip with fedavg_lora (only when both are present)."""
+    if not {"fedslip", "fedavg_lora"} <= set(agg):
+        return []
+    f, b = agg["fedslip"], agg["fedavg_lora"]
+    lines = []
+    if f["personalized_accuracy"]["mean"] is not None and b["kstep_accuracy"]["mean"] is not None:
+        diff = 100 * (f["personalized_accuracy"]["mean"] - b["kstep_accuracy"]["mean"])
+        lines.append(f"- FedSLIP's zero-shot personalized accuracy {'reaches' if diff >= 0 else 'does not reach'} "
+                     f"fedavg_lora + K-step ({diff:+.1f} points).")
+    gdiff = 100 * (f["global_accuracy"]["mean"] - b["global_accuracy"]["mean"])
+    within = "stays" if gdiff >= -1 else "does not stay"
+    lines.append(f"- FedSLIP's global accuracy {within} within 1 point of fedavg_lora's ({gdiff:+.1f} points).")
+    same = f["comm_mib_per_round"]["mean"] == b["comm_mib_per_round"]["mean"]
+    lines.append(f"- Bytes per round {'equal' if same else 'differ from'} the baseline's "
+                 f"({f['comm_mib_per_round']['mean']:.3f} vs {b['comm_mib_per_round']['mean']:.3f} MiB); private "
+                 f"bytes transmitted: {f['private_bytes_transmitted']['mean']:.0f}.")
+    return lines
+
+
+def plot(runs: list[RunRecord], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    methods = sorted({r.method for r in runs})
+    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    files = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key, title in ((axes[0], "global_accuracy", "Global accuracy (global track, global test set)"),
+                           (axes[1], "personalized_accuracy", "Personalized accuracy (zero-shot, own test rows)")):
+        for m in methods:
+            curves = np.array([[row[key] for row in r.rounds] for r in runs if r.method == m], dtype=float)
+            x = np.arange(1, curves.shape[1] + 1)
+            mean = 100 * curves.mean(0)
+            ax.plot(x, mean, marker="o", color=colors[m], label=f"{m} (n={len(curves)})")
+            if len(curves) > 1:
+                std = 100 * curves.std(0, ddof=1)
+                ax.fill_between(x, mean - std, mean + std, color=colors[m], alpha=0.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%), mean ± std over seeds")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_per_round.png", dpi=110)
+    files.append("accuracy_per_round.png")
+    plt.close(fig)
+
+    num_clients = runs[0].cfg.num_clients
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / (len(methods) + 1)
+    for i, m in enumerate(methods):
+        per = np.array([[v if v is not None else np.nan for v in r.summary["personalized_accuracy_per_client"]]
+                        for r in runs if r.method == m], dtype=float)
+        ax.bar(np.arange(num_clients) + i * width, 100 * np.nanmean(per, 0), width, color=colors[m], label=m)
+    floors = np.mean([r.summary["majority_floor_per_client"] for r in runs], axis=0)
+    ax.bar(np.arange(num_clients) + len(methods) * width, 100 * floors, width, color="lightgray",
+           label="majority-class floor")
+    ax.set_xticks(np.arange(num_clients) + width * len(methods) / 2, [f"client {c}" for c in range(num_clients)])
+    ax.set_ylabel("personalized accuracy (%), mean over seeds")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(methods) + 1)
+    ax.set_title("Per-client personalized accuracy (zero-shot) vs. the majority-class floor", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "per_client_accuracy.png", dpi=110)
+    files.append("per_client_accuracy.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    mib = [np.mean([r.summary["comm_mib_per_round"] for r in runs if r.method == m]) for m in methods]
+    bars = ax.bar(methods, mib, color=[colors[m] for m in methods])
+    ax.bar_label(bars, fmt="%.3f MiB")
+    ax.set_ylabel("MiB per round (upload + download, all clients)")
+    ax.set_title("Communication per round", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "bytes_per_round.png", dpi=110)
+    files.append("bytes_per_round.png")
+    plt.close(fig)
+    return files
+
+
+def build_report(runs: list[RunRecord], out: Path, command: str = "") -> dict:
+    """Write ``results.json``, ``report.md`` and the PNGs into ``out``; return the results."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not command and (out / "results.json").is_file():  # rebuilding: keep the command that made the runs
+        command = read_json(out / "results.json").get("command", "")
+    agg = aggregate(runs)
+    results = {"runs": [{"dir": str(r.path), "method": r.method, "seed": r.cfg.seed, "summary": r.summary}
+                        for r in runs], "by_method": agg, "command": command}
+    write_json(out / "results.json", results)
+    pngs = plot(runs, out)
+    c = runs[0].cfg
+    summaries = runs[0].summary
+    lines = [
+        "# FedSLIP comparison report", "",
+        f"Command: `{command}`" if command else "Rebuilt with `fedslip report` from the run directories.", "",
+        f"Settings: backbone `{c.backbone}`, {c.num_clients} clients, partition `{c.partition}`"
+        + (f" (dominant fraction {c.dominant_fraction})" if c.partition == "dominant" else "")
+        + f", {c.rounds} rounds, {c.samples_per_client} train / {c.test_samples_per_client} test rows per client, "
+        f"global test set {len(json.loads((runs[0].path / 'partition.json').read_text())['global_test'])} rows, "
+        f"LoRA r={c.lora_rank} on {', '.join(c.lora_targets) or 'the default targets'}, lr {c.lr}, "
+        f"batch {c.batch_size}, "
+        f"local epochs {c.local_epochs if not c.local_steps else f'{c.local_steps} steps'}, K-step {c.kstep}, "
+        f"precision {summaries.get('precision')}, device {summaries.get('device')}, accuracies on the "
+        f"`{summaries.get('eval_split')}` split; seeds {sorted({r.cfg.seed for r in runs})}.", "",
+        "| method | global accuracy | personalized accuracy (zero-shot) | after K-step | MiB per round |",
+        "|---|---|---|---|---|",
+    ]
+    for m, a in sorted(agg.items()):
+        lines.append(f"| {m} | {_pct(a['global_accuracy'])} | {_pct(a['personalized_accuracy'])} | "
+                     f"{_pct(a['kstep_accuracy'])} | {a['comm_mib_per_round']['mean']:.3f} |")
+    lines += ["", "Accuracies in %, mean ± sample std over seeds. MiB per round = upload + download of all "
+              "clients, measured from the serialized payloads.", ""]
+    verdict = _verdict(agg)
+    if verdict:
+        lines += ["## Verdict", "", *verdict, ""]
+    lines += ["## Per client", "", "Personalized accuracy (zero-shot) per client, mean over seeds, next to the "
+              "majority-class floor of that client's test rows (a constant predictor of its dominant class).", "",
+              "| method | " + " | ".join(f"client {i}" for i in range(c.num_clients)) + " |",
+              "|---|" + "---|" * c.num_clients]
+    for m in sorted(agg):
+        per = np.array([[np.nan if v is None else v for v in r.summary["personalized_accuracy_per_client"]]
+                        for r in runs if r.method == m], dtype=float)
+        lines.append(f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in np.nanmean(per, 0)) + " |")
+        ks = [r.summary.get("kstep_accuracy_per_client") for r in runs if r.method == m]
+        if all(ks):
+            k = np.array(ks, dtype=float).mean(0)
+            lines.append(f"| {m} + K-step | " + " | ".join(f"{100 * v:.1f}" for v in k) + " |")
+    floors = np.mean([r.summary["majority_floor_per_client"] for r in runs], axis=0)
+    lines.append("| majority floor | " + " | ".join(f"{100 * v:.1f}" for v in floors) + " |")
+    lines += ["", "## Per class (global test set, global track)", "",
+              "| method | " + " | ".join(c.class_names) + " |", "|---|" + "---|" * len(c.class_names)]
+    for m in sorted(agg):
+        pc = np.array([r.summary["global_accuracy_per_class"] for r in runs if r.method == m], dtype=float).mean(0)
+        lines.append(f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in pc) + " |")
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
+    lines += ["## Runs", "", "| run | method | seed | wall time (min) |", "|---|---|---|---|"]
+    lines += [f"| `{r.path.name}` | {r.method} | {r.cfg.seed} | {r.summary['wall_seconds'] / 60:.1f} |" for r in runs]
+    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
+    return results
