@@ -86,6 +86,14 @@ def test_resume_refuses_finished_and_foreign_directories(uninterrupted, tmp_path
         fedslip.resume(full)
     with pytest.raises(RunDirError, match="not a run directory"):
         fedslip.resume(tmp_path)
+    foreign = tmp_path / "foreign"
+    subprocess.run(["cp", "-r", str(full), str(foreign)], check=True)
+    (foreign / "summary.json").unlink()
+    partition = json.loads((foreign / "partition.json").read_text())
+    partition["global_test"] = partition["global_test"][1:]
+    (foreign / "partition.json").write_text(json.dumps(partition))
+    with pytest.raises(RunDirError, match="partition.json"):
+        fedslip.resume(foreign, progress=False)
 
 
 def test_truncated_checkpoint_is_one_clear_error_naming_the_file(uninterrupted, tmp_path):
