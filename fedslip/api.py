@@ -22,10 +22,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__, comm
-from .client import Client, evaluate
+from .client import evaluate
 from .config import ExperimentConfig, load_config
-from .engines.embedded import EmbeddedEngine
-from .experiment import Checkpoint, RunDir, RunDirError, Setup, prepare
+from .engines.embedded import EmbeddedEngine, ParallelEngine
+from .experiment import Checkpoint, RunDir, RunDirError, Setup, build_clients, prepare
 from .model import GLOBAL
 from .partition import Partition
 from .server import RoundFailed, Server, UpdateError, sample_clients, validate_update
@@ -118,9 +118,19 @@ def resume(out: str | Path, progress: bool = True) -> dict:
 def _federate(setup: Setup, run_dir: RunDir, start: Checkpoint, started: float, progress: bool) -> dict:
     """Rounds ``start.round + 1 .. cfg.rounds``, checkpointing after each; then K-step and the summary."""
     cfg = setup.cfg
-    clients = [Client(cid, cfg, setup.model, setup.tokenizer, data.train, data.test, run_dir.client_dir(cid))
-               for cid, data in enumerate(setup.clients)]
-    engine = EmbeddedEngine(clients)
+    if cfg.parallel_clients > 1:
+        engine = ParallelEngine(cfg, str(run_dir.path), cfg.parallel_clients)
+    else:
+        engine = EmbeddedEngine(build_clients(setup, run_dir))
+    try:
+        return _rounds(setup, run_dir, engine, start, started, progress)
+    finally:
+        engine.close()
+
+
+def _rounds(setup: Setup, run_dir: RunDir, engine: EmbeddedEngine, start: Checkpoint, started: float,
+            progress: bool) -> dict:
+    cfg = setup.cfg
     server = Server(cfg, start.global_state)
     history = list(start.history)
     evaluation = None

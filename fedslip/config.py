@@ -95,6 +95,8 @@ class ExperimentConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay (both tracks).")
     precision: str = _f("auto", "`bf16` autocast for forward passes (weights and optimizer stay fp32), "
                         "`fp32`, or `auto` (bf16 where the CPU/GPU supports it).")
+    parallel_clients: int = _f(1, "Embedded engine: clients trained side by side in this many worker processes "
+                               "(each with its own backbone and cores // N threads); 1 = sequential.")
     kstep: int = _f(50, "After the last round each client fine-tunes its final model for this many local "
                     "steps and is evaluated again (the baseline's K-step personalization); 0 = skip.")
     # --- server: aggregation and update validation -----------------------------------------
@@ -180,7 +182,7 @@ class ExperimentConfig:
                      "val_samples_per_client", "global_test_samples", "private_warmup_rounds",
                      "private_freeze_round", "lora_dropout", "private_prune_start_round", "max_update_norm",
                      "max_payload_bytes")
-        positive("min_fit_clients")
+        positive("min_fit_clients", "parallel_clients")
         if self.min_fit_clients > self.num_clients:
             raise ConfigError(f"min_fit_clients={self.min_fit_clients} exceeds num_clients={self.num_clients}")
         if not 0 <= self.trim_fraction < 0.5:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .client import Client
 from .config import ExperimentConfig
 from .data import Encoded, encode, load_splits
 from .model import TrackedModel, load_tokenizer
@@ -73,6 +74,11 @@ class Checkpoint:
     global_state: dict[str, torch.Tensor]
     history: list[dict]
     elapsed: float
+
+
+def build_clients(setup: Setup, run_dir: RunDir) -> list[Client]:
+    return [Client(cid, setup.cfg, setup.model, setup.tokenizer, data.train, data.test, run_dir.client_dir(cid))
+            for cid, data in enumerate(setup.clients)]
 
 
 class RunDir:

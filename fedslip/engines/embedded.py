@@ -1,4 +1,10 @@
-"""The embedded engine: every client in this process, one after another, sharing one backbone.
+"""The embedded engines: clients in this machine's processes, no server processes, no Ray.
+
+``EmbeddedEngine`` runs clients one after another in this process, sharing one backbone.
+``ParallelEngine`` spreads them over ``parallel_clients`` worker processes, each with its own backbone
+and ``torch.set_num_threads(cores // N)`` (two 1-thread processes train faster here than one 2-thread
+process). A client's work depends only on the payload, its own state directory and seeds derived
+from (seed, round, client), so both give the same results for a seed.
 
 Messages are the real serialized payloads (``comm.encode``), so byte counts equal what a networked
 engine would carry for the same tensors. A client that raises is reported as failed for that call,
@@ -8,38 +14,88 @@ never a crash of the run.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import TypeVar
+import multiprocessing
+import os
+from typing import Any
 
 from ..client import Client, FitReply
+from ..config import ExperimentConfig
 
 log = logging.getLogger("fedslip")
-T = TypeVar("T")
+Call = tuple[str, int, tuple]  # (Client method, client id, arguments)
 
 
-def _each(clients: list[Client], cids: list[int], call: Callable[[Client], T], what: str
-          ) -> tuple[dict[int, T], dict[int, str]]:
-    results, failed = {}, {}
-    for cid in cids:
-        try:
-            results[cid] = call(clients[cid])
-        except Exception as e:  # one client's failure must not end the federation
-            failed[cid] = f"{type(e).__name__}: {e}"
-            log.warning("client %d failed during %s: %s", cid, what, failed[cid])
-    return results, failed
+def _call(client: Client, method: str, args: tuple) -> tuple[bool, Any]:
+    try:
+        return True, getattr(client, method)(*args)
+    except Exception as e:  # one client's failure must not end the federation
+        return False, f"{type(e).__name__}: {e}"
 
 
 class EmbeddedEngine:
+    """Sequential clients in this process."""
+
     def __init__(self, clients: list[Client]):
         self.clients = clients
         self.all = [c.cid for c in clients]
 
+    def _run(self, calls: list[Call]) -> list[tuple[bool, Any]]:
+        return [_call(self.clients[cid], method, args) for method, cid, args in calls]
+
+    def _map(self, calls: list[Call]) -> tuple[dict[int, Any], dict[int, str]]:
+        results, failed = {}, {}
+        for (method, cid, _), (ok, value) in zip(calls, self._run(calls)):
+            if ok:
+                results[cid] = value
+            else:
+                failed[cid] = value
+                log.warning("client %d failed during %s: %s", cid, method, value)
+        return results, failed
+
     def fit(self, payload: bytes, cids: list[int], round_idx: int) -> tuple[dict[int, FitReply], dict[int, str]]:
-        return _each(self.clients, cids, lambda c: c.fit(payload, round_idx), f"fit of round {round_idx}")
+        return self._map([("fit", cid, (payload, round_idx)) for cid in cids])
 
     def evaluate(self, payload: bytes, after_round: int, tracks: tuple[str, ...] | None = None
                  ) -> tuple[dict[int, dict], dict[int, str]]:
-        return _each(self.clients, self.all, lambda c: c.evaluate(payload, tracks, after_round), "evaluate")
+        return self._map([("evaluate", cid, (payload, tracks, after_round)) for cid in self.all])
 
     def kstep(self, payload: bytes, steps: int) -> tuple[dict[int, dict], dict[int, str]]:
-        return _each(self.clients, self.all, lambda c: c.kstep(payload, steps), "k-step")
+        return self._map([("kstep", cid, (payload, steps)) for cid in self.all])
+
+    def close(self) -> None:
+        pass
+
+
+_WORKER_CLIENTS: list[Client] = []
+
+
+def _worker_init(cfg_values: dict, run_path: str, threads: int) -> None:
+    import torch
+
+    from ..experiment import RunDir, build_clients, prepare
+
+    torch.set_num_threads(threads)
+    setup = prepare(ExperimentConfig(**cfg_values))
+    _WORKER_CLIENTS.extend(build_clients(setup, RunDir(run_path)))
+
+
+def _worker_call(call: Call) -> tuple[bool, Any]:
+    method, cid, args = call
+    return _call(_WORKER_CLIENTS[cid], method, args)
+
+
+class ParallelEngine(EmbeddedEngine):
+    """Clients spread over worker processes; each worker loads the backbone and every client's data once."""
+
+    def __init__(self, cfg: ExperimentConfig, run_path: str, workers: int):
+        self.all = list(range(cfg.num_clients))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+        self.pool = ctx.Pool(workers, initializer=_worker_init, initargs=(cfg.to_dict(), run_path, threads))
+
+    def _run(self, calls: list[Call]) -> list[tuple[bool, Any]]:
+        return self.pool.map(_worker_call, calls, chunksize=1)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.pool.join()

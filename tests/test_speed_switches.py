@@ -1,0 +1,61 @@
+"""Speed switches change speed only: parallel clients, bf16 autocast, dynamic padding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fedslip
+from fedslip.model import GLOBAL, TrackedModel, load_tokenizer
+
+
+def rows(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_parallel_clients_give_the_sequential_results(tiny_cfg, tmp_path):
+    cfg = dict(method="fedslip", rounds=2, private_warmup_rounds=0, private_target_sparsity=0.5, kstep=2)
+    seq = fedslip.run(tiny_cfg(**cfg), tmp_path / "seq", progress=False)
+    par = fedslip.run(tiny_cfg(**cfg, parallel_clients=2), tmp_path / "par", progress=False)
+    assert rows(tmp_path / "seq") == rows(tmp_path / "par")
+    assert seq["kstep_accuracy_per_client"] == par["kstep_accuracy_per_client"]
+    a, b = load_file(tmp_path / "seq" / "global.safetensors"), load_file(tmp_path / "par" / "global.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    for c in range(4):
+        p, q = (load_file(tmp_path / d / "clients" / str(c) / "private.safetensors") for d in ("seq", "par"))
+        assert all(torch.allclose(p[k], q[k], atol=1e-6) for k in p)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny")
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_precision_switch_takes_the_requested_path(tokenizer, precision, dtype):
+    model = TrackedModel(fedslip.make_config({"backbone": "tiny", "precision": precision}), tokenizer)
+    seen = []
+    layer = next(m for n, m in model.model.named_modules() if n.endswith("attention.self.query.base_layer"))
+    handle = layer.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    batch = tokenizer(["stocks rise"], return_tensors="pt")
+    logits = model.logits(batch, (GLOBAL,))
+    handle.remove()
+    assert seen == [dtype]
+    assert logits.dtype == torch.float32  # losses are always computed in fp32
+    assert all(p.dtype == torch.float32 for p in model.global_params.values())  # master weights stay fp32
+
+
+def test_dynamic_padding_does_not_change_fp32_logits(tokenizer):
+    model = TrackedModel(fedslip.make_config({"backbone": "tiny", "precision": "fp32"}), tokenizer)
+    short, long = "stocks rise", "the team won the final match after a long season of hard games and travel"
+    with model.eval_mode():
+        alone = model.logits(tokenizer([short], return_tensors="pt"), (GLOBAL,))
+        padded = model.logits(tokenizer([short, long], return_tensors="pt", padding=True), (GLOBAL,))[:1]
+        to_max = model.logits(tokenizer([short], return_tensors="pt", padding="max_length", max_length=64),
+                              (GLOBAL,))
+    assert torch.allclose(alone, padded, atol=1e-5)
+    assert torch.allclose(alone, to_max, atol=1e-5)
