@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild report.md, results.json and plots from finished runs")
     report.add_argument("paths", nargs="+", help="run directories or folders of them (e.g. a compare --out)")
     report.add_argument("--out", default=None, help="where to write (default: the single path given)")
+    bench = sub.add_parser("bench", help="measure throughput and overhead; writes OUT/bench.json")
+    bench.add_argument("--out", required=True, help="directory for bench.json")
+    bench.add_argument("--backbone", default="minilm", help="backbone to measure (default: minilm)")
+    bench.add_argument("--steps", type=int, default=20, help="timed training steps per measurement")
+    bench.add_argument("--data-dir", default="", help="AG News directory (default: FEDSLIP_DATA_DIR)")
     sub.add_parser("config-reference", help="print the config reference table (markdown)")
     return parser
 
@@ -129,6 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.out}/report.md")
             print(json.dumps({m: {k: v["mean"] for k, v in a.items() if isinstance(v, dict)}
                               for m, a in results["by_method"].items()}, indent=2))
+            return 0
+        if args.command == "bench":
+            from .bench import bench, table
+
+            print(table(bench(args.out, backbone=args.backbone, steps=args.steps, data_dir=args.data_dir)))
             return 0
         if args.command == "report":
             from .report import build_report, find_runs

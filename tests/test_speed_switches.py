@@ -59,3 +59,17 @@ def test_dynamic_padding_does_not_change_fp32_logits(tokenizer):
                               (GLOBAL,))
     assert torch.allclose(alone, padded, atol=1e-5)
     assert torch.allclose(alone, to_max, atol=1e-5)
+
+
+def test_bench_runs_and_writes_well_formed_output(data_dir, tmp_path):
+    from fedslip.bench import bench, table
+
+    results = bench(tmp_path, backbone="tiny", steps=2, data_dir=str(data_dir), batch_size=8)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    for precision in ("fp32", "bf16"):
+        assert all(v > 0 for v in saved[precision].values())
+    assert 0 <= saved["round"]["overhead_share"] <= 1
+    assert saved["bytes_per_round"]["measured"] > saved["bytes_per_round"]["floor"] > 0
+    assert saved["peak_rss_mib"] > 0 and saved["clients_fit_seconds"]["parallel_2_workers"] > 0
+    assert "train ratio FedSLIP / bare" in table(results)
