@@ -12,9 +12,9 @@ from transformers import AutoModelForSequenceClassification
 
 import fedslip
 from fedslip import comm, masking
-from fedslip.client import Client, backward_step, proximal_term, run_seed
+from fedslip.client import backward_step, proximal_term, run_seed
 from fedslip.data import train_batches
-from fedslip.experiment import prepare
+from fedslip.experiment import RunDir, build_clients, prepare
 from fedslip.inference import RunModel
 from fedslip.model import GLOBAL, PRIVATE
 from fedslip.server import Server
@@ -92,9 +92,7 @@ def test_mask_is_binary_reaches_target_on_schedule_and_zeros_stay_zero(fedslip_r
 def test_masked_entries_get_no_update_during_training(tiny_cfg, tmp_path):
     cfg = tiny_cfg(method="fedslip", private_warmup_rounds=0, private_target_sparsity=0.6, private_prune_rate=0.6,
                    num_clients=1, rounds=2)
-    setup = prepare(cfg)
-    client = Client(0, cfg, setup.model, setup.tokenizer, setup.clients[0].train, setup.clients[0].test,
-                    tmp_path / "c0")
+    setup, client = single_client(cfg, tmp_path)
     payload = comm.encode(setup.model.global_state())
     client.fit(payload, 1)  # prunes at the end of round 1
     mask = client.store.load("mask")
@@ -104,6 +102,12 @@ def test_masked_entries_get_no_update_during_training(tiny_cfg, tmp_path):
     weights = client.store.load("private")
     assert all(torch.all(weights[n][~m] == 0) for n, m in mask.items())
     assert any(torch.any(weights[n][m] != 0) for n, m in mask.items())
+
+
+def single_client(cfg, tmp_path):
+    """The setup of ``cfg`` and its client 0, with its state in ``tmp_path/clients/0``."""
+    setup = prepare(cfg)
+    return setup, build_clients(setup, RunDir(tmp_path))[0]
 
 
 def grads(params):
@@ -184,9 +188,7 @@ def test_fedprox_pulls_the_global_track_towards_the_round_start(two_track):
 def test_warmup_and_freeze_keep_the_private_track_unchanged(tiny_cfg, tmp_path):
     cfg = tiny_cfg(method="fedslip", private_warmup_rounds=1, private_freeze_round=2, num_clients=1,
                    rounds=3, private_target_sparsity=0.0)
-    setup = prepare(cfg)
-    client = Client(0, cfg, setup.model, setup.tokenizer, setup.clients[0].train, setup.clients[0].test,
-                    tmp_path / "c0")
+    setup, client = single_client(cfg, tmp_path)
     server = Server(cfg, setup.model.global_state())
     snapshots = []
     for r in (1, 2, 3):
@@ -202,9 +204,7 @@ def test_warmup_and_freeze_keep_the_private_track_unchanged(tiny_cfg, tmp_path):
 
 def test_warmup_round_leaves_the_fresh_private_track_untouched(tiny_cfg, tmp_path):
     cfg = tiny_cfg(method="fedslip", private_warmup_rounds=1, num_clients=1, private_target_sparsity=0.0)
-    setup = prepare(cfg)
-    client = Client(0, cfg, setup.model, setup.tokenizer, setup.clients[0].train, setup.clients[0].test,
-                    tmp_path / "c0")
+    setup, client = single_client(cfg, tmp_path)
     before = setup.model.global_state()
     client.fit(comm.encode(before), 1)
     fresh = setup.model.fresh_private_state(run_seed(cfg.seed, 0, 0, 7))
@@ -278,9 +278,7 @@ def test_prune_per_matrix_and_global_remove_the_smallest_magnitudes():
 def test_rewind_resets_survivors_to_the_rewind_point(tiny_cfg, tmp_path):
     cfg = tiny_cfg(method="fedslip", private_warmup_rounds=0, private_target_sparsity=0.5,
                    private_prune_rate=0.5, private_rewind_round=0, num_clients=1)
-    setup = prepare(cfg)
-    client = Client(0, cfg, setup.model, setup.tokenizer, setup.clients[0].train, setup.clients[0].test,
-                    tmp_path / "c0")
+    setup, client = single_client(cfg, tmp_path)
     client.fit(comm.encode(setup.model.global_state()), 1)
     init, mask, after = client.store.load("rewind"), client.store.load("mask"), client.store.load("private")
     assert all(torch.equal(after[n], init[n] * mask[n]) for n in init)
