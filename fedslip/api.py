@@ -49,9 +49,14 @@ def _per_client(results: dict[int, dict], num_clients: int) -> list[float | None
     return [results[c]["accuracy"] if c in results else None for c in range(num_clients)]
 
 
-def _mean(values: list[float | None]) -> float:
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of the values present; None (JSON null, never NaN) when there are none."""
     present = [v for v in values if v is not None]
-    return float(np.mean(present)) if present else float("nan")
+    return float(np.mean(present)) if present else None
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
 def evaluate_round(setup: Setup, engine: EmbeddedEngine, payload: bytes, round_idx: int) -> dict:
@@ -159,18 +164,16 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: EmbeddedEngine, start: Checkp
             "private_bytes_transmitted": sum(comm.private_bytes(m) for m in messages),
         }
         if setup.model.has_private:
-            row["private_train_loss"] = _mean([r.metrics["private_train_loss"] for r in replies.values()
-                                               if r.metrics["private_train_loss"] is not None]) or None
+            row["private_train_loss"] = _mean([r.metrics["private_train_loss"] for r in replies.values()])
             row["private_trained"] = any(r.metrics["private_trained"] for r in replies.values())
             row["private_sparsity"] = {str(c): r.metrics["private_sparsity"] for c, r in replies.items()}
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         run_dir.save_checkpoint(round_idx, server.state, history, time.perf_counter() - started)
         run_dir.append_metrics(row)
-        log.info("round %d/%d | global %.2f%% | personalized %.2f%% | loss %.4f | up %.2f MiB down %.2f MiB "
-                 "| %.1fs", round_idx, cfg.rounds, 100 * row["global_accuracy"],
-                 100 * row["personalized_accuracy"], row["train_loss"], row["upload_bytes"] / MIB,
-                 row["download_bytes"] / MIB, row["seconds"])
+        log.info("round %d/%d | global %s | personalized %s | loss %.4f | up %.2f MiB down %.2f MiB | %.1fs",
+                 round_idx, cfg.rounds, _pct(row["global_accuracy"]), _pct(row["personalized_accuracy"]),
+                 row["train_loss"], row["upload_bytes"] / MIB, row["download_bytes"] / MIB, row["seconds"])
 
     final_payload = server.broadcast()
     if evaluation is None:  # resumed after the last round: evaluate the final state again
@@ -181,7 +184,7 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: EmbeddedEngine, start: Checkp
         kstep, _ = engine.kstep(final_payload, cfg.kstep)
         summary["kstep_accuracy_per_client"] = _per_client(kstep, cfg.num_clients)
         summary["kstep_accuracy"] = _mean(summary["kstep_accuracy_per_client"])
-        log.info("k-step (%d steps) personalized accuracy %.2f%%", cfg.kstep, 100 * summary["kstep_accuracy"])
+        log.info("k-step (%d steps) personalized accuracy %s", cfg.kstep, _pct(summary["kstep_accuracy"]))
     summary["wall_seconds"] = time.perf_counter() - started
     run_dir.write_summary(summary)
     return summary
@@ -191,8 +194,8 @@ def _summary(cfg: ExperimentConfig, setup: Setup, history: list[dict], detail: d
     last = history[-1]
     comm_per_round = [r["upload_bytes"] + r["download_bytes"] for r in history]
 
-    def per_class(result: dict) -> list[float]:
-        return [c / t if t else float("nan") for c, t in zip(result["correct_per_class"], result["total_per_class"])]
+    def per_class(result: dict) -> list[float | None]:
+        return [c / t if t else None for c, t in zip(result["correct_per_class"], result["total_per_class"])]
 
     summary = {
         "method": cfg.method, "seed": cfg.seed, "rounds": cfg.rounds, "num_clients": cfg.num_clients,
