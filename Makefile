@@ -1,4 +1,4 @@
-# Quick start:  make run   (set up .venv, run the default experiment)
+# Quick start:  make run   (set up .venv, run the default FedSLIP experiment)
 #               make test  (the test suite; .ci/run calls exactly this)
 PYTHON ?= python3
 VENV := .venv
@@ -8,11 +8,11 @@ export FEDSLIP_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/train.csv.gz),$(SHARED
 export HF_HUB_DISABLE_TELEMETRY := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
-METHOD ?= fedavg_lora
+METHOD ?= fedslip
 OUT ?= runs/$(METHOD)
 ARGS ?=
 
-.PHONY: setup run test lint clean
+.PHONY: setup run compare test lint clean
 
 $(BIN)/fedslip: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ setup: $(BIN)/fedslip
 
 run: setup
 	$(BIN)/fedslip run --method $(METHOD) --out $(OUT) $(ARGS)
+
+# The seed's comparison (fedavg_lora, dual_naive, fedslip x 3 seeds) and its report.
+compare: setup
+	$(BIN)/fedslip compare --config configs/seed_cpu.toml --seeds 0,1,2 --out docs/results/seed_cpu $(ARGS)
 
 # pytest exits 5 when it collects no test: that is a failure here, never a pass.
 test: setup

@@ -88,3 +88,11 @@ def test_direct_construction_validates_too():
 def test_readme_config_reference_is_in_sync():
     readme = (REPO / "README.md").read_text()
     assert config_reference() in readme, "regenerate the README table with `fedslip config-reference`"
+
+
+def test_shipped_configs_load():
+    for path in sorted((REPO / "configs").glob("*.toml")):
+        cfg = make_config(toml_path=path)
+        assert cfg.num_clients == 4 and cfg.dominant_fraction == 0.8, path
+    assert make_config(toml_path=REPO / "configs" / "seed_cpu.toml") == make_config(), \
+        "seed_cpu.toml spells out the package defaults (the README's default experiment)"
