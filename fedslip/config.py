@@ -91,7 +91,7 @@ class ExperimentConfig:
     local_steps: int = _f(0, "Local optimizer steps per round; 0 = use local_epochs.")
     batch_size: int = _f(32, "Training batch size.")
     eval_batch_size: int = _f(128, "Evaluation batch size.")
-    lr: float = _f(2e-3, "AdamW learning rate of the global track.")
+    lr: float = _f(8e-3, "AdamW learning rate of the global track.")
     weight_decay: float = _f(0.0, "AdamW weight decay (both tracks).")
     precision: str = _f("auto", "`bf16` autocast for forward passes (weights and optimizer stay fp32), "
                         "`fp32`, or `auto` (bf16 where the CPU/GPU supports it).")
@@ -120,7 +120,7 @@ class ExperimentConfig:
     fedprox_mu: float = _f(0.0, "FedProx: adds (mu/2)*||w - w_round||^2 over the global track to its loss.")
     private_rank: int = _f(8, "Rank of the private LoRA track.")
     private_alpha: float = _f(16.0, "LoRA alpha of the private track.")
-    private_lr: float = _f(2e-3, "AdamW learning rate of the private track.")
+    private_lr: float = _f(4e-3, "AdamW learning rate of the private track.")
     private_targets: list[str] = _f([], "Modules of the private track; empty = same as the global track.")
     private_warmup_rounds: int = _f(0, "Rounds (from round 1) in which the private track is frozen and only "
                                     "the global track trains.")
