@@ -232,3 +232,21 @@ def test_too_few_valid_clients_stops_cleanly_and_the_run_resumes(tiny_cfg, tmp_p
     reference = fedslip.run(cfg, tmp_path / "ref", progress=False)
     assert rows(tmp_path / "r") == rows(tmp_path / "ref")
     assert summary["global_accuracy"] == reference["global_accuracy"]
+
+
+def test_a_client_failing_evaluation_is_recorded_not_fatal(tiny_cfg, tmp_path, monkeypatch):
+    original = Client.evaluate
+
+    def evaluate(self, *args, **kwargs):
+        if self.cid == 1:
+            raise OSError("test rows unreadable")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "evaluate", evaluate)
+    summary = fedslip.run(tiny_cfg(rounds=2), tmp_path / "r", progress=False)
+    for r in rows(tmp_path / "r"):
+        assert "test rows unreadable" in r["failed_evaluations"]["1"]
+        assert r["personalized_accuracy_per_client"][1] is None
+        assert r["personalized_accuracy"] == pytest.approx(
+            sum(v for v in r["personalized_accuracy_per_client"] if v is not None) / 3)
+    assert summary["personalized_accuracy_per_client"][1] is None
