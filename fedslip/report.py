@@ -163,6 +163,10 @@ def plot(runs: list[RunRecord], out: Path) -> list[str]:
     return files
 
 
+def _default_targets(backbone: str) -> str:
+    return "query, value" if backbone in ("minilm", "tiny") else "the architecture's default targets"
+
+
 def build_report(runs: list[RunRecord], out: Path, command: str = "") -> dict:
     """Write ``results.json``, ``report.md`` and the PNGs into ``out``; return the results."""
     out = Path(out)
@@ -183,7 +187,7 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "") -> dict:
         + (f" (dominant fraction {c.dominant_fraction})" if c.partition == "dominant" else "")
         + f", {c.rounds} rounds, {c.samples_per_client} train / {c.test_samples_per_client} test rows per client, "
         f"global test set {len(json.loads((runs[0].path / 'partition.json').read_text())['global_test'])} rows, "
-        f"LoRA r={c.lora_rank} on {', '.join(c.lora_targets) or 'the default targets'}, lr {c.lr}, "
+        f"LoRA r={c.lora_rank} on {', '.join(c.lora_targets) or _default_targets(c.backbone)}, lr {c.lr}, "
         f"batch {c.batch_size}, "
         f"local epochs {c.local_epochs if not c.local_steps else f'{c.local_steps} steps'}, K-step {c.kstep}, "
         f"precision {summaries.get('precision')}, device {summaries.get('device')}, accuracies on the "
