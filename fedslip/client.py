@@ -165,13 +165,14 @@ class PrivateStore:
     interrupted (or not committed by the server's checkpoint) resumes from exactly round r-1.
     """
 
-    FILES = {"private": "private", "mask": "mask", "rewind": "rewind"}
+    KINDS = ("private", "mask", "rewind")
 
     def __init__(self, state_dir: Path):
         self.dir = Path(state_dir)
 
     def path(self, what: str, previous: bool = False) -> Path:
-        return self.dir / f"{self.FILES[what]}{'.prev' if previous else ''}.safetensors"
+        assert what in self.KINDS, what
+        return self.dir / f"{what}{'.prev' if previous else ''}.safetensors"
 
     def exists(self, what: str) -> bool:
         return self.path(what).is_file()

@@ -143,10 +143,6 @@ class ExperimentConfig:
     def num_labels(self) -> int:
         return len(self.class_names)
 
-    @property
-    def two_tracks(self) -> bool:
-        return self.private_track
-
     def resolved_data_dir(self) -> str:
         return self.data_dir or os.environ.get("FEDSLIP_DATA_DIR", "")
 
