@@ -222,6 +222,8 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "") -> dict:
     for m in sorted(agg):
         pc = np.array([r.summary["global_accuracy_per_class"] for r in runs if r.method == m], dtype=float).mean(0)
         lines.append(f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in pc) + " |")
+    if (out / "notes.md").is_file():  # hand-written context (e.g. ablations) kept across rebuilds
+        lines += ["", "## Notes", "", (out / "notes.md").read_text().strip()]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
     lines += ["## Runs", "", "| run | method | seed | wall time (min) |", "|---|---|---|---|"]
     lines += [f"| `{r.path.name}` | {r.method} | {r.cfg.seed} | {r.summary['wall_seconds'] / 60:.1f} |" for r in runs]

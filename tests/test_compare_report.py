@@ -89,3 +89,13 @@ def test_report_cli_rebuilds_from_run_directories(compared, tmp_path):
     empty = subprocess.run([sys.executable, "-m", "fedslip.cli", "report", str(tmp_path / "two")],
                            capture_output=True, text=True)
     assert empty.returncode == 2 and "no finished run" in empty.stderr
+
+
+def test_report_keeps_hand_written_notes(compared):
+    out, *_ = compared
+    (out / "notes.md").write_text("Ablation X explains the gap.")
+    from fedslip.report import build_report, find_runs
+
+    build_report(find_runs([out]), out)
+    report = (out / "report.md").read_text()
+    assert "## Notes" in report and "Ablation X explains the gap." in report
