@@ -150,7 +150,6 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: EmbeddedEngine, start: Checkp
         except RoundFailed as e:
             raise RoundFailed(f"round {round_idx} not applied: {e}. The checkpoint of round {round_idx - 1} is "
                               f"kept; fix the cause and continue with `fedslip run --resume {run_dir.path}`") from None
-        messages = [download] * len(cids) + [r.payload for r in replies.values()]
         evaluation = evaluate_round(setup, engine, server.broadcast(), round_idx)
         row = {
             "round": round_idx,
@@ -161,7 +160,8 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: EmbeddedEngine, start: Checkp
             "rejected": {str(c): reason for c, reason in outcome.rejected.items()},
             "upload_bytes": sum(len(r.payload) for r in replies.values()),
             "download_bytes": len(download) * len(cids),
-            "private_bytes_transmitted": sum(comm.private_bytes(m) for m in messages),
+            "private_bytes_transmitted": comm.private_bytes(download) * len(cids)
+            + sum(comm.private_bytes(r.payload) for r in replies.values()),
         }
         if setup.model.has_private:
             row["private_train_loss"] = _mean([r.metrics["private_train_loss"] for r in replies.values()])

@@ -195,8 +195,6 @@ def test_warmup_and_freeze_keep_the_private_track_unchanged(tiny_cfg, tmp_path):
         reply = client.fit(server.broadcast(), r)
         server.aggregate({0: (reply.payload, reply.num_examples)})
         snapshots.append(client.store.load("private"))
-    initial = setup.model.fresh_private_state(0)  # shape reference only
-    assert snapshots[0].keys() == initial.keys()
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
     assert not same(snapshots[0], snapshots[1]), "round 2 trains the private track"
     assert same(snapshots[1], snapshots[2]), "after the freeze round the private track is unchanged"
