@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -59,7 +61,7 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
-def evaluate_round(setup: Setup, engine: EmbeddedEngine, payload: bytes, round_idx: int) -> dict:
+def evaluate_round(setup: Setup, engine: Engine, payload: bytes, round_idx: int) -> dict:
     """Global track on the global test set; each client's inference model (and its global track alone,
     for dual-track methods) on the client's own test rows."""
     model, n = setup.model, setup.cfg.num_clients
@@ -81,7 +83,42 @@ def evaluate_round(setup: Setup, engine: EmbeddedEngine, payload: bytes, round_i
 
 
 def run(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, progress: bool = True) -> dict:
-    """Run one federated experiment into ``out`` and return its summary (also ``out/summary.json``)."""
+    """Run one federated experiment into ``out`` and return its summary (also ``out/summary.json``).
+
+    ``cfg.engine`` picks who carries the messages: ``embedded`` (this process, or ``parallel_clients``
+    worker processes) or ``flower-sim`` (Flower's simulation runtime). The rounds are the same code.
+    """
+    if cfg.engine == "flower-sim":
+        from .engines.flower import simulate
+
+        return simulate(cfg, out, overwrite=overwrite, progress=progress)
+    return start(cfg, out, overwrite, progress)
+
+
+def resume(out: str | Path, progress: bool = True) -> dict:
+    """Continue an interrupted run from its last completed round; the result equals an uninterrupted run."""
+    cfg = _resumable_config(Path(out))
+    if cfg.engine == "flower-sim":
+        from .engines.flower import simulate
+
+        return simulate(cfg, out, resume=True, progress=progress)
+    return start_resumed(out, progress)
+
+
+Engine = Any  # EmbeddedEngine, ParallelEngine or FlowerEngine: fit / evaluate / kstep / close
+MakeEngine = Callable[[Setup, RunDir], Engine]
+
+
+def _default_engine(setup: Setup, run_dir: RunDir) -> Engine:
+    cfg = setup.cfg
+    if cfg.parallel_clients > 1:
+        return ParallelEngine(cfg, str(run_dir.path), cfg.parallel_clients)
+    return EmbeddedEngine(build_clients(setup, run_dir))
+
+
+def start(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
+          make_engine: MakeEngine = _default_engine) -> dict:
+    """A new run with the engine ``make_engine`` builds (the Flower ServerApp passes its grid's engine)."""
     started = time.perf_counter()
     run_dir = RunDir(Path(out))
     run_dir.check_writable(overwrite)  # refuse early, before minutes of loading
@@ -89,19 +126,24 @@ def run(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, progres
     run_dir.create(overwrite)
     cfg.save(run_dir.path / "config.toml")
     setup.partition.save(run_dir.path / "partition.json")
-    return _federate(setup, run_dir, Checkpoint(0, setup.model.global_state(), [], 0.0), started, progress)
+    start_point = Checkpoint(0, setup.model.global_state(), [], 0.0)
+    return _federate(setup, run_dir, start_point, started, progress, make_engine)
 
 
-def resume(out: str | Path, progress: bool = True) -> dict:
-    """Continue an interrupted run from its last completed round; the result equals an uninterrupted run."""
+def _resumable_config(path: Path) -> ExperimentConfig:
+    config_path = path / "config.toml"
+    if not config_path.is_file():
+        raise RunDirError(f"{path} is not a run directory (no config.toml)")
+    if (path / "summary.json").exists():
+        raise RunDirError(f"{path} holds a finished run (summary.json); nothing to resume")
+    return load_config(config_path)
+
+
+def start_resumed(out: str | Path, progress: bool = True, make_engine: MakeEngine = _default_engine) -> dict:
+    """Continue the run in ``out`` after its last checkpoint with the engine ``make_engine`` builds."""
     started = time.perf_counter()
     run_dir = RunDir(Path(out))
-    config_path = run_dir.path / "config.toml"
-    if not config_path.is_file():
-        raise RunDirError(f"{run_dir.path} is not a run directory (no config.toml)")
-    if (run_dir.path / "summary.json").exists():
-        raise RunDirError(f"{run_dir.path} holds a finished run (summary.json); nothing to resume")
-    cfg = load_config(config_path)
+    cfg = _resumable_config(run_dir.path)
     checkpoint = run_dir.load_checkpoint()
     setup = prepare(cfg)
     saved = Partition.load(run_dir.path / "partition.json")
@@ -117,23 +159,20 @@ def resume(out: str | Path, progress: bool = True) -> dict:
             raise StateFileError(f"{run_dir.path / 'checkpoint'} does not match the model: {e}") from None
     log.info("resuming %s after round %d", run_dir.path, checkpoint.round)
     run_dir.rewrite_metrics(checkpoint.history)
-    return _federate(setup, run_dir, checkpoint, started - checkpoint.elapsed, progress)
+    return _federate(setup, run_dir, checkpoint, started - checkpoint.elapsed, progress, make_engine)
 
 
-def _federate(setup: Setup, run_dir: RunDir, start: Checkpoint, started: float, progress: bool) -> dict:
-    """Rounds ``start.round + 1 .. cfg.rounds``, checkpointing after each; then K-step and the summary."""
-    cfg = setup.cfg
-    if cfg.parallel_clients > 1:
-        engine = ParallelEngine(cfg, str(run_dir.path), cfg.parallel_clients)
-    else:
-        engine = EmbeddedEngine(build_clients(setup, run_dir))
+def _federate(setup: Setup, run_dir: RunDir, start_point: Checkpoint, started: float, progress: bool,
+              make_engine: MakeEngine) -> dict:
+    """Rounds ``start_point.round + 1 .. cfg.rounds``, checkpointing after each; then K-step and the summary."""
+    engine = make_engine(setup, run_dir)
     try:
-        return _rounds(setup, run_dir, engine, start, started, progress)
+        return _rounds(setup, run_dir, engine, start_point, started, progress)
     finally:
         engine.close()
 
 
-def _rounds(setup: Setup, run_dir: RunDir, engine: EmbeddedEngine, start: Checkpoint, started: float,
+def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, started: float,
             progress: bool) -> dict:
     cfg = setup.cfg
     server = Server(cfg, start.global_state)
@@ -144,7 +183,7 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: EmbeddedEngine, start: Checkp
         t0 = time.perf_counter()
         cids = sample_clients(cfg, round_idx)
         download = server.broadcast()
-        replies, failed = engine.fit(download, cids, round_idx)
+        replies, failed, download_bytes = engine.fit(download, cids, round_idx)
         try:
             outcome = server.aggregate({cid: (r.payload, r.num_examples) for cid, r in replies.items()}, failed)
         except RoundFailed as e:
@@ -158,8 +197,8 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: EmbeddedEngine, start: Checkp
             "participants": cids,
             "rejected_updates": len(outcome.rejected),
             "rejected": {str(c): reason for c, reason in outcome.rejected.items()},
-            "upload_bytes": sum(len(r.payload) for r in replies.values()),
-            "download_bytes": len(download) * len(cids),
+            "upload_bytes": sum(r.wire_bytes for r in replies.values()),
+            "download_bytes": download_bytes,
             "private_bytes_transmitted": comm.private_bytes(download) * len(cids)
             + sum(comm.private_bytes(r.payload) for r in replies.values()),
         }

@@ -3,6 +3,7 @@
     fedslip run --method fedavg_lora --out runs/x [--config cfg.toml] [--rounds 3 ...]
     fedslip predict --run runs/x --client 0 "some text" ...
     fedslip export --run runs/x --client 0 --out exported/
+    fedslip deploy-local --workdir runs/deploy [config flags]   # SuperLink + SuperNodes on 127.0.0.1
     fedslip config-reference          # the config table that README.md embeds
 """
 
@@ -13,6 +14,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .config import FIELDS, ConfigError, make_config
@@ -97,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backbone", default="minilm", help="backbone to measure (default: minilm)")
     bench.add_argument("--steps", type=int, default=20, help="timed training steps per measurement")
     bench.add_argument("--data-dir", default="", help="AG News directory (default: FEDSLIP_DATA_DIR)")
+    deploy = sub.add_parser("deploy-local", help="start a Flower SuperLink and one SuperNode per client on "
+                            "127.0.0.1 (TLS off), run the experiment on them with `flwr run`, stop them")
+    deploy.add_argument("--workdir", required=True, help="new directory: run/, nodes/<id>/ (private states), "
+                        "logs/, .flwr/")
+    deploy.add_argument("--config", type=str, default=None, help="TOML file with config keys")
+    add_config_flags(deploy)
     sub.add_parser("config-reference", help="print the config reference table (markdown)")
     return parser
 
@@ -109,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(message)s")
     from . import api  # heavy imports only when needed
+    from .deploy import DeploymentError
     from .inference import RunModel
     from .server import RoundFailed
 
@@ -149,7 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_report(find_runs(args.paths), out)
             print(f"{out}/report.md")
             return 0
-        if args.resume:
+        if args.command == "deploy-local":
+            from .deploy import run_local
+            from .experiment import RunDir
+
+            RunDir(Path(args.workdir) / "run").check_writable(overwrite=False)
+            summary = run_local(make_config(config_overrides(args), args.config), args.workdir)
+        elif args.resume:
             if args.out or args.config or config_overrides(args):
                 raise ConfigError("--resume continues a run with its own config.toml; pass no --out, --config "
                                   "or config flags")
@@ -160,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = make_config(config_overrides(args), args.config)
             summary = api.run(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     # ConfigError, DataError, BackboneError, RunDirError, StateFileError, ... are ValueErrors
-    except (ValueError, RoundFailed, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, RoundFailed, DeploymentError, FileExistsError, FileNotFoundError) as e:
         print(f"fedslip: error: {e}", file=sys.stderr)
         return 2
     keys = ("method", "global_accuracy", "personalized_accuracy", "kstep_accuracy", "comm_mib_per_round",

@@ -205,6 +205,7 @@ class FitReply:
     payload: bytes
     num_examples: int
     metrics: dict
+    wire_bytes: int  # size of the reply as the engine carried it (the payload, or the Flower message)
 
 
 class Client:
@@ -267,7 +268,8 @@ class Client:
                    "steps": result.steps, "private_trained": trains_private}
         if self.model.has_private:
             metrics["private_sparsity"] = self._end_of_round_private(round_idx, mask, trains_private)
-        return FitReply(comm.encode(self.model.global_state()), len(self.train), metrics)
+        payload = comm.encode(self.model.global_state())
+        return FitReply(payload, len(self.train), metrics, wire_bytes=len(payload))
 
     def evaluate(self, payload: bytes, tracks: tuple[str, ...] | None = None,
                  after_round: float = float("inf")) -> dict:

@@ -27,7 +27,7 @@ OBJECTIVES = ("global_only", "joint", "separated")
 PRECISIONS = ("auto", "bf16", "fp32")
 PRUNE_SCOPES = ("matrix", "global")
 EVAL_SPLITS = ("test", "val")
-ENGINES = ("embedded",)
+ENGINES = ("embedded", "flower-sim")
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -47,7 +47,9 @@ class ExperimentConfig:
     # --- experiment ---------------------------------------------------------------------------
     method: str = _f("fedavg_lora", f"Method preset: {', '.join(METHODS)}. Presets set the method fields "
                      "below unless you set them yourself.")
-    engine: str = _f("embedded", "Where the federation runs: `embedded` (in-process, one backbone).")
+    engine: str = _f("embedded", "Where `fedslip run` federates: `embedded` (in-process, one backbone) or "
+                     "`flower-sim` (Flower's Ray simulation runtime, one ClientApp per client). Deployments "
+                     "run the same app through `flwr run` (README, Scaling out with Flower).")
     rounds: int = _f(5, "Federated rounds.")
     num_clients: int = _f(4, "Number of clients.")
     fraction_fit: float = _f(1.0, "Fraction of clients sampled to train each round (at least one).")
@@ -97,6 +99,13 @@ class ExperimentConfig:
                         "`fp32`, or `auto` (bf16 where the CPU/GPU supports it).")
     parallel_clients: int = _f(1, "Embedded engine: clients trained side by side in this many worker processes "
                                "(each with its own backbone and cores // N threads); 1 = sequential.")
+    client_cpus: float = _f(1.0, "engine=flower-sim: CPU cores Ray reserves for each ClientApp (clients run "
+                            "side by side while cores last).")
+    reply_timeout: float = _f(0.0, "Flower engines: seconds the server waits for the replies to one batch of "
+                              "messages; clients that have not answered count as failed. 0 = wait forever.")
+    rejoin_timeout: float = _f(120.0, "Flower engines: seconds the server waits for a client whose node is not "
+                               "connected (not started yet, or restarting) before counting it as failed for "
+                               "that message.")
     kstep: int = _f(50, "After the last round each client fine-tunes its final model for this many local "
                     "steps and is evaluated again (the baseline's K-step personalization); 0 = skip.")
     # --- server: aggregation and update validation -----------------------------------------
@@ -177,8 +186,8 @@ class ExperimentConfig:
         non_negative("local_steps", "local_epochs", "kstep", "weight_decay", "fedprox_mu",
                      "val_samples_per_client", "global_test_samples", "private_warmup_rounds",
                      "private_freeze_round", "lora_dropout", "private_prune_start_round", "max_update_norm",
-                     "max_payload_bytes")
-        positive("min_fit_clients", "parallel_clients")
+                     "max_payload_bytes", "reply_timeout", "rejoin_timeout")
+        positive("min_fit_clients", "parallel_clients", "client_cpus")
         if self.min_fit_clients > self.num_clients:
             raise ConfigError(f"min_fit_clients={self.min_fit_clients} exceeds num_clients={self.num_clients}")
         if not 0 <= self.trim_fraction < 0.5:

@@ -52,8 +52,11 @@ class EmbeddedEngine:
                 log.warning("client %d failed during %s: %s", cid, method, value)
         return results, failed
 
-    def fit(self, payload: bytes, cids: list[int], round_idx: int) -> tuple[dict[int, FitReply], dict[int, str]]:
-        return self._map([("fit", cid, (payload, round_idx)) for cid in cids])
+    def fit(self, payload: bytes, cids: list[int], round_idx: int
+            ) -> tuple[dict[int, FitReply], dict[int, str], int]:
+        """Replies, failures, and the bytes sent (the payload once per sampled client)."""
+        replies, failed = self._map([("fit", cid, (payload, round_idx)) for cid in cids])
+        return replies, failed, len(payload) * len(cids)
 
     def evaluate(self, payload: bytes, after_round: int, tracks: tuple[str, ...] | None = None
                  ) -> tuple[dict[int, dict], dict[int, str]]:

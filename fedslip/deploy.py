@@ -1,0 +1,216 @@
+"""A real Flower deployment on this machine: one ``flower-superlink`` and N ``flower-supernode`` processes
+on 127.0.0.1 (TLS off), and ``flwr run`` of the FedSLIP app on it. For demos, tests and as the
+template of a multi-machine deployment (README, "Scaling out with Flower" has the commands).
+
+    summary = run_local(make_config({"method": "fedslip"}), "runs/deploy")   # fedslip deploy-local
+
+    with LocalDeployment(Path("runs/deploy"), num_nodes=4) as fed:        # or step by step
+        summary = fed.run({"method": "fedslip", "out": "/abs/run/dir"})
+
+Every process is started here, tracked by PID and stopped on exit (also when something fails). Each
+SuperNode gets ``--node-config "partition-id=<i> state-dir=<workdir>/nodes/<i>"``: its private track
+lives there and nowhere else. Flower's home (``FLWR_HOME``) and all logs stay inside ``workdir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import ExperimentConfig
+from .engines.flower import flower_environment
+from .storage import read_json
+
+log = logging.getLogger("fedslip")
+REPO = Path(__file__).resolve().parents[1]
+CONNECTION = "fedslip-local"
+
+
+class DeploymentError(RuntimeError):
+    """A Flower process failed to start, or the run failed."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str, log_path: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DeploymentError(f"{what} exited with code {proc.returncode}; see {log_path}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise DeploymentError(f"{what} did not open port {port} within {timeout:.0f}s; see {log_path}")
+
+
+def _bin(name: str) -> str:
+    """A Flower executable next to this Python (the venv), else on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def run_config_args(values: dict[str, Any]) -> str:
+    """``--run-config`` string (TOML values) for ``flwr run``."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+class LocalDeployment:
+    """SuperLink + SuperNodes as local processes; ``run`` submits the app with ``flwr run`` and waits."""
+
+    def __init__(self, workdir: Path, num_nodes: int, app_dir: Path = REPO):
+        self.workdir = Path(workdir).resolve()
+        self.num_nodes, self.app_dir = num_nodes, Path(app_dir)
+        # the SuperLink and SuperNodes start flower-superexec / flwr-serverapp / flwr-clientapp from PATH
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {**os.environ, **flower_environment(self.workdir), "PATH": path}
+        self.port = _free_port()  # the SuperLink serves its Fleet, Control and Runtime APIs on one HTTP port
+        self.superlink: subprocess.Popen | None = None
+        self.nodes: dict[int, subprocess.Popen] = {}
+        self.node_ports = {i: _free_port() for i in range(num_nodes)}
+
+    def state_dir(self, cid: int) -> Path:
+        return self.workdir / "nodes" / str(cid)
+
+    # --- processes ----------------------------------------------------------------------------
+    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+        log_path = self.workdir / "logs" / log_name
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as out:
+            return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+                                    start_new_session=True)
+
+    def start(self) -> LocalDeployment:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._write_flower_config()
+        self.superlink = self._spawn([_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--disable-runtime-dependency-installation"],
+                                     "superlink.log")
+        _wait_port(self.port, self.superlink, "flower-superlink", self.workdir / "logs" / "superlink.log")
+        for cid in range(self.num_nodes):
+            self.start_node(cid)
+        return self
+
+    def start_node(self, cid: int) -> None:
+        """Start (or restart) the SuperNode of client ``cid`` with its state directory."""
+        self.state_dir(cid).mkdir(parents=True, exist_ok=True)
+        node_config = f'partition-id={cid} num-partitions={self.num_nodes} state-dir="{self.state_dir(cid)}"'
+        self.nodes[cid] = self._spawn([_bin("flower-supernode"), "--insecure",
+                                       "--superlink", f"127.0.0.1:{self.port}",
+                                       "--port", str(self.node_ports[cid]), "--node-config", node_config],
+                                      f"supernode-{cid}.log")
+        _wait_port(self.node_ports[cid], self.nodes[cid], f"flower-supernode {cid}",
+                   self.workdir / "logs" / f"supernode-{cid}.log")
+
+    def stop_node(self, cid: int, sig: int = signal.SIGTERM) -> None:
+        _stop(self.nodes.pop(cid), sig)
+
+    def close(self) -> None:
+        for cid in list(self.nodes):
+            self.stop_node(cid)
+        if self.superlink is not None:
+            _stop(self.superlink, signal.SIGTERM)
+            self.superlink = None
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- runs ----------------------------------------------------------------------------------
+    def _write_flower_config(self) -> None:
+        home = Path(self.env["FLWR_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+
+    def submit(self, run_config: dict[str, Any]) -> int:
+        """``flwr run <app> fedslip-local --run-config ...``; returns the run id."""
+        args = [_bin("flwr"), "run", str(self.app_dir), CONNECTION, "--format", "json"]
+        if run_config:
+            args += ["--run-config", run_config_args(run_config)]
+        done = subprocess.run(args, env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=120)
+        try:
+            return int(json.loads(done.stdout)["run-id"])
+        except (ValueError, KeyError, TypeError):
+            raise DeploymentError(f"flwr run failed (code {done.returncode}): {done.stdout}{done.stderr}") from None
+
+    def status(self, run_id: int) -> str:
+        done = subprocess.run([_bin("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+                              env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=60)
+        try:
+            return str(json.loads(done.stdout)["runs"][0]["status"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            return "unknown"
+
+    def run(self, run_config: dict[str, Any], timeout: float = 1800.0, poll_s: float = 2.0) -> dict:
+        """Submit the FedSLIP app and wait for ``<out>/summary.json``; returns the summary."""
+        out = Path(run_config.get("out", "runs/flower"))
+        out = out if out.is_absolute() else self.workdir / out
+        run_config = {**run_config, "out": str(out)}
+        run_id = self.submit(run_config)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (out / "summary.json").is_file():
+                self.save_run_log(run_id)
+                return read_json(out / "summary.json")
+            status = self.status(run_id)
+            if status.startswith("finished") and not (out / "summary.json").is_file():
+                log_path = self.save_run_log(run_id)
+                raise DeploymentError(f"run {run_id} ended ({status}) without {out / 'summary.json'}; "
+                                      f"the ServerApp's log is {log_path}")
+            time.sleep(poll_s)
+        log_path = self.save_run_log(run_id)
+        raise DeploymentError(f"run {run_id} did not finish within {timeout:.0f}s; the ServerApp's log is {log_path}")
+
+    def save_run_log(self, run_id: int) -> Path:
+        """The run's ServerApp log (``flwr log --show``) into ``logs/run-<id>.log``."""
+        done = subprocess.run([_bin("flwr"), "log", str(run_id), CONNECTION, "--show"], env=self.env,
+                              cwd=self.workdir, capture_output=True, text=True, timeout=60)
+        path = self.workdir / "logs" / f"run-{run_id}.log"
+        path.write_text(done.stdout + done.stderr)
+        return path
+
+
+def flower_run_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """A resolved config as Flower run-config values (lists comma-separated)."""
+    return {k: ",".join(v) if isinstance(v, list) else v for k, v in cfg.to_dict().items()}
+
+
+def run_local(cfg: ExperimentConfig, workdir: str | Path, timeout: float = 24 * 3600.0) -> dict:
+    """Run ``cfg`` on a SuperLink and ``cfg.num_clients`` SuperNodes started on 127.0.0.1 for this call
+    (``fedslip deploy-local``). The run directory is ``workdir/run``; node states ``workdir/nodes/<id>``;
+    logs ``workdir/logs``. Every process is stopped before this returns."""
+    workdir = Path(workdir).resolve()
+    with LocalDeployment(workdir, cfg.num_clients) as fed:
+        return fed.run({**flower_run_config(cfg), "out": str(workdir / "run")}, timeout=timeout)
+
+
+def _stop(proc: subprocess.Popen, sig: int, grace_s: float = 15.0) -> None:
+    """Stop a process this module started (by its PID), escalating to SIGKILL after ``grace_s``."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

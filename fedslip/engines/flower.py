@@ -1,0 +1,274 @@
+"""The Flower engine: ``fedslip.api``'s rounds, with Flower's Grid carrying the messages.
+
+The round loop, aggregation, evaluation, checkpointing and the summary are the embedded engine's code
+(``fedslip.api``); this engine only turns its three calls into Flower messages:
+
+    fit(payload, cids, round)        -> ``train`` messages to the clients' nodes, replies = updated global track
+    evaluate(payload, round, tracks) -> ``evaluate`` messages, replies = accuracy on each client's test rows
+    kstep(payload, steps)            -> ``query`` messages (op=kstep), replies = accuracy after K local steps
+
+Clients are found by their ``partition-id`` (Flower's node config): the engine asks every node it has not
+seen yet (``query`` op=identify), so a SuperNode that restarts under a new node id is found again. A
+message whose node went away is resent once that client's node is back (``rejoin_timeout``); the
+client's private state lives in the node's state directory and each call is idempotent for a round,
+so the retry computes exactly what the lost call would have.
+
+Bytes are measured on the Flower messages themselves: ``message_bytes`` is the quantity Flower's
+``message_size_mod`` logs (the sum of the records' ``count_bytes()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from .. import comm
+from ..client import FitReply
+from ..config import ExperimentConfig
+
+log = logging.getLogger("fedslip")
+
+ARRAYS, CONFIG, RESULT = "arrays", "config", "result"
+IDENTIFY, KSTEP = "identify", "kstep"
+INFERENCE = "inference"  # evaluate the client's inference tracks (flwr cannot count an empty string's bytes)
+NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
+RETRY_PAUSE_S = 1.0
+REPLY_POLL_S = 0.2
+
+
+# --- message codec (shared with the ClientApp) -----------------------------------------------------
+def arrays_of(payload: bytes) -> ArrayRecord:
+    """A safetensors payload as Flower's ArrayRecord (what travels)."""
+    return ArrayRecord(comm.decode(payload))
+
+
+def payload_of(content: RecordDict) -> bytes:
+    """Every array of every ArrayRecord in a message, re-serialized as one safetensors payload, so the
+    server validates, aggregates and audits (private bytes) exactly what arrived."""
+    tensors = {}
+    for record in content.array_records.values():
+        tensors.update(record.to_torch_state_dict())
+    return comm.encode(tensors)
+
+
+def result_record(result: dict) -> ConfigRecord:
+    """A JSON-able result (metrics dict) as one ConfigRecord value: lossless, and None/bool survive."""
+    return ConfigRecord({RESULT: json.dumps(result)})
+
+
+def result_of(content: RecordDict) -> dict:
+    return json.loads(content.config_records[RESULT][RESULT])
+
+
+def message_bytes(message: Message) -> int:
+    """Bytes of a message's content, as ``flwr.clientapp.mod.message_size_mod`` counts them."""
+    return sum(record.count_bytes() for record in message.content.values())
+
+
+# --- the engine ----------------------------------------------------------------------------------
+class FlowerEngine:
+    """``fit`` / ``evaluate`` / ``kstep`` of the embedded engine, carried by a Flower Grid."""
+
+    def __init__(self, grid: Grid, cfg: ExperimentConfig):
+        self.grid, self.cfg = grid, cfg
+        self.all = list(range(cfg.num_clients))
+        self.nodes: dict[int, int] = {}  # client id (partition-id) -> node id
+        self.timeout = cfg.reply_timeout or None
+
+    # --- finding clients ---------------------------------------------------------------------
+    def _discover(self, wanted: list[int], wait_s: float) -> None:
+        """Map client ids to live node ids, identifying nodes not seen before; waits up to ``wait_s``
+        for wanted clients whose node is not (yet, or no longer) connected."""
+        deadline = time.monotonic() + wait_s
+        known: set[int] = set()  # node ids already asked this call
+        while True:
+            live = set(self.grid.get_node_ids())
+            self.nodes = {cid: node for cid, node in self.nodes.items() if node in live}
+            new = sorted(live - set(self.nodes.values()) - known)
+            if new:
+                known.update(new)
+                ask = {node: Message(RecordDict({CONFIG: ConfigRecord({"op": IDENTIFY})}), dst_node_id=node,
+                                     message_type=MessageType.QUERY) for node in new}
+                for reply in self._send_and_receive(ask).values():
+                    if reply.has_error():
+                        continue
+                    cid = int(result_of(reply.content)["partition-id"])
+                    if cid in self.nodes:
+                        log.info("client %d moved from node %d to node %d", cid, self.nodes[cid],
+                                 reply.metadata.src_node_id)
+                    self.nodes[cid] = reply.metadata.src_node_id
+            if all(c in self.nodes for c in wanted) or time.monotonic() >= deadline:
+                return
+            time.sleep(RETRY_PAUSE_S)
+
+    def _exchange(self, cids: list[int], message_type: str, content: Callable[[int], RecordDict]
+                  ) -> tuple[dict[int, Message], dict[int, str], int]:
+        """Send ``content(cid)`` to each client's node; resend once to clients whose node went away.
+        Returns replies, failures (reason) and the bytes sent."""
+        replies: dict[int, Message] = {}
+        failed: dict[int, str] = {}
+        sent_bytes = 0
+        pending = list(cids)
+        for attempt in range(2):
+            self._discover(pending, wait_s=self.cfg.rejoin_timeout)
+            for cid in [c for c in pending if c not in self.nodes]:
+                failed[cid] = f"no node with partition-id={cid} connected"
+            messages = {}
+            for cid in [c for c in pending if c in self.nodes]:
+                messages[cid] = Message(content(cid), dst_node_id=self.nodes[cid], message_type=message_type,
+                                        group_id=str(cid))
+                sent_bytes += message_bytes(messages[cid])
+            got = self._send_and_receive(messages)
+            retry = []
+            for cid in messages:
+                reply = got.get(cid)
+                if reply is None:
+                    failed[cid] = f"no reply within reply_timeout={self.cfg.reply_timeout}s"
+                elif not reply.has_error():
+                    replies[cid] = reply
+                    failed.pop(cid, None)
+                elif reply.error.code == NODE_UNAVAILABLE and attempt == 0:
+                    retry.append(cid)
+                    self.nodes.pop(cid, None)
+                    log.warning("client %d: node %d unavailable; waiting up to %.0fs for it to rejoin", cid,
+                                messages[cid].metadata.dst_node_id, self.cfg.rejoin_timeout)
+                else:
+                    failed[cid] = f"{reply.error.reason} (code {reply.error.code})"
+            if not retry:
+                break
+            pending = retry
+        for cid, reason in failed.items():
+            log.warning("client %d failed during %s: %s", cid, message_type, reason)
+        return replies, failed, sent_bytes
+
+    def _send_and_receive(self, messages: dict[int, Message]) -> dict[int, Message]:
+        """Grid.send_and_receive, keyed by client: replies are matched to the messages they answer (an
+        error reply made by the SuperLink for a lost node comes from the SuperLink, not the node), and
+        polled every REPLY_POLL_S (Flower's own loop sleeps 3 s between polls)."""
+        cids = list(messages)
+        ids = list(self.grid.push_messages([messages[c] for c in cids]))
+        pending = {mid: cid for mid, cid in zip(ids, cids, strict=True) if mid}
+        replies: dict[int, Message] = {}
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while pending and (deadline is None or time.monotonic() < deadline):
+            for reply in self.grid.pull_messages(set(pending)):
+                cid = pending.pop(reply.metadata.reply_to_message_id, None)
+                if cid is not None:
+                    replies[cid] = reply
+            if pending:
+                time.sleep(REPLY_POLL_S)
+        return replies
+
+    @staticmethod
+    def _content(payload: bytes, **config) -> Callable[[int], RecordDict]:
+        arrays = arrays_of(payload)
+        return lambda cid: RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({"client-id": int(cid), **config})})
+
+    # --- the engine interface ------------------------------------------------------------------
+    def fit(self, payload: bytes, cids: list[int], round_idx: int
+            ) -> tuple[dict[int, FitReply], dict[int, str], int]:
+        replies, failed, sent = self._exchange([int(c) for c in cids], MessageType.TRAIN,
+                                               self._content(payload, round=int(round_idx)))
+        fits = {}
+        for cid, reply in replies.items():
+            result = result_of(reply.content)
+            fits[cid] = FitReply(payload_of(reply.content), int(result["num_examples"]), result["metrics"],
+                                 wire_bytes=message_bytes(reply))
+        return fits, failed, sent
+
+    def evaluate(self, payload: bytes, after_round: int, tracks: tuple[str, ...] | None = None
+                 ) -> tuple[dict[int, dict], dict[int, str]]:
+        content = self._content(payload, round=int(after_round), tracks=",".join(tracks or (INFERENCE,)))
+        replies, failed, _ = self._exchange(self.all, MessageType.EVALUATE, content)
+        return {cid: result_of(r.content) for cid, r in replies.items()}, failed
+
+    def kstep(self, payload: bytes, steps: int) -> tuple[dict[int, dict], dict[int, str]]:
+        replies, failed, _ = self._exchange(self.all, MessageType.QUERY, self._content(payload, op=KSTEP,
+                                                                                       steps=steps))
+        return {cid: result_of(r.content) for cid, r in replies.items()}, failed
+
+    def close(self) -> None:
+        pass
+
+
+# --- simulation -----------------------------------------------------------------------------------
+def flower_environment(run_path: Path) -> dict[str, str]:
+    """Environment every Flower process of a run gets: no telemetry, no update checks, no runtime
+    dependency installation, and Flower's home inside the run directory."""
+    return {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_HOME": str(run_path / ".flwr")}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration (Ray's workers inherit them), then restore them."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    Path(values["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+RAY_MAX_TEMP_DIR_LEN = 40  # Ray puts unix sockets ~62 characters below it; the OS limit is 107
+
+
+@contextlib.contextmanager
+def _ray_temp_dir(target: Path) -> Iterator[str]:
+    """Ray's temp dir at ``target`` (inside the run directory). Ray's unix-socket paths must stay short,
+    so a deep ``target`` is reached through a short symlink in the system temp dir, removed afterwards."""
+    target.mkdir(parents=True, exist_ok=True)
+    if len(str(target)) <= RAY_MAX_TEMP_DIR_LEN:
+        yield str(target)
+        return
+    link = Path(tempfile.gettempdir()) / f"fedslip-ray-{hashlib.sha1(str(target).encode()).hexdigest()[:10]}"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target, target_is_directory=True)
+    try:
+        yield str(link)
+    finally:
+        link.unlink(missing_ok=True)
+
+
+def simulate(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, resume: bool = False,
+             progress: bool = True) -> dict:
+    """Run (or resume) the experiment on Flower's simulation runtime (Ray): ``num_clients`` virtual
+    SuperNodes, ``client_cpus`` cores each; Ray's temp dir and FLWR_HOME inside ``out``."""
+    from flwr.simulation import run_simulation
+
+    from ..experiment import RunDir
+    from ..flower_app import make_client_app, make_server_app
+
+    run_dir = RunDir(Path(out))
+    if not resume:
+        run_dir.check_writable(overwrite)  # refuse before Ray starts
+    run_path = run_dir.path.resolve()
+    run_path.mkdir(parents=True, exist_ok=True)
+    with _environment(flower_environment(run_path)), _ray_temp_dir(run_path / ".ray") as ray_tmp:
+        backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
+                   "init_args": {"_temp_dir": ray_tmp, "num_cpus": max(os.cpu_count() or 1, cfg.client_cpus)}}
+        server_app = make_server_app(cfg, run_path, overwrite=overwrite, resume=resume, progress=progress)
+        client_app = make_client_app(cfg, state_root=run_path / "clients")
+        run_simulation(server_app, client_app, num_supernodes=cfg.num_clients, backend_config=backend)
+    from ..storage import read_json
+
+    summary_path = run_path / "summary.json"
+    if not summary_path.is_file():
+        raise RuntimeError(f"the Flower simulation ended without writing {summary_path}; see the log above")
+    return read_json(summary_path)

@@ -1,0 +1,189 @@
+"""FedSLIP as a Flower app: the ``ServerApp`` and ``ClientApp`` that ``pyproject.toml``'s
+``[tool.flwr.app.components]`` name, so ``flwr run .`` runs the same experiment as ``fedslip run``.
+
+- ``server_app`` builds the config from the run config (``[tool.flwr.app.config]``: the keys of
+  ``ExperimentConfig``, plus ``out`` / ``overwrite`` / ``resume``) and runs ``fedslip.api``'s round loop
+  with a ``FlowerEngine`` on the grid it is given.
+- ``client_app`` answers ``train`` / ``evaluate`` / ``query`` messages by calling ``fedslip.client.Client``
+  (the embedded engine's client code). A node's client id is its ``partition-id`` (node config); its
+  private track lives in ``state-dir`` (node config; default ``<out>/clients/<partition-id>``) and
+  never enters a message: ``private_guard_mod`` refuses to send any reply that carries a private tensor.
+
+A run-config value of ``"preset"`` means "let the method preset decide", exactly like leaving the key
+out of a TOML config (Flower only accepts overrides of keys the app declares, so every key is declared).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from . import api
+from .client import Client
+from .config import FIELDS, PRESETS, ConfigError, ExperimentConfig, make_config
+from .engines.flower import (
+    ARRAYS,
+    CONFIG,
+    IDENTIFY,
+    INFERENCE,
+    KSTEP,
+    RESULT,
+    FlowerEngine,
+    arrays_of,
+    payload_of,
+    result_record,
+)
+from .experiment import Setup, prepare
+from .model import PRIVATE
+
+log = logging.getLogger("fedslip")
+PRESET = "preset"
+PRESET_FIELDS = sorted({k for preset in PRESETS.values() for k in preset})
+APP_KEYS = {"out": "runs/flower", "overwrite": False, "resume": False}
+
+
+class PrivateTrackLeak(RuntimeError):
+    """A reply about to leave a client carries private-track tensors."""
+
+
+# --- run config <-> ExperimentConfig -----------------------------------------------------------------
+def default_run_config() -> dict[str, Any]:
+    """``[tool.flwr.app.config]`` as shipped: every config key at its default (lists comma-separated),
+    the method-preset keys as ``"preset"``, then the app keys."""
+    values: dict[str, Any] = {}
+    defaults = ExperimentConfig().to_dict()
+    for name in FIELDS:
+        value = PRESET if name in PRESET_FIELDS else defaults[name]
+        values[name] = ",".join(value) if isinstance(value, list) else value
+    return {**values, "method": "fedslip", **APP_KEYS}
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """The experiment config and the app options (``out``, ``overwrite``, ``resume``) of a Flower run
+    config. Keys may use ``-`` or ``_``; unknown keys are an error that names them."""
+    values, options = {}, dict(APP_KEYS)
+    for key, value in run_config.items():
+        name = key.replace("-", "_")
+        if name in APP_KEYS:
+            options[name] = value
+        elif value != PRESET:
+            values[name] = value
+    for name in ("overwrite", "resume"):
+        if not isinstance(options[name], bool):
+            raise ConfigError(f"run config {name} must be true or false, got {options[name]!r}")
+    return make_config(values), options
+
+
+# --- ClientApp -------------------------------------------------------------------------------------
+_SETUP: dict[str, Setup] = {}  # one prepared backbone + data per process (a Ray actor serves many messages)
+
+
+def _setup(cfg: ExperimentConfig) -> Setup:
+    key = json.dumps(cfg.to_dict(), sort_keys=True)
+    if key not in _SETUP:
+        _SETUP.clear()
+        _SETUP[key] = prepare(cfg)
+    return _SETUP[key]
+
+
+def private_guard_mod(msg: Message, context: Context, call_next) -> Message:
+    """Client mod: no reply carrying a private-track tensor leaves the node (it becomes an error reply)."""
+    reply = call_next(msg, context)
+    if not reply.has_error():
+        leaked = [n for record in reply.content.array_records.values() for n in record if f".{PRIVATE}." in n]
+        if leaked:
+            raise PrivateTrackLeak(f"refusing to send private-track tensors: {', '.join(leaked[:3])}")
+    return reply
+
+
+def make_client_app(cfg: ExperimentConfig | None = None, state_root: Path | None = None) -> ClientApp:
+    """The ClientApp; ``cfg`` / ``state_root`` given (``fedslip run --engine flower-sim``) or read from
+    the run config and node config (``flwr run``)."""
+    app = ClientApp(mods=[private_guard_mod])
+
+    def partition_id(context: Context) -> int:
+        if "partition-id" not in context.node_config:
+            raise ConfigError("this SuperNode has no partition-id; start it with "
+                              "--node-config 'partition-id=<client id> state-dir=<dir>'")
+        return int(context.node_config["partition-id"])
+
+    def client(msg: Message, context: Context) -> Client:
+        run_cfg, options = (cfg, None) if cfg is not None else config_from_run_config(context.run_config)
+        cid = partition_id(context)
+        asked = int(msg.content[CONFIG]["client-id"])
+        if asked != cid:
+            raise ValueError(f"message for client {asked} reached the node of client {cid}")
+        if not 0 <= cid < run_cfg.num_clients:
+            raise ConfigError(f"partition-id={cid} is outside 0..{run_cfg.num_clients - 1} (num_clients)")
+        if "state-dir" in context.node_config:
+            state_dir = Path(str(context.node_config["state-dir"]))
+        else:
+            state_dir = (state_root or Path(options["out"]) / "clients") / str(cid)
+        setup = _setup(run_cfg)
+        data = setup.clients[cid]
+        return Client(cid, run_cfg, setup.model, setup.tokenizer, data.train, data.test, state_dir)
+
+    def config(msg: Message) -> dict:
+        return dict(msg.content[CONFIG])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = client(msg, context).fit(payload_of(msg.content), int(config(msg)["round"]))
+        result = {"num_examples": reply.num_examples, "metrics": reply.metrics}
+        return Message(RecordDict({ARRAYS: arrays_of(reply.payload), RESULT: result_record(result)}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        conf = config(msg)
+        tracks = None if conf["tracks"] == INFERENCE else tuple(str(conf["tracks"]).split(","))
+        result = client(msg, context).evaluate(payload_of(msg.content), tracks, int(conf["round"]))
+        return Message(RecordDict({RESULT: result_record(result)}), reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        conf = config(msg)
+        if conf["op"] == IDENTIFY:
+            result = {"partition-id": partition_id(context)}
+        elif conf["op"] == KSTEP:
+            result = client(msg, context).kstep(payload_of(msg.content), int(conf["steps"]))
+        else:
+            raise ValueError(f"unknown query op {conf['op']!r}")
+        return Message(RecordDict({RESULT: result_record(result)}), reply_to=msg)
+
+    return app
+
+
+# --- ServerApp -------------------------------------------------------------------------------------
+def make_server_app(cfg: ExperimentConfig | None = None, out: Path | None = None, overwrite: bool = False,
+                    resume: bool = False, progress: bool = False) -> ServerApp:
+    """The ServerApp: ``fedslip.api``'s rounds with a FlowerEngine on the run's grid."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg, run_out, run_overwrite, run_resume = cfg, out, overwrite, resume
+        if run_cfg is None:
+            run_cfg, options = config_from_run_config(context.run_config)
+            run_out, run_overwrite, run_resume = Path(options["out"]).resolve(), options["overwrite"], \
+                options["resume"]
+            log.info("FedSLIP ServerApp: %s into %s", run_cfg.method, run_out)
+
+        def make_engine(setup: Setup, run_dir) -> FlowerEngine:
+            return FlowerEngine(grid, setup.cfg)
+
+        if run_resume:
+            api.start_resumed(run_out, progress, make_engine)
+        else:
+            api.start(run_cfg, run_out, run_overwrite, progress, make_engine)
+
+    return app
+
+
+server_app = make_server_app()
+client_app = make_client_app()

@@ -1,0 +1,203 @@
+"""FedSLIP on Flower: run-config mapping, the private-track guard, and the same federation on the
+embedded engine, on Flower's simulation runtime (Ray) and on a real SuperLink/SuperNode deployment."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import pytest
+import tomllib
+import torch
+from conftest import REPO
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from safetensors.torch import load_file
+
+import fedslip
+from fedslip.config import ConfigError
+from fedslip.engines.flower import arrays_of, message_bytes, payload_of, result_of, result_record
+from fedslip.flower_app import (
+    PrivateTrackLeak,
+    config_from_run_config,
+    default_run_config,
+    private_guard_mod,
+)
+from fedslip.storage import load_tensors_and_metadata
+
+# numbers that legitimately differ between engines: wall time and the bytes of the carrier's framing
+ENGINE_DEPENDENT = {"upload_bytes", "download_bytes", "comm_bytes_per_round", "comm_mib_per_round", "seconds",
+                    "wall_seconds"}
+
+
+def tiny(data_dir, **overrides):
+    base = dict(backbone="tiny", data_dir=str(data_dir), rounds=2, num_clients=2, samples_per_client=32,
+                test_samples_per_client=16, global_test_samples=64, batch_size=16, kstep=0, precision="fp32")
+    return {**base, **overrides}
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a, b):
+    """Same global weights (allclose) and the same metrics, round by round, apart from engine framing."""
+    ga, gb = load_file(a / "global.safetensors"), load_file(b / "global.safetensors")
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-6)
+    for ra, rb in zip(rows(a), rows(b), strict=True):
+        assert {k: v for k, v in ra.items() if k not in ENGINE_DEPENDENT} == \
+               {k: v for k, v in rb.items() if k not in ENGINE_DEPENDENT}
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert {k: v for k, v in sa.items() if k not in ENGINE_DEPENDENT} == \
+           {k: v for k, v in sb.items() if k not in ENGINE_DEPENDENT}
+    assert sb["private_bytes_transmitted"] == 0
+
+
+# --- run config ------------------------------------------------------------------------------------
+def test_pyproject_flower_config_is_in_sync():
+    """`python scripts/flower_config.py` regenerates it; every config key is declared (Flower only
+    accepts --run-config overrides of declared keys)."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    app = pyproject["tool"]["flwr"]["app"]
+    assert app["config"] == default_run_config()
+    assert app["components"] == {"serverapp": "fedslip.flower_app:server_app",
+                                 "clientapp": "fedslip.flower_app:client_app"}
+
+
+def test_run_config_maps_onto_the_config_dataclass():
+    cfg, options = config_from_run_config(default_run_config())
+    assert cfg == fedslip.make_config({"method": "fedslip"})  # "preset" leaves the preset's values
+    assert options == {"out": "runs/flower", "overwrite": False, "resume": False}
+    cfg, _ = config_from_run_config({**default_run_config(), "method": "fedavg_lora", "fedprox-mu": 0.1,
+                                     "lora_targets": "query,key"})
+    assert (cfg.private_track, cfg.fedprox_mu, cfg.lora_targets) == (False, 0.1, ["query", "key"])
+    with pytest.raises(ConfigError, match="unknown config key.*bogus"):
+        config_from_run_config({"bogus": 1})
+    with pytest.raises(ConfigError, match="rounds"):
+        config_from_run_config({"rounds": "many"})
+
+
+# --- messages --------------------------------------------------------------------------------------
+@pytest.fixture
+def in_a_run(monkeypatch):
+    """Flower creates messages only inside a run (it stamps them with the task's identity)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def test_message_codec_round_trips_and_counts_bytes(in_a_run):
+    tensors = {"a.lora_A.global.weight": torch.randn(3, 4), "classifier.weight": torch.randn(2, 4)}
+    content = RecordDict({"arrays": arrays_of(fedslip.comm.encode(tensors)),
+                          "result": result_record({"loss": 0.5, "none": None, "flag": True})})
+    back = fedslip.comm.decode(payload_of(content))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    assert result_of(content) == {"loss": 0.5, "none": None, "flag": True}
+    message = Message(content, dst_node_id=1, message_type="train")
+    assert message_bytes(message) >= (12 + 8) * 4  # at least the tensor bytes
+
+
+def test_private_guard_refuses_replies_with_private_tensors(in_a_run):
+    msg = Message(RecordDict({"config": ConfigRecord({"op": "x"})}), dst_node_id=1, message_type="query")
+
+    def reply_with(names):
+        return lambda m, ctx: Message(RecordDict({"arrays": ArrayRecord({n: torch.zeros(2) for n in names})}),
+                                      reply_to=m)
+
+    ok = private_guard_mod(msg, None, reply_with(["x.lora_A.global.weight"]))
+    assert "arrays" in ok.content.array_records
+    with pytest.raises(PrivateTrackLeak, match="lora_A.private"):
+        private_guard_mod(msg, None, reply_with(["x.lora_A.global.weight", "x.lora_A.private.weight"]))
+
+
+# --- simulation ------------------------------------------------------------------------------------
+@pytest.mark.flower
+@pytest.mark.parametrize("method", ["fedavg_lora", "fedslip"])
+def test_flower_simulation_equals_embedded_engine(tmp_path, data_dir, method):
+    cfg = tiny(data_dir, method=method, kstep=2)
+    fedslip.run(fedslip.make_config(cfg), tmp_path / "embedded", progress=False)
+    summary = fedslip.run(fedslip.make_config({**cfg, "engine": "flower-sim"}), tmp_path / "sim", progress=False)
+    assert_same_run(tmp_path / "embedded", tmp_path / "sim")
+    assert summary["kstep_accuracy"] is not None
+    # Ray's temp dir (its session logs and sockets) is inside the run directory
+    assert list((tmp_path / "sim" / ".ray").glob("session_*/logs"))
+    # bytes come from Flower's messages: the tensors plus Flower's framing, never less
+    emb, sim = rows(tmp_path / "embedded"), rows(tmp_path / "sim")
+    for e, s in zip(emb, sim):
+        assert e["upload_bytes"] * 0.9 < s["upload_bytes"] < e["upload_bytes"] * 1.2
+        assert e["download_bytes"] * 0.9 < s["download_bytes"] < e["download_bytes"] * 1.2
+
+
+# --- deployment --------------------------------------------------------------------------------------
+def embedded_reference(tmp_path, cfg):
+    out = tmp_path / "embedded"
+    fedslip.run(fedslip.make_config(cfg), out, progress=False)
+    return out
+
+
+def check_private_state_only_on_nodes(fed, out, num_clients, rounds):
+    assert not (out / "clients").exists()  # the server side never held private state
+    for cid in range(num_clients):
+        weights, meta = load_tensors_and_metadata(fed.state_dir(cid) / "private.safetensors")
+        assert int(meta["round"]) == rounds and all(".private." in n for n in weights)
+
+
+@pytest.mark.flower
+def test_deployment_superlink_and_supernodes(tmp_path, data_dir):
+    from fedslip.deploy import LocalDeployment
+
+    cfg = tiny(data_dir, method="fedslip")
+    reference = embedded_reference(tmp_path, cfg)
+    fed = LocalDeployment(tmp_path / "deploy", num_nodes=2)
+    with fed:
+        summary = fed.run({**cfg, "out": str(tmp_path / "deploy" / "run")}, timeout=900)
+        processes = [fed.superlink, *fed.nodes.values()]
+    assert all(p.poll() is not None for p in processes)  # every process we started has ended
+    out = tmp_path / "deploy" / "run"
+    assert summary["rounds"] == 2 and summary["private_bytes_transmitted"] == 0
+    assert_same_run(reference, out)
+    check_private_state_only_on_nodes(fed, out, 2, 2)
+    # the private weights on the nodes are exactly the embedded run's
+    for cid in range(2):
+        node = load_file(fed.state_dir(cid) / "private.safetensors")
+        local = load_file(reference / "clients" / str(cid) / "private.safetensors")
+        for name in local:
+            torch.testing.assert_close(node[name], local[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.flower
+def test_supernode_restart_between_rounds_keeps_private_track(tmp_path, data_dir):
+    from fedslip.deploy import LocalDeployment
+
+    cfg = tiny(data_dir, method="fedslip", rounds=3)
+    reference = embedded_reference(tmp_path, cfg)
+    out = tmp_path / "deploy" / "run"
+    stop, restarts = threading.Event(), []
+    fed = LocalDeployment(tmp_path / "deploy", num_nodes=2)
+
+    def restart_after_round_one():
+        while not stop.is_set():
+            if (out / "metrics.jsonl").is_file() and rows(out):
+                old = fed.nodes[1].pid
+                fed.stop_node(1, signal.SIGTERM)
+                fed.start_node(1)
+                restarts.append((old, fed.nodes[1].pid, len(rows(out))))
+                return
+            time.sleep(0.2)
+
+    with fed:
+        watcher = threading.Thread(target=restart_after_round_one, daemon=True)
+        watcher.start()
+        try:
+            summary = fed.run({**cfg, "out": str(out)}, timeout=900)
+        finally:
+            stop.set()
+            watcher.join(60)
+    assert len(restarts) == 1 and restarts[0][0] != restarts[0][1] and restarts[0][2] < 3  # between rounds
+    assert summary["rounds"] == 3 and len(rows(out)) == 3
+    assert_same_run(reference, out)  # the restarted client's private track carried on intact
+    check_private_state_only_on_nodes(fed, out, 2, 3)
