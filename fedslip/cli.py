@@ -3,6 +3,7 @@
     fedslip run --method fedavg_lora --out runs/x [--config cfg.toml] [--rounds 3 ...]
     fedslip predict --run runs/x --client 0 "some text" ...
     fedslip export --run runs/x --client 0 --out exported/
+    fedslip bench-engines --out DIR   # per-round time on embedded / Flower simulation / deployment
     fedslip deploy-local --workdir runs/deploy [config flags]   # SuperLink + SuperNodes on 127.0.0.1
     fedslip config-reference          # the config table that README.md embeds
 """
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backbone", default="minilm", help="backbone to measure (default: minilm)")
     bench.add_argument("--steps", type=int, default=20, help="timed training steps per measurement")
     bench.add_argument("--data-dir", default="", help="AG News directory (default: FEDSLIP_DATA_DIR)")
+    bench_engines = sub.add_parser("bench-engines", help="per-round time of one run on every engine (embedded, "
+                                   "Flower simulation, flwr run, local deployment); writes OUT/bench_engines.json")
+    bench_engines.add_argument("--out", required=True, help="directory for bench_engines.json")
+    bench_engines.add_argument("--backbone", default="tiny", help="backbone (default: tiny)")
+    bench_engines.add_argument("--rounds", type=int, default=3, help="rounds per run (default: 3)")
+    bench_engines.add_argument("--data-dir", default="", help="AG News directory (default: FEDSLIP_DATA_DIR)")
     deploy = sub.add_parser("deploy-local", help="start a Flower SuperLink and one SuperNode per client on "
                             "127.0.0.1 (TLS off), run the experiment on them with `flwr run`, stop them")
     deploy.add_argument("--workdir", required=True, help="new directory: run/, nodes/<id>/ (private states), "
@@ -148,6 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .bench import bench, table
 
             print(table(bench(args.out, backbone=args.backbone, steps=args.steps, data_dir=args.data_dir)))
+            return 0
+        if args.command == "bench-engines":
+            from .bench_engines import bench_engines
+            from .bench_engines import table as engines_table
+
+            print(engines_table(bench_engines(args.out, backbone=args.backbone, rounds=args.rounds,
+                                              data_dir=args.data_dir)))
             return 0
         if args.command == "report":
             from .report import build_report, find_runs

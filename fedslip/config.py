@@ -99,7 +99,7 @@ class ExperimentConfig:
                         "`fp32`, or `auto` (bf16 where the CPU/GPU supports it).")
     parallel_clients: int = _f(1, "Embedded engine: clients trained side by side in this many worker processes "
                                "(each with its own backbone and cores // N threads); 1 = sequential.")
-    client_cpus: float = _f(1.0, "engine=flower-sim: CPU cores Ray reserves for each ClientApp (clients run "
+    client_cpus: int = _f(1, "engine=flower-sim: CPU cores Ray reserves for each ClientApp (clients run "
                             "side by side while cores last).")
     reply_timeout: float = _f(0.0, "Flower engines: seconds the server waits for the replies to one batch of "
                               "messages; clients that have not answered count as failed. 0 = wait forever.")

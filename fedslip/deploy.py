@@ -14,6 +14,7 @@ lives there and nowhere else. Flower's home (``FLWR_HOME``) and all logs stay in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ExperimentConfig
-from .engines.flower import flower_environment
+from .engines.flower import flower_environment, ray_temp_dir
 from .storage import read_json
 
 log = logging.getLogger("fedslip")
@@ -71,12 +72,19 @@ def run_config_args(values: dict[str, Any]) -> str:
 class LocalDeployment:
     """SuperLink + SuperNodes as local processes; ``run`` submits the app with ``flwr run`` and waits."""
 
-    def __init__(self, workdir: Path, num_nodes: int, app_dir: Path = REPO):
+    def __init__(self, workdir: Path, num_nodes: int, app_dir: Path = REPO, simulation: bool = False,
+                 client_cpus: int = 1):
+        """``simulation=True``: a ``flower-superlink --simulation`` whose Ray runtime plays the
+        ``num_nodes`` SuperNodes (``client_cpus`` cores each); no SuperNode processes."""
         self.workdir = Path(workdir).resolve()
         self.num_nodes, self.app_dir = num_nodes, Path(app_dir)
+        self.simulation, self.client_cpus = simulation, client_cpus
         # the SuperLink and SuperNodes start flower-superexec / flwr-serverapp / flwr-clientapp from PATH
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         self.env = {**os.environ, **flower_environment(self.workdir), "PATH": path}
+        if self.env.get("FEDSLIP_DATA_DIR"):  # Flower's processes run in workdir
+            self.env["FEDSLIP_DATA_DIR"] = str(Path(self.env["FEDSLIP_DATA_DIR"]).resolve())
+        self._cleanup = contextlib.ExitStack()
         self.port = _free_port()  # the SuperLink serves its Fleet, Control and Runtime APIs on one HTTP port
         self.superlink: subprocess.Popen | None = None
         self.nodes: dict[int, subprocess.Popen] = {}
@@ -95,13 +103,16 @@ class LocalDeployment:
 
     def start(self) -> LocalDeployment:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.simulation:  # Ray's temp dir inside the workdir (Ray reads RAY_TMPDIR)
+            self.env["RAY_TMPDIR"] = self._cleanup.enter_context(ray_temp_dir(self.workdir / ".ray"))
         self._write_flower_config()
         self.superlink = self._spawn([_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                      "--port", str(self.port), "--disable-runtime-dependency-installation"],
-                                     "superlink.log")
+                                      "--port", str(self.port), "--disable-runtime-dependency-installation",
+                                      *(["--simulation"] if self.simulation else [])], "superlink.log")
         _wait_port(self.port, self.superlink, "flower-superlink", self.workdir / "logs" / "superlink.log")
-        for cid in range(self.num_nodes):
-            self.start_node(cid)
+        if not self.simulation:
+            for cid in range(self.num_nodes):
+                self.start_node(cid)
         return self
 
     def start_node(self, cid: int) -> None:
@@ -124,6 +135,7 @@ class LocalDeployment:
         if self.superlink is not None:
             _stop(self.superlink, signal.SIGTERM)
             self.superlink = None
+        self._cleanup.close()
 
     def __enter__(self) -> LocalDeployment:
         try:
@@ -148,6 +160,9 @@ class LocalDeployment:
         args = [_bin("flwr"), "run", str(self.app_dir), CONNECTION, "--format", "json"]
         if run_config:
             args += ["--run-config", run_config_args(run_config)]
+        if self.simulation:
+            args += ["--federation-config", f"num-supernodes={self.num_nodes} "
+                     f"client-resources-num-cpus={self.client_cpus}"]
         done = subprocess.run(args, env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=120)
         try:
             return int(json.loads(done.stdout)["run-id"])
@@ -192,8 +207,12 @@ class LocalDeployment:
 
 
 def flower_run_config(cfg: ExperimentConfig) -> dict[str, Any]:
-    """A resolved config as Flower run-config values (lists comma-separated)."""
-    return {k: ",".join(v) if isinstance(v, list) else v for k, v in cfg.to_dict().items()}
+    """A resolved config as Flower run-config values (lists comma-separated; the data directory absolute,
+    since Flower's processes run in other directories)."""
+    values = {k: ",".join(v) if isinstance(v, list) else v for k, v in cfg.to_dict().items()}
+    if cfg.resolved_data_dir():
+        values["data_dir"] = str(Path(cfg.resolved_data_dir()).resolve())
+    return values
 
 
 def run_local(cfg: ExperimentConfig, workdir: str | Path, timeout: float = 24 * 3600.0) -> dict:

@@ -172,6 +172,9 @@ def make_server_app(cfg: ExperimentConfig | None = None, out: Path | None = None
             run_cfg, options = config_from_run_config(context.run_config)
             run_out, run_overwrite, run_resume = Path(options["out"]).resolve(), options["overwrite"], \
                 options["resume"]
+            if not log.handlers:  # a flwr-serverapp process: round logs go to the run's log stream
+                log.addHandler(logging.StreamHandler())
+                log.setLevel(logging.INFO)
             log.info("FedSLIP ServerApp: %s into %s", run_cfg.method, run_out)
 
         def make_engine(setup: Setup, run_dir) -> FlowerEngine:

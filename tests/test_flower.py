@@ -124,7 +124,7 @@ def test_flower_simulation_equals_embedded_engine(tmp_path, data_dir, method):
     assert_same_run(tmp_path / "embedded", tmp_path / "sim")
     assert summary["kstep_accuracy"] is not None
     # Ray's temp dir (its session logs and sockets) is inside the run directory
-    assert list((tmp_path / "sim" / ".ray").glob("session_*/logs"))
+    assert list((tmp_path / "sim" / ".ray").glob("**/session_*/logs"))
     # bytes come from Flower's messages: the tensors plus Flower's framing, never less
     emb, sim = rows(tmp_path / "embedded"), rows(tmp_path / "sim")
     for e, s in zip(emb, sim):
@@ -167,6 +167,20 @@ def test_deployment_superlink_and_supernodes(tmp_path, data_dir):
         local = load_file(reference / "clients" / str(cid) / "private.safetensors")
         for name in local:
             torch.testing.assert_close(node[name], local[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.flower
+def test_flwr_run_on_a_simulation_superlink(tmp_path, data_dir):
+    """`flwr run . <connection> --federation-config "num-supernodes=2 ..."` on `flower-superlink --simulation`."""
+    from fedslip.deploy import LocalDeployment
+
+    cfg = tiny(data_dir, method="fedslip", kstep=2)
+    reference = embedded_reference(tmp_path, cfg)
+    with LocalDeployment(tmp_path / "sim", num_nodes=2, simulation=True) as fed:
+        fed.run({**cfg, "out": str(tmp_path / "sim" / "run")}, timeout=900)
+        assert fed.nodes == {}  # Ray played the SuperNodes
+    assert_same_run(reference, tmp_path / "sim" / "run")
+    assert list((tmp_path / "sim" / ".ray").glob("**/session_*/logs"))
 
 
 @pytest.mark.flower

@@ -229,7 +229,7 @@ RAY_MAX_TEMP_DIR_LEN = 40  # Ray puts unix sockets ~62 characters below it; the 
 
 
 @contextlib.contextmanager
-def _ray_temp_dir(target: Path) -> Iterator[str]:
+def ray_temp_dir(target: Path) -> Iterator[str]:
     """Ray's temp dir at ``target`` (inside the run directory). Ray's unix-socket paths must stay short,
     so a deep ``target`` is reached through a short symlink in the system temp dir, removed afterwards."""
     target.mkdir(parents=True, exist_ok=True)
@@ -260,7 +260,7 @@ def simulate(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, re
         run_dir.check_writable(overwrite)  # refuse before Ray starts
     run_path = run_dir.path.resolve()
     run_path.mkdir(parents=True, exist_ok=True)
-    with _environment(flower_environment(run_path)), _ray_temp_dir(run_path / ".ray") as ray_tmp:
+    with _environment(flower_environment(run_path)), ray_temp_dir(run_path / ".ray") as ray_tmp:
         backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
                    "init_args": {"_temp_dir": ray_tmp, "num_cpus": max(os.cpu_count() or 1, cfg.client_cpus)}}
         server_app = make_server_app(cfg, run_path, overwrite=overwrite, resume=resume, progress=progress)

@@ -1,0 +1,76 @@
+"""``fedslip bench-engines --out DIR``: per-round wall time of the same run on every engine.
+
+    fedslip bench-engines --out docs/results/bench_engines          # tiny backbone, synthetic-free: AG News
+    fedslip bench-engines --out runs/be --backbone minilm --rounds 2
+
+Runs one config (FedSLIP, ``num_clients`` clients, K-step off) on
+- ``embedded``: this process, clients one after another;
+- ``flower-sim``: ``fedslip run --engine flower-sim`` (Flower's Ray simulation, in-process ServerApp);
+- ``flwr-run-sim``: ``flwr run`` on a ``flower-superlink --simulation`` (ServerApp in its own process);
+- ``deployment``: ``flwr run`` on a SuperLink + one SuperNode per client, all on 127.0.0.1.
+and reports each engine's seconds per round (metrics.jsonl ``seconds``: the round's fit, aggregation and
+evaluation) and its overhead over the embedded engine. Round 1 carries the start-up (Ray actors, the
+first ClientApp processes), so steady state is the mean of rounds 2.. . All runs give the same accuracy
+(tests check that); this only measures time. A benchmark asserts nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from . import api
+from .config import make_config
+from .deploy import LocalDeployment, flower_run_config
+from .storage import write_json
+
+
+def _round_seconds(run_dir: Path) -> list[float]:
+    return [json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def bench_engines(out: str | Path, backbone: str = "tiny", rounds: int = 3, num_clients: int = 2,
+                  data_dir: str = "") -> dict:
+    out = Path(out)
+    values = dict(method="fedslip", backbone=backbone, rounds=rounds, num_clients=num_clients, kstep=0,
+                  samples_per_client=64, test_samples_per_client=32, global_test_samples=128,
+                  data_dir=data_dir or os.environ.get("FEDSLIP_DATA_DIR", ""))
+    cfg = make_config(values)
+    results: dict = {"config": {k: v for k, v in values.items() if k != "data_dir"}, "engines": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        t0 = time.perf_counter()
+        api.run(cfg, Path(tmp) / "embedded", progress=False)
+        runs["embedded"] = (Path(tmp) / "embedded", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        api.run(make_config({**values, "engine": "flower-sim"}), Path(tmp) / "flower-sim", progress=False)
+        runs["flower-sim"] = (Path(tmp) / "flower-sim", time.perf_counter() - t0)
+        for name, simulation in (("flwr-run-sim", True), ("deployment", False)):
+            workdir = Path(tmp) / name
+            t0 = time.perf_counter()
+            with LocalDeployment(workdir, num_clients, simulation=simulation) as fed:
+                fed.run({**flower_run_config(cfg), "out": str(workdir / "run")})
+            runs[name] = (workdir / "run", time.perf_counter() - t0)
+        base = None
+        for name, (run_dir, total) in runs.items():
+            seconds = _round_seconds(run_dir)
+            steady = sum(seconds[1:]) / max(1, len(seconds) - 1)
+            base = base if base is not None else steady
+            results["engines"][name] = {"round_seconds": seconds, "steady_round_seconds": steady,
+                                        "overhead_vs_embedded_seconds": steady - base,
+                                        "total_seconds_incl_startup": total}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "bench_engines.json", results)
+    return results
+
+
+def table(results: dict) -> str:
+    lines = ["| engine | round 1 s | steady round s (rounds 2..) | overhead vs embedded | whole run incl. start-up |",
+             "|---|---|---|---|---|"]
+    for name, r in results["engines"].items():
+        lines.append(f"| {name} | {r['round_seconds'][0]:.1f} | {r['steady_round_seconds']:.1f} | "
+                     f"{r['overhead_vs_embedded_seconds']:+.1f} s | {r['total_seconds_incl_startup']:.0f} s |")
+    return "\n".join(lines)
