@@ -28,8 +28,8 @@ from .deploy import LocalDeployment, flower_run_config
 from .storage import write_json
 
 
-def _round_seconds(run_dir: Path) -> list[float]:
-    return [json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def bench_engines(out: str | Path, backbone: str = "tiny", rounds: int = 3, num_clients: int = 2,
@@ -56,21 +56,25 @@ def bench_engines(out: str | Path, backbone: str = "tiny", rounds: int = 3, num_
             runs[name] = (workdir / "run", time.perf_counter() - t0)
         base = None
         for name, (run_dir, total) in runs.items():
-            seconds = _round_seconds(run_dir)
+            rows = _rows(run_dir)
+            seconds = [r["seconds"] for r in rows]
             steady = sum(seconds[1:]) / max(1, len(seconds) - 1)
             base = base if base is not None else steady
             results["engines"][name] = {"round_seconds": seconds, "steady_round_seconds": steady,
                                         "overhead_vs_embedded_seconds": steady - base,
-                                        "total_seconds_incl_startup": total}
+                                        "total_seconds_incl_startup": total,
+                                        "bytes_per_round": rows[-1]["upload_bytes"] + rows[-1]["download_bytes"],
+                                        "global_accuracy": rows[-1]["global_accuracy"]}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "bench_engines.json", results)
     return results
 
 
 def table(results: dict) -> str:
-    lines = ["| engine | round 1 s | steady round s (rounds 2..) | overhead vs embedded | whole run incl. start-up |",
-             "|---|---|---|---|---|"]
+    lines = ["| engine | round 1 s | steady round s (rounds 2..) | overhead vs embedded | whole run incl. start-up "
+             "| bytes/round | global acc |", "|---|---|---|---|---|---|---|"]
     for name, r in results["engines"].items():
         lines.append(f"| {name} | {r['round_seconds'][0]:.1f} | {r['steady_round_seconds']:.1f} | "
-                     f"{r['overhead_vs_embedded_seconds']:+.1f} s | {r['total_seconds_incl_startup']:.0f} s |")
+                     f"{r['overhead_vs_embedded_seconds']:+.1f} s | {r['total_seconds_incl_startup']:.0f} s | "
+                     f"{r['bytes_per_round']} | {r['global_accuracy']:.4f} |")
     return "\n".join(lines)
