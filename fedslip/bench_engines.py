@@ -32,9 +32,14 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+ENGINES = ("embedded", "flower-sim", "flwr-run-sim", "deployment")
+
+
 def bench_engines(out: str | Path, backbone: str = "tiny", rounds: int = 3, num_clients: int = 2,
-                  data_dir: str = "") -> dict:
+                  data_dir: str = "", engines: tuple[str, ...] = ENGINES) -> dict:
+    """Time the same run on ``engines`` (``embedded`` always first: the reference)."""
     out = Path(out)
+    engines = ("embedded", *[e for e in engines if e != "embedded"])
     values = dict(method="fedslip", backbone=backbone, rounds=rounds, num_clients=num_clients, kstep=0,
                   samples_per_client=64, test_samples_per_client=32, global_test_samples=128,
                   data_dir=data_dir or os.environ.get("FEDSLIP_DATA_DIR", ""))
@@ -42,18 +47,17 @@ def bench_engines(out: str | Path, backbone: str = "tiny", rounds: int = 3, num_
     results: dict = {"config": {k: v for k, v in values.items() if k != "data_dir"}, "engines": {}}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
-        t0 = time.perf_counter()
-        api.run(cfg, Path(tmp) / "embedded", progress=False)
-        runs["embedded"] = (Path(tmp) / "embedded", time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        api.run(make_config({**values, "engine": "flower-sim"}), Path(tmp) / "flower-sim", progress=False)
-        runs["flower-sim"] = (Path(tmp) / "flower-sim", time.perf_counter() - t0)
-        for name, simulation in (("flwr-run-sim", True), ("deployment", False)):
-            workdir = Path(tmp) / name
+        for name in engines:
             t0 = time.perf_counter()
-            with LocalDeployment(workdir, num_clients, simulation=simulation) as fed:
-                fed.run({**flower_run_config(cfg), "out": str(workdir / "run")})
-            runs[name] = (workdir / "run", time.perf_counter() - t0)
+            if name in ("embedded", "flower-sim"):
+                run_dir = Path(tmp) / name
+                api.run(make_config({**values, "engine": name}), run_dir, progress=False)
+            else:
+                workdir = Path(tmp) / name
+                with LocalDeployment(workdir, num_clients, simulation=name == "flwr-run-sim") as fed:
+                    fed.run({**flower_run_config(cfg), "out": str(workdir / "run")})
+                run_dir = workdir / "run"
+            runs[name] = (run_dir, time.perf_counter() - t0)
         base = None
         for name, (run_dir, total) in runs.items():
             rows = _rows(run_dir)

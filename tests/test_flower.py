@@ -215,3 +215,18 @@ def test_supernode_restart_between_rounds_keeps_private_track(tmp_path, data_dir
     assert summary["rounds"] == 3 and len(rows(out)) == 3
     assert_same_run(reference, out)  # the restarted client's private track carried on intact
     check_private_state_only_on_nodes(fed, out, 2, 3)
+
+
+@pytest.mark.flower
+def test_bench_engines_runs_and_writes_well_formed_output(tmp_path, data_dir):
+    from fedslip.bench_engines import bench_engines, table
+
+    results = bench_engines(tmp_path, rounds=2, data_dir=str(data_dir), engines=("flower-sim",))
+    saved = json.loads((tmp_path / "bench_engines.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert list(saved["engines"]) == ["embedded", "flower-sim"]
+    for r in saved["engines"].values():
+        assert len(r["round_seconds"]) == 2 and r["total_seconds_incl_startup"] > 0 and r["bytes_per_round"] > 0
+    assert saved["engines"]["embedded"]["overhead_vs_embedded_seconds"] == 0
+    assert saved["engines"]["embedded"]["global_accuracy"] == saved["engines"]["flower-sim"]["global_accuracy"]
+    assert "| flower-sim |" in table(results)
