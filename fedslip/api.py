@@ -68,8 +68,10 @@ def evaluate_round(setup: Setup, engine: Engine, payload: bytes, round_idx: int)
     model.load_global_state(comm.decode(payload))
     glob = evaluate(model, setup.tokenizer, setup.global_eval, (GLOBAL,), setup.cfg.eval_batch_size,
                     setup.cfg.num_labels)
-    personal, failed = engine.evaluate(payload, round_idx)
-    local_global, failed_g = engine.evaluate(payload, round_idx, (GLOBAL,)) if model.has_private else (personal, {})
+    views = [None, (GLOBAL,)] if model.has_private else [None]  # inference model; its global track alone
+    results, failed = engine.evaluate(payload, round_idx, views)
+    personal = {cid: r[0] for cid, r in results.items()}
+    local_global = {cid: r[-1] for cid, r in results.items()}
     return {
         "global_accuracy": glob["accuracy"],
         "global_loss": glob["loss"],
@@ -77,7 +79,7 @@ def evaluate_round(setup: Setup, engine: Engine, payload: bytes, round_idx: int)
         "personalized_accuracy_per_client": _per_client(personal, n),
         "global_track_local_accuracy": _mean(_per_client(local_global, n)),
         "global_track_local_accuracy_per_client": _per_client(local_global, n),
-        "failed_evaluations": {str(c): e for c, e in {**failed_g, **failed}.items()},
+        "failed_evaluations": {str(c): e for c, e in failed.items()},
         "_detail": {"global": glob, "personalized": personal},
     }
 

@@ -27,6 +27,7 @@ is never part of a reply.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,14 +272,15 @@ class Client:
         payload = comm.encode(self.model.global_state())
         return FitReply(payload, len(self.train), metrics, wire_bytes=len(payload))
 
-    def evaluate(self, payload: bytes, tracks: tuple[str, ...] | None = None,
-                 after_round: float = float("inf")) -> dict:
-        """Accuracy of this client's inference model (global + its private track as of ``after_round``)
-        on its own test rows."""
+    def evaluate(self, payload: bytes, views: Sequence[tuple[str, ...] | None] = (None,),
+                 after_round: float = float("inf")) -> list[dict]:
+        """Accuracy on this client's own test rows of each view: ``None`` = its inference model (global
+        + its private track as of ``after_round``), or the tracks named (``("global",)``). One call
+        for all views, so a networked engine sends one message per client, not one per view."""
         self.model.load_global_state(comm.decode(payload))
         self._load_private(before_round=after_round + 1)
-        return evaluate(self.model, self.tokenizer, self.test, tracks or self.model.inference_tracks(),
-                        self.cfg.eval_batch_size, self.cfg.num_labels)
+        return [evaluate(self.model, self.tokenizer, self.test, view or self.model.inference_tracks(),
+                         self.cfg.eval_batch_size, self.cfg.num_labels) for view in views]
 
     def kstep(self, payload: bytes, steps: int) -> dict:
         """Fine-tune the final model for ``steps`` local steps (no FedProx), evaluate; persists nothing."""

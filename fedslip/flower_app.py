@@ -31,11 +31,11 @@ from .engines.flower import (
     ARRAYS,
     CONFIG,
     IDENTIFY,
-    INFERENCE,
     KSTEP,
     RESULT,
     FlowerEngine,
     arrays_of,
+    decode_views,
     payload_of,
     result_record,
 )
@@ -141,8 +141,8 @@ def make_client_app(cfg: ExperimentConfig | None = None, state_root: Path | None
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         conf = config(msg)
-        tracks = None if conf["tracks"] == INFERENCE else tuple(str(conf["tracks"]).split(","))
-        result = client(msg, context).evaluate(payload_of(msg.content), tracks, int(conf["round"]))
+        result = client(msg, context).evaluate(payload_of(msg.content), decode_views(str(conf["views"])),
+                                               int(conf["round"]))
         return Message(RecordDict({RESULT: result_record(result)}), reply_to=msg)
 
     @app.query()

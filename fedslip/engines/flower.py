@@ -70,6 +70,15 @@ def result_of(content: RecordDict) -> dict:
     return json.loads(content.config_records[RESULT][RESULT])
 
 
+def encode_views(views: list[tuple[str, ...] | None]) -> str:
+    """Evaluation views as one config string: ``inference;global`` (tracks joined by ``+``)."""
+    return ";".join("+".join(v) if v else INFERENCE for v in views)
+
+
+def decode_views(text: str) -> list[tuple[str, ...] | None]:
+    return [None if v == INFERENCE else tuple(v.split("+")) for v in text.split(";")]
+
+
 def message_bytes(message: Message) -> int:
     """Bytes of a message's content, as ``flwr.clientapp.mod.message_size_mod`` counts them."""
     return sum(record.count_bytes() for record in message.content.values())
@@ -186,9 +195,9 @@ class FlowerEngine:
                                  wire_bytes=message_bytes(reply))
         return fits, failed, sent
 
-    def evaluate(self, payload: bytes, after_round: int, tracks: tuple[str, ...] | None = None
-                 ) -> tuple[dict[int, dict], dict[int, str]]:
-        content = self._content(payload, round=int(after_round), tracks=",".join(tracks or (INFERENCE,)))
+    def evaluate(self, payload: bytes, after_round: int, views: list[tuple[str, ...] | None]
+                 ) -> tuple[dict[int, list[dict]], dict[int, str]]:
+        content = self._content(payload, round=int(after_round), views=encode_views(views))
         replies, failed, _ = self._exchange(self.all, MessageType.EVALUATE, content)
         return {cid: result_of(r.content) for cid, r in replies.items()}, failed
 
