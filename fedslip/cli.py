@@ -174,9 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "deploy-local":
             from .deploy import run_local
-            from .experiment import RunDir
+            from .experiment import RunDir, RunDirError
 
-            RunDir(Path(args.workdir) / "run").check_writable(overwrite=False)
+            if RunDir(Path(args.workdir) / "run").holds_run():
+                raise RunDirError(f"{Path(args.workdir) / 'run'} already holds a run; choose another --workdir")
             summary = run_local(make_config(config_overrides(args), args.config), args.workdir)
         elif args.resume:
             if args.out or args.config or config_overrides(args):
