@@ -6,8 +6,8 @@
 Measures (identical token ids, batch size and precision on both sides):
 - local-training samples/s through FedSLIP's client code (``train_local``) vs a bare PEFT + PyTorch
   loop (``get_peft_model(task_type=SEQ_CLS)``, AdamW, ``DataCollatorWithPadding``); the ratio is the
-  headline (goal >= 0.95); the bare loop again with every batch padded to ``max_seq_len`` (the
-  speedup of dynamic padding);
+  headline (goal >= 0.95); FedSLIP's loop with ``group_by_length``; the bare loop again with every
+  batch padded to ``max_seq_len`` (the speedup of dynamic padding);
 - the same for evaluation; fp32 vs bf16; sequential vs parallel clients (one fit of two clients);
 - round overhead: share of a real round's wall time outside train/eval compute (goal <= 5%);
 - peak RSS, and bytes per round vs the floor (global-track params x clients x 2 x 4 bytes).
@@ -16,6 +16,7 @@ A benchmark measures; it asserts nothing (tests only check that it runs and writ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import tempfile
@@ -89,11 +90,13 @@ def _throughput(cfg: ExperimentConfig, steps: int) -> dict:
     data, test = setup.clients[0].train, setup.clients[0].test
     n = steps * cfg.batch_size
 
-    def ours(k: int) -> float:
-        return _timed(lambda: client_mod.train_local(setup.model, setup.tokenizer, data, cfg, k, False, None, None, 0))
+    def ours(k: int, run_cfg: ExperimentConfig = cfg) -> float:
+        return _timed(lambda: client_mod.train_local(setup.model, setup.tokenizer, data, run_cfg, k, False, None,
+                                                     None, 0))
 
     ours(1)  # warmup
     ours_train = ours(steps)
+    grouped_train = ours(steps, dataclasses.replace(cfg, group_by_length=True))
     bare_train = _bare_train(cfg, setup.tokenizer, data.input_ids, data.labels, steps)
     bare_padded = _bare_train(cfg, setup.tokenizer, data.input_ids, data.labels, steps, pad_to_max=True)
     ours_eval = _timed(lambda: client_mod.evaluate(setup.model, setup.tokenizer, test, (GLOBAL,), cfg.eval_batch_size,
@@ -102,6 +105,8 @@ def _throughput(cfg: ExperimentConfig, steps: int) -> dict:
     bare_eval = _bare_eval(cfg, setup.tokenizer, setup.model.model, test.input_ids)
     return {"train_samples_per_s": n / ours_train, "bare_train_samples_per_s": n / bare_train,
             "train_ratio_vs_bare": bare_train / ours_train,
+            "grouped_train_samples_per_s": n / grouped_train,
+            "group_by_length_speedup": ours_train / grouped_train,
             "bare_train_padded_to_max_samples_per_s": n / bare_padded,
             "dynamic_padding_speedup": bare_padded / bare_train,
             "eval_samples_per_s": len(test) / ours_eval, "bare_eval_samples_per_s": len(test) / bare_eval,
@@ -174,6 +179,8 @@ def table(results: dict) -> str:
     for key, label in (("train_samples_per_s", "train samples/s (FedSLIP client)"),
                        ("bare_train_samples_per_s", "train samples/s (bare PEFT loop)"),
                        ("train_ratio_vs_bare", "train ratio FedSLIP / bare"),
+                       ("grouped_train_samples_per_s", "train samples/s (FedSLIP, group_by_length)"),
+                       ("group_by_length_speedup", "group_by_length speedup"),
                        ("bare_train_padded_to_max_samples_per_s", "train samples/s (bare, padded to max_seq_len)"),
                        ("dynamic_padding_speedup", "dynamic padding speedup (bare loop)"),
                        ("eval_samples_per_s", "eval samples/s (FedSLIP)"),

@@ -116,8 +116,8 @@ def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentCo
         prox_reference = {n: t.to(model.device) for n, t in prox_reference.items()}
     losses, private_losses = [], []
     model.model.train()
-    for batch in tqdm(train_batches(tokenizer, data, cfg.batch_size, generator, steps), total=steps,
-                      desc=desc, leave=False, disable=None):
+    batches = train_batches(tokenizer, data, cfg.batch_size, generator, steps, cfg.group_by_length)
+    for batch in tqdm(batches, total=steps, desc=desc, leave=False, disable=None):
         opt_g.zero_grad(set_to_none=True)
         if opt_p:
             opt_p.zero_grad(set_to_none=True)

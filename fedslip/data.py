@@ -142,16 +142,32 @@ def collate(tokenizer, data: Encoded, idx: Sequence[int]) -> dict[str, torch.Ten
             "labels": data.labels[list(idx)]}
 
 
+GROUP_CHUNK_BATCHES = 16  # group_by_length: rows are sorted by length within chunks of this many batches
+
+
 def train_batches(tokenizer, data: Encoded, batch_size: int, generator: torch.Generator,
-                  steps: int) -> Iterator[dict[str, torch.Tensor]]:
-    """``steps`` shuffled batches, reshuffling at each pass over the data (epochs continue seamlessly)."""
+                  steps: int, group_by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """``steps`` shuffled batches, reshuffling at each pass over the data (epochs continue seamlessly).
+
+    ``group_by_length``: each shuffled chunk of ``GROUP_CHUNK_BATCHES`` batches is sorted by length and
+    cut into batches, then the batches are shuffled, so a batch holds rows of similar length and
+    dynamic padding has little to pad (a random batch of AG News rows almost always contains a
+    full-length one). Every row is still seen once per pass; batch composition changes."""
     done = 0
     while done < steps:
         order = torch.randperm(len(data), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
+        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        if group_by_length:
+            chunk = batch_size * GROUP_CHUNK_BATCHES
+            batches = []
+            for c in range(0, len(order), chunk):
+                rows = sorted(order[c:c + chunk], key=lambda i: len(data.input_ids[i]))
+                batches += [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        for idx in batches:
             if done == steps:
                 return
-            yield collate(tokenizer, data, order[start:start + batch_size])
+            yield collate(tokenizer, data, idx)
             done += 1
 
 

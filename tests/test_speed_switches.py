@@ -73,3 +73,23 @@ def test_bench_runs_and_writes_well_formed_output(data_dir, tmp_path):
     assert saved["bytes_per_round"]["measured"] > saved["bytes_per_round"]["floor"] > 0
     assert saved["peak_rss_mib"] > 0 and saved["clients_fit_seconds"]["parallel_2_workers"] > 0
     assert "train ratio FedSLIP / bare" in table(results)
+
+
+def test_group_by_length_sees_every_row_once_per_pass_with_less_padding():
+    from fedslip.data import Encoded, train_batches
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 60, (320,), generator=gen).tolist()
+    data = Encoded(input_ids=[[101] + [1000] * (n - 2) + [102] for n in lengths], labels=torch.arange(320))
+    tokenizer = load_tokenizer("tiny")
+
+    def one_pass(grouped: bool, seed: int = 1) -> list[dict]:
+        return list(train_batches(tokenizer, data, 16, torch.Generator().manual_seed(seed), 20, grouped))
+
+    grouped, shuffled = one_pass(True), one_pass(False)
+    assert sorted(torch.cat([b["labels"] for b in grouped]).tolist()) == list(range(320))  # each row once
+    padded = [sum(b["input_ids"].numel() for b in batches) for batches in (grouped, shuffled)]
+    assert padded[0] < 0.8 * padded[1]  # far fewer padded positions than random batches
+    again = one_pass(True)
+    assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(grouped, again))  # deterministic
+    assert not all(torch.equal(a["labels"], b["labels"]) for a, b in zip(grouped, one_pass(True, seed=2)))
