@@ -18,7 +18,6 @@ import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 from . import __version__, comm
 from .client import evaluate
 from .config import ExperimentConfig, load_config
+from .engines import Engine
 from .engines.embedded import EmbeddedEngine, ParallelEngine
 from .experiment import Checkpoint, RunDir, RunDirError, Setup, build_clients, prepare
 from .model import GLOBAL
@@ -107,7 +107,6 @@ def resume(out: str | Path, progress: bool = True) -> dict:
     return start_resumed(out, progress)
 
 
-Engine = Any  # EmbeddedEngine, ParallelEngine or FlowerEngine: fit / evaluate / kstep / close
 MakeEngine = Callable[[Setup, RunDir], Engine]
 
 

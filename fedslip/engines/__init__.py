@@ -1,1 +1,30 @@
-"""Engines move messages between the server and the clients; the round logic lives in ``fedslip.api``."""
+"""Engines move messages between the server and the clients; the round logic lives in ``fedslip.api``.
+
+Every engine offers the same four calls, all over serialized payloads (safetensors bytes):
+``embedded.EmbeddedEngine`` / ``embedded.ParallelEngine`` (this machine's processes) and
+``flower.FlowerEngine`` (a Flower Grid: simulation or SuperLink/SuperNode deployment).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..client import FitReply
+
+View = tuple[str, ...] | None  # tracks to evaluate; None = the client's inference model
+
+
+class Engine(Protocol):
+    def fit(self, payload: bytes, cids: list[int], round_idx: int
+            ) -> tuple[dict[int, FitReply], dict[int, str], int]:
+        """Train the sampled clients: replies, failures (reason), bytes sent."""
+
+    def evaluate(self, payload: bytes, after_round: int, views: list[View]
+                 ) -> tuple[dict[int, list[dict]], dict[int, str]]:
+        """Every client's results for each view on its own test rows, and failures."""
+
+    def kstep(self, payload: bytes, steps: int) -> tuple[dict[int, dict], dict[int, str]]:
+        """Every client fine-tunes the final model for ``steps`` steps and is evaluated; persists nothing."""
+
+    def close(self) -> None: ...
