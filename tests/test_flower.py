@@ -230,3 +230,12 @@ def test_bench_engines_runs_and_writes_well_formed_output(tmp_path, data_dir):
     assert saved["engines"]["embedded"]["overhead_vs_embedded_seconds"] == 0
     assert saved["engines"]["embedded"]["global_accuracy"] == saved["engines"]["flower-sim"]["global_accuracy"]
     assert "| flower-sim |" in table(results)
+
+
+def test_flower_sim_refuses_bad_data_before_starting_ray(tmp_path, data_dir):
+    from fedslip.data import DataError
+
+    cfg = fedslip.make_config({**tiny(data_dir), "engine": "flower-sim", "data_dir": str(tmp_path / "missing")})
+    with pytest.raises(DataError, match="missing"):
+        fedslip.run(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
