@@ -95,17 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild report.md, results.json and plots from finished runs")
     report.add_argument("paths", nargs="+", help="run directories or folders of them (e.g. a compare --out)")
     report.add_argument("--out", default=None, help="where to write (default: the single path given)")
-    bench = sub.add_parser("bench", help="measure throughput and overhead; writes OUT/bench.json")
-    bench.add_argument("--out", required=True, help="directory for bench.json")
-    bench.add_argument("--backbone", default="minilm", help="backbone to measure (default: minilm)")
-    bench.add_argument("--steps", type=int, default=20, help="timed training steps per measurement")
-    bench.add_argument("--data-dir", default="", help="AG News directory (default: FEDSLIP_DATA_DIR)")
-    bench_engines = sub.add_parser("bench-engines", help="per-round time of one run on every engine (embedded, "
-                                   "Flower simulation, flwr run, local deployment); writes OUT/bench_engines.json")
-    bench_engines.add_argument("--out", required=True, help="directory for bench_engines.json")
-    bench_engines.add_argument("--backbone", default="tiny", help="backbone (default: tiny)")
-    bench_engines.add_argument("--rounds", type=int, default=3, help="rounds per run (default: 3)")
-    bench_engines.add_argument("--data-dir", default="", help="AG News directory (default: FEDSLIP_DATA_DIR)")
+    def benchmark(name: str, help: str, output: str, backbone: str) -> argparse.ArgumentParser:
+        bench = sub.add_parser(name, help=f"{help}; writes OUT/{output}")
+        bench.add_argument("--out", required=True, help=f"directory for {output}")
+        bench.add_argument("--backbone", default=backbone, help=f"backbone (default: {backbone})")
+        bench.add_argument("--data-dir", default="", help="AG News directory (default: FEDSLIP_DATA_DIR)")
+        return bench
+
+    benchmark("bench", "measure throughput and overhead", "bench.json", "minilm").add_argument(
+        "--steps", type=int, default=20, help="timed training steps per measurement")
+    benchmark("bench-engines", "per-round time of one run on every engine (embedded, Flower simulation, "
+              "flwr run, local deployment)", "bench_engines.json", "tiny").add_argument(
+        "--rounds", type=int, default=3, help="rounds per run (default: 3)")
     deploy = sub.add_parser("deploy-local", help="start a Flower SuperLink and one SuperNode per client on "
                             "127.0.0.1 (TLS off), run the experiment on them with `flwr run`, stop them")
     deploy.add_argument("--workdir", required=True, help="new directory: run/, nodes/<id>/ (private states), "

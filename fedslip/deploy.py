@@ -29,6 +29,7 @@ from typing import Any
 
 from .config import ExperimentConfig
 from .engines.flower import flower_environment, ray_temp_dir
+from .flower_app import as_run_config
 from .storage import read_json
 
 log = logging.getLogger("fedslip")
@@ -209,7 +210,7 @@ class LocalDeployment:
 def flower_run_config(cfg: ExperimentConfig) -> dict[str, Any]:
     """A resolved config as Flower run-config values (lists comma-separated; the data directory absolute,
     since Flower's processes run in other directories)."""
-    values = {k: ",".join(v) if isinstance(v, list) else v for k, v in cfg.to_dict().items()}
+    values = as_run_config(cfg.to_dict())
     if cfg.resolved_data_dir():
         values["data_dir"] = str(Path(cfg.resolved_data_dir()).resolve())
     return values

@@ -53,14 +53,17 @@ class PrivateTrackLeak(RuntimeError):
 
 
 # --- run config <-> ExperimentConfig -----------------------------------------------------------------
+def as_run_config(values: dict[str, Any]) -> dict[str, Any]:
+    """Config values as Flower run-config values: scalars only, so lists become comma-separated strings
+    (``config_from_run_config`` splits them again)."""
+    return {k: ",".join(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
 def default_run_config() -> dict[str, Any]:
-    """``[tool.flwr.app.config]`` as shipped: every config key at its default (lists comma-separated),
-    the method-preset keys as ``"preset"``, then the app keys."""
-    values: dict[str, Any] = {}
+    """``[tool.flwr.app.config]`` as shipped: every config key at its default, the method-preset keys as
+    ``"preset"``, then the app keys."""
     defaults = ExperimentConfig().to_dict()
-    for name in FIELDS:
-        value = PRESET if name in PRESET_FIELDS else defaults[name]
-        values[name] = ",".join(value) if isinstance(value, list) else value
+    values = as_run_config({name: PRESET if name in PRESET_FIELDS else defaults[name] for name in FIELDS})
     return {**values, "method": "fedslip", **APP_KEYS}
 
 
