@@ -7,8 +7,9 @@
     >>> summary["personalized_accuracy"]                  # doctest: +SKIP
 
 Per round: sample clients -> broadcast the global track -> each sampled client trains and replies
-with its global track -> the server validates and FedAvg-aggregates -> evaluation of the global track
-on the global test set and of every client's inference model on its own test rows.
+with its global track -> the server validates the replies and aggregates them with a Flower strategy
+(``fedslip.server``) -> evaluation of the global track on the global test set and of every client's
+inference model on its own test rows.
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
         download = server.broadcast()
         replies, failed, download_bytes = engine.fit(download, cids, round_idx)
         try:
-            outcome = server.aggregate({cid: (r.payload, r.num_examples) for cid, r in replies.items()}, failed)
+            outcome = server.aggregate({cid: (r.payload, r.num_examples) for cid, r in replies.items()}, failed,
+                                       round_idx)
         except RoundFailed as e:
             raise RoundFailed(f"round {round_idx} not applied: {e}. The checkpoint of round {round_idx - 1} is "
                               f"kept; fix the cause and continue with `fedslip run --resume {run_dir.path}`") from None

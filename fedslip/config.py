@@ -113,8 +113,8 @@ class ExperimentConfig:
                     "steps and is evaluated again (the baseline's K-step personalization); 0 = skip.")
     # --- server: aggregation and update validation -----------------------------------------
     aggregation: str = _f("fedavg", "Server aggregation of the global track: `fedavg` (sample-weighted mean), "
-                          "`median` or `trimmed_mean` (coordinate-wise, robust to outlier clients; flwr's "
-                          "implementations).")
+                          "`median` or `trimmed_mean` (coordinate-wise, robust to outlier clients), with "
+                          "Flower's FedAvg / FedMedian / FedTrimmedAvg strategies.")
     trim_fraction: float = _f(0.2, "aggregation=trimmed_mean: share cut from each end per coordinate.")
     min_fit_clients: int = _f(1, "Fewest valid client updates that still apply a round; fewer stops the run "
                               "(after the last completed round's checkpoint).")

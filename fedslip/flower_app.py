@@ -3,7 +3,8 @@
 
 - ``server_app`` builds the config from the run config (``[tool.flwr.app.config]``: the keys of
   ``ExperimentConfig``, plus ``out`` / ``overwrite`` / ``resume``) and runs ``fedslip.api``'s round loop
-  with a ``FlowerEngine`` on the grid it is given.
+  with a ``FlowerEngine`` on the grid it is given; each round's valid replies are aggregated by a Flower
+  strategy (``fedslip.server.make_strategy``: FedAvg, FedMedian or FedTrimmedAvg).
 - ``client_app`` answers ``train`` / ``evaluate`` / ``query`` messages by calling ``fedslip.client.Client``
   (the embedded engine's client code). A node's client id is its ``partition-id`` (node config); its
   private track lives in ``state-dir`` (node config; default ``<out>/clients/<partition-id>``) and

@@ -1,19 +1,25 @@
-"""Server side: client sampling, update validation and aggregation of the global track.
+"""Server side: client sampling, update validation, and aggregation of the global track with a Flower
+strategy (``flwr.serverapp.strategy``), the same in every engine.
 
-Aggregation reuses flwr's implementations: ``fedavg`` is the sample-weighted mean
-``w = sum_i n_i w_i / sum_i n_i`` (``flwr...aggregate``); ``median`` and ``trimmed_mean`` are the
-coordinate-wise robust variants. Every update is validated first (key set, shapes, dtypes, finite
-values, optional norm and size bounds); a rejected one is logged with its reason and left out.
+Every update is validated first (key set, shapes, dtypes, finite values, optional norm and size bounds);
+a rejected one is logged with its reason and left out. The valid ones reach the strategy's
+``aggregate_train`` as Flower reply ``Message``s (``train_reply``): ``aggregation = "fedavg"`` is
+``SampleWeightedFedAvg`` (Flower's FedAvg, mean ``w = sum_i n_i w_i / sum_i n_i``), ``"median"`` and
+``"trimmed_mean"`` are Flower's ``FedMedian`` and ``FedTrimmedAvg`` (coordinate-wise, robust to outliers).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.server.strategy.aggregate import aggregate, aggregate_median, aggregate_trimmed_avg
+from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.server.strategy.aggregate import aggregate
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from . import comm
 from .config import ExperimentConfig
@@ -58,19 +64,49 @@ def validate_update(update: dict[str, torch.Tensor], reference: dict[str, torch.
             raise UpdateError(f"update norm {norm:.4g} exceeds max_update_norm={max_update_norm:g}")
 
 
-def combine(updates: list[tuple[dict[str, torch.Tensor], int]], method: str = "fedavg",
-            trim_fraction: float = 0.2) -> dict[str, torch.Tensor]:
-    """Aggregate validated updates with flwr's fedavg / median / trimmed-mean."""
-    names = list(updates[0][0])
-    results = [([u[n].numpy() for n in names], num) for u, num in updates]
-    if method == "median":
-        arrays = aggregate_median(results)
-    elif method == "trimmed_mean":
-        arrays = aggregate_trimmed_avg(results, trim_fraction)
-    else:
-        arrays = aggregate(results)
-    ref = updates[0][0]
-    return {n: torch.from_numpy(np.asarray(a)).to(ref[n].dtype).reshape(ref[n].shape) for n, a in zip(names, arrays)}
+ARRAYS, METRICS, NUM_EXAMPLES = "arrays", "metrics", "num-examples"  # Flower strategies' record keys
+REPLY_TTL_S = 3600.0
+
+
+class SampleWeightedFedAvg(FedAvg):
+    """Flower's FedAvg, with the sample-weighted mean computed in one division,
+    ``sum_i n_i w_i / sum_i n_i`` (``flwr.server.strategy.aggregate.aggregate``), as in every published
+    FedSLIP run. FedAvg's own ``aggregate_arrayrecords`` sums ``w_i * (n_i / N)``: the same mean up to
+    float rounding, but rounding differences grow over training and would move the published numbers
+    in their last digits. Reply checks and metric averaging are FedAvg's."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        if not valid:
+            return None, None
+        contents = [msg.content for msg in valid]
+        names = list(contents[0][self.arrayrecord_key])
+        results = [([c[self.arrayrecord_key][n].numpy() for n in names],
+                     int(next(iter(c.metric_records.values()))[self.weighted_by_key])) for c in contents]
+        arrays = ArrayRecord({n: Array(np.asarray(a)) for n, a in zip(names, aggregate(results), strict=True)})
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+
+def make_strategy(cfg: ExperimentConfig) -> FedAvg:
+    """The Flower strategy that aggregates the global track for ``cfg.aggregation``."""
+    common = {"fraction_train": cfg.fraction_fit, "min_train_nodes": cfg.min_fit_clients,
+              "min_available_nodes": cfg.num_clients, "weighted_by_key": NUM_EXAMPLES, "arrayrecord_key": ARRAYS}
+    if cfg.aggregation == "median":
+        return FedMedian(**common)
+    if cfg.aggregation == "trimmed_mean":
+        return FedTrimmedAvg(beta=cfg.trim_fraction, **common)
+    return SampleWeightedFedAvg(**common)
+
+
+def train_reply(cid: int, update: dict[str, torch.Tensor], num_examples: int) -> Message:
+    """A client's validated update as the reply a Flower strategy aggregates: the global track under
+    ``arrays``, its weight under ``metrics["num-examples"]``, the client id as group id and source."""
+    content = RecordDict({ARRAYS: ArrayRecord(update), METRICS: MetricRecord({NUM_EXAMPLES: num_examples})})
+    metadata = Metadata(run_id=0, message_id=f"reply-{cid}", src_node_id=cid, dst_node_id=0,
+                        reply_to_message_id="", group_id=str(cid), created_at=time.time(), ttl=REPLY_TTL_S,
+                        message_type=MessageType.TRAIN)
+    return Message(content, metadata=metadata)
 
 
 @dataclass
@@ -80,11 +116,13 @@ class RoundUpdates:
 
 
 class Server:
-    """Holds the global track between rounds; engines hand it the clients' serialized replies."""
+    """Holds the global track between rounds; validates the clients' serialized replies (from any engine)
+    and aggregates the valid ones with ``strategy`` (a Flower strategy, ``make_strategy``)."""
 
     def __init__(self, cfg: ExperimentConfig, initial_state: dict[str, torch.Tensor]):
         self.cfg = cfg
         self.state = initial_state
+        self.strategy = make_strategy(cfg)
 
     def broadcast(self) -> bytes:
         return comm.encode(self.state)
@@ -92,7 +130,8 @@ class Server:
     def payload_limit(self) -> int:
         return self.cfg.max_payload_bytes or 2 * len(self.broadcast())
 
-    def aggregate(self, replies: dict[int, tuple[bytes, int]], failed: dict[int, str] | None = None) -> RoundUpdates:
+    def aggregate(self, replies: dict[int, tuple[bytes, int]], failed: dict[int, str] | None = None,
+                  round_idx: int = 0) -> RoundUpdates:
         """Validate each (payload, num_examples) reply and aggregate the valid ones into the global track.
 
         ``failed`` lists clients that raised instead of replying; they count as rejected. Raises
@@ -112,10 +151,11 @@ class Server:
                 log.warning("rejected update of client %d: %s", cid, e)
                 outcome.rejected[cid] = str(e)
                 continue
-            valid.append((update, num_examples))
+            valid.append(train_reply(cid, update, num_examples))
             outcome.accepted.append(cid)
         if len(valid) < self.cfg.min_fit_clients:
             raise RoundFailed(f"only {len(valid)} valid client update(s), min_fit_clients={self.cfg.min_fit_clients}"
                               f" (rejected or failed: {outcome.rejected})")
-        self.state = combine(valid, self.cfg.aggregation, self.cfg.trim_fraction)
+        arrays, _ = self.strategy.aggregate_train(round_idx, valid)
+        self.state = {n: t.to(self.state[n].dtype) for n, t in arrays.to_torch_state_dict().items()}
         return outcome

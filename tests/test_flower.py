@@ -184,7 +184,10 @@ def test_flwr_run_on_a_simulation_superlink(tmp_path, data_dir):
 
 
 @pytest.mark.flower
-def test_supernode_restart_between_rounds_keeps_private_track(tmp_path, data_dir):
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_supernode_restart_between_rounds_keeps_private_track(tmp_path, data_dir, how):
+    """SIGTERM: the SuperNode deregisters; SIGKILL: it vanishes and the SuperLink keeps listing its old node id
+    until Flower's heartbeat patience runs out. Either way the restarted node is found by its partition-id."""
     from fedslip.deploy import LocalDeployment
 
     cfg = tiny(data_dir, method="fedslip", rounds=3)
@@ -197,7 +200,7 @@ def test_supernode_restart_between_rounds_keeps_private_track(tmp_path, data_dir
         while not stop.is_set():
             if (out / "metrics.jsonl").is_file() and rows(out):
                 old = fed.nodes[1].pid
-                fed.stop_node(1, signal.SIGTERM)
+                fed.stop_node(1, getattr(signal, how))
                 fed.start_node(1)
                 restarts.append((old, fed.nodes[1].pid, len(rows(out))))
                 return

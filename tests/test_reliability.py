@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,7 +19,7 @@ from fedslip import comm
 from fedslip.client import Client, FitReply
 from fedslip.experiment import RunDirError
 from fedslip.inference import RunModel
-from fedslip.server import RoundFailed, Server, combine
+from fedslip.server import RoundFailed, Server
 from fedslip.storage import StateFileError
 
 
@@ -151,8 +152,9 @@ def test_invalid_update_is_rejected_and_only_valid_ones_are_aggregated(tiny_cfg,
     replies[3] = (corrupt(kind, updates[0]), 10)
     outcome = server.aggregate(replies)
     assert list(outcome.rejected) == [3] and outcome.accepted == [0, 1, 2]
-    expected = combine([(u, 10 * (c + 1)) for c, u in enumerate(updates)])
-    assert same_tensors(server.state, expected)
+    without = Server(cfg, reference)
+    without.aggregate({c: (comm.encode(u), 10 * (c + 1)) for c, u in enumerate(updates)})
+    assert same_tensors(server.state, without.state)
     assert all(torch.isfinite(t).all() for t in server.state.values())
 
 
@@ -250,3 +252,34 @@ def test_a_client_failing_evaluation_is_recorded_not_fatal(tiny_cfg, tmp_path, m
         assert r["personalized_accuracy"] == pytest.approx(
             sum(v for v in r["personalized_accuracy_per_client"] if v is not None) / 3)
     assert summary["personalized_accuracy_per_client"][1] is None
+
+
+
+def test_aggregation_is_flower_strategies(tiny_cfg):
+    """fedavg / median / trimmed_mean aggregate with Flower's FedAvg / FedMedian / FedTrimmedAvg; fedavg's mean
+    is sum(n_i w_i) / sum(n_i) and agrees with Flower FedAvg's own arithmetic up to float rounding."""
+    from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
+
+    from fedslip.server import train_reply
+
+    torch.manual_seed(0)
+    reference = {"a": torch.randn(8, 3), "b": torch.randn(5)}
+    updates = [{k: v + torch.randn_like(v) for k, v in reference.items()} for _ in range(4)]
+    weights = [3, 40, 7, 50]
+    replies = {c: (comm.encode(u), n) for c, (u, n) in enumerate(zip(updates, weights))}
+    stacked = {k: torch.stack([u[k] for u in updates]) for k in reference}
+    expected = {
+        "fedavg": {k: sum(n * u[k] for u, n in zip(updates, weights)) / sum(weights) for k in reference},
+        "median": {k: torch.from_numpy(np.median(stacked[k].numpy(), axis=0)) for k in reference},
+        "trimmed_mean": {k: stacked[k].sort(dim=0).values[1:3].mean(dim=0) for k in reference},  # cut 1 of 4 per end
+    }
+    for aggregation, kind in (("fedavg", FedAvg), ("median", FedMedian), ("trimmed_mean", FedTrimmedAvg)):
+        server = Server(tiny_cfg(aggregation=aggregation, trim_fraction=0.25), reference)
+        assert isinstance(server.strategy, kind)
+        server.aggregate(replies)
+        for k in reference:
+            assert torch.allclose(server.state[k], expected[aggregation][k], atol=1e-6), (aggregation, k)
+    flower, _ = FedAvg().aggregate_train(1, [train_reply(c, u, n) for c, (u, n) in enumerate(zip(updates, weights))])
+    flower = flower.to_torch_state_dict()
+    for k in reference:
+        assert torch.allclose(flower[k], expected["fedavg"][k], atol=1e-6)
