@@ -132,6 +132,36 @@ def test_flower_simulation_equals_embedded_engine(tmp_path, data_dir, method):
         assert e["download_bytes"] * 0.9 < s["download_bytes"] < e["download_bytes"] * 1.2
 
 
+
+@pytest.mark.flower
+def test_a_stopped_run_resumes_on_flower_simulation(tmp_path, data_dir, monkeypatch):
+    """`fedslip.resume` of a run whose config says engine = "flower-sim" continues it on Flower (the ServerApp
+    restores the checkpoint, the ClientApps the clients' private tracks) and ends equal to an uninterrupted run."""
+    from fedslip.client import Client
+    from fedslip.server import RoundFailed
+
+    cfg = tiny(data_dir, method="fedslip", rounds=3, min_fit_clients=2)
+    reference = embedded_reference(tmp_path, cfg)
+    original = Client.fit
+
+    def fit(self, payload, round_idx):  # a client fails in round 2: the round is not applied, the run stops
+        if round_idx == 2 and self.cid == 1:
+            raise RuntimeError("transient failure")
+        return original(self, payload, round_idx)
+
+    monkeypatch.setattr(Client, "fit", fit)
+    out = tmp_path / "run"
+    with pytest.raises(RoundFailed):
+        fedslip.run(fedslip.make_config(cfg), out, progress=False)
+    monkeypatch.setattr(Client, "fit", original)
+    assert [r["round"] for r in rows(out)] == [1]
+    fedslip.make_config({**cfg, "engine": "flower-sim"}).save(out / "config.toml")  # continue on Flower
+    summary = fedslip.resume(out, progress=False)
+    assert summary["rounds"] == 3 and [r["round"] for r in rows(out)] == [1, 2, 3]
+    assert list((out / ".ray").glob("**/session_*/logs"))  # rounds 2 and 3 ran on Flower's simulation runtime
+    assert_same_run(reference, out)
+
+
 # --- deployment --------------------------------------------------------------------------------------
 def embedded_reference(tmp_path, cfg):
     out = tmp_path / "embedded"
