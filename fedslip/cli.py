@@ -122,8 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config-reference":
         print(config_reference())
         return 0
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(message)s")
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s")
+    flower_log = logging.getLogger("flwr")  # Flower prints its records with its own handler: not twice
+    flower_log.propagate = False
+    flower_log.setLevel(level)
     from . import api  # heavy imports only when needed
     from .deploy import DeploymentError
     from .inference import RunModel
