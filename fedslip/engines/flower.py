@@ -35,10 +35,11 @@ from flwr.serverapp import Grid
 from .. import comm
 from ..client import FitReply
 from ..config import ExperimentConfig
+from ..server import ARRAYS
 
 log = logging.getLogger("fedslip")
 
-ARRAYS, CONFIG, RESULT = "arrays", "config", "result"
+CONFIG, RESULT = "config", "result"  # record keys; ARRAYS is the strategies' (fedslip.server)
 IDENTIFY, KSTEP = "identify", "kstep"
 INFERENCE = "inference"  # evaluate the client's inference tracks (flwr cannot count an empty string's bytes)
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
