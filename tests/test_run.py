@@ -118,11 +118,20 @@ def test_cli_run_and_errors(data_dir, tmp_path):
     ok = subprocess.run(base + ["--out", str(tmp_path / "cli")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["method"] == "fedavg_lora"
+    assert "aggregate_train" not in ok.stderr  # --quiet also silences Flower's strategy log
     again = subprocess.run(base + ["--out", str(tmp_path / "cli")], capture_output=True, text=True)
     assert again.returncode == 2 and "already holds a run" in again.stderr
     bad = subprocess.run(base + ["--out", str(tmp_path / "x"), "--rounds", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "rounds must be > 0" in bad.stderr
     assert "Traceback" not in bad.stderr
+    taken = tmp_path / "deploy" / "run"
+    taken.mkdir(parents=True)
+    (taken / "summary.json").write_text("{}")
+    deploy = subprocess.run([sys.executable, "-m", "fedslip.cli", "deploy-local", "--workdir", str(tmp_path / "deploy"),
+                             "--backbone", "tiny", "--data-dir", str(data_dir)], capture_output=True, text=True)
+    assert deploy.returncode == 2 and "already holds a run" in deploy.stderr
+    assert (taken / "summary.json").read_text() == "{}"
+    assert [p.name for p in (tmp_path / "deploy").iterdir()] == ["run"]  # no SuperLink, nodes or logs started
 
 
 def test_api_rejects_invalid_config_object():
