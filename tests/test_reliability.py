@@ -254,7 +254,6 @@ def test_a_client_failing_evaluation_is_recorded_not_fatal(tiny_cfg, tmp_path, m
     assert summary["personalized_accuracy_per_client"][1] is None
 
 
-
 def test_aggregation_is_flower_strategies(tiny_cfg):
     """fedavg / median / trimmed_mean aggregate with Flower's FedAvg / FedMedian / FedTrimmedAvg; fedavg's mean
     is sum(n_i w_i) / sum(n_i) and agrees with Flower FedAvg's own arithmetic up to float rounding."""
