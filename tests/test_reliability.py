@@ -257,6 +257,7 @@ def test_a_client_failing_evaluation_is_recorded_not_fatal(tiny_cfg, tmp_path, m
 def test_aggregation_is_flower_strategies(tiny_cfg):
     """fedavg / median / trimmed_mean aggregate with Flower's FedAvg / FedMedian / FedTrimmedAvg; fedavg's mean
     is sum(n_i w_i) / sum(n_i) and agrees with Flower FedAvg's own arithmetic up to float rounding."""
+    from flwr.server.strategy.aggregate import aggregate
     from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
     from fedslip.server import train_reply
@@ -278,6 +279,9 @@ def test_aggregation_is_flower_strategies(tiny_cfg):
         server.aggregate(replies)
         for k in reference:
             assert torch.allclose(server.state[k], expected[aggregation][k], atol=1e-6), (aggregation, k)
+        if aggregation == "fedavg":  # bit for bit the arithmetic of the published runs
+            published = aggregate([([u[k].numpy() for k in reference], n) for u, n in zip(updates, weights)])
+            assert all(torch.equal(server.state[k], torch.from_numpy(a)) for k, a in zip(reference, published))
     flower, _ = FedAvg().aggregate_train(1, [train_reply(c, u, n) for c, (u, n) in enumerate(zip(updates, weights))])
     flower = flower.to_torch_state_dict()
     for k in reference:
