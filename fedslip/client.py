@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from . import comm, masking
 from .config import ExperimentConfig
 from .data import Encoded, eval_batches, train_batches
+from .engines import View
 from .model import GLOBAL, PRIVATE, TrackedModel
 from .storage import load_tensors_and_metadata, save_tensors
 
@@ -272,7 +273,7 @@ class Client:
         payload = comm.encode(self.model.global_state())
         return FitReply(payload, len(self.train), metrics, wire_bytes=len(payload))
 
-    def evaluate(self, payload: bytes, views: Sequence[tuple[str, ...] | None] = (None,),
+    def evaluate(self, payload: bytes, views: Sequence[View] = (None,),
                  after_round: float = float("inf")) -> list[dict]:
         """Accuracy on this client's own test rows of each view: ``None`` = its inference model (global
         + its private track as of ``after_round``), or the tracks named (``("global",)``). One call

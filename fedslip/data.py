@@ -156,7 +156,6 @@ def train_batches(tokenizer, data: Encoded, batch_size: int, generator: torch.Ge
     done = 0
     while done < steps:
         order = torch.randperm(len(data), generator=generator).tolist()
-        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
         if group_by_length:
             chunk = batch_size * GROUP_CHUNK_BATCHES
             batches = []
@@ -164,6 +163,8 @@ def train_batches(tokenizer, data: Encoded, batch_size: int, generator: torch.Ge
                 rows = sorted(order[c:c + chunk], key=lambda i: len(data.input_ids[i]))
                 batches += [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        else:
+            batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
         for idx in batches:
             if done == steps:
                 return

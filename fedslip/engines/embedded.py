@@ -20,6 +20,7 @@ from typing import Any
 
 from ..client import Client, FitReply
 from ..config import ExperimentConfig
+from . import View
 
 log = logging.getLogger("fedslip")
 Call = tuple[str, int, tuple]  # (Client method, client id, arguments)
@@ -58,7 +59,7 @@ class EmbeddedEngine:
         replies, failed = self._map([("fit", cid, (payload, round_idx)) for cid in cids])
         return replies, failed, len(payload) * len(cids)
 
-    def evaluate(self, payload: bytes, after_round: int, views: list[tuple[str, ...] | None]
+    def evaluate(self, payload: bytes, after_round: int, views: list[View]
                  ) -> tuple[dict[int, list[dict]], dict[int, str]]:
         """Every client's results for each view (``Client.evaluate``), and failures."""
         return self._map([("evaluate", cid, (payload, views, after_round)) for cid in self.all])

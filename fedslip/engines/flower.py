@@ -36,6 +36,7 @@ from .. import comm
 from ..client import FitReply
 from ..config import ExperimentConfig
 from ..server import ARRAYS
+from . import View
 
 log = logging.getLogger("fedslip")
 
@@ -71,12 +72,12 @@ def result_of(content: RecordDict) -> dict:
     return json.loads(content.config_records[RESULT][RESULT])
 
 
-def encode_views(views: list[tuple[str, ...] | None]) -> str:
+def encode_views(views: list[View]) -> str:
     """Evaluation views as one config string: ``inference;global`` (tracks joined by ``+``)."""
     return ";".join("+".join(v) if v else INFERENCE for v in views)
 
 
-def decode_views(text: str) -> list[tuple[str, ...] | None]:
+def decode_views(text: str) -> list[View]:
     return [None if v == INFERENCE else tuple(v.split("+")) for v in text.split(";")]
 
 
@@ -196,7 +197,7 @@ class FlowerEngine:
                                  wire_bytes=message_bytes(reply))
         return fits, failed, sent
 
-    def evaluate(self, payload: bytes, after_round: int, views: list[tuple[str, ...] | None]
+    def evaluate(self, payload: bytes, after_round: int, views: list[View]
                  ) -> tuple[dict[int, list[dict]], dict[int, str]]:
         content = self._content(payload, round=int(after_round), views=encode_views(views))
         replies, failed, _ = self._exchange(self.all, MessageType.EVALUATE, content)
