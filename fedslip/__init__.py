@@ -9,7 +9,7 @@ Python API (the CLI is a thin layer over it)::
 
 __version__ = "0.1.0"
 
-from .api import resume, run  # noqa: E402
+from .api import kstep, resume, run  # noqa: E402
 from .config import ConfigError, ExperimentConfig, load_config, make_config  # noqa: E402
 
-__all__ = ["ConfigError", "ExperimentConfig", "make_config", "load_config", "resume", "run", "__version__"]
+__all__ = ["ConfigError", "ExperimentConfig", "make_config", "load_config", "kstep", "resume", "run", "__version__"]

@@ -14,6 +14,7 @@ inference model on its own test rows.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import time
@@ -25,14 +26,14 @@ from tqdm.auto import tqdm
 
 from . import __version__, comm
 from .client import evaluate
-from .config import ExperimentConfig, load_config
+from .config import ConfigError, ExperimentConfig, load_config
 from .engines import Engine
-from .engines.embedded import EmbeddedEngine, ParallelEngine
-from .experiment import Checkpoint, RunDir, RunDirError, Setup, build_clients, prepare
+from .engines.embedded import CentralizedEngine, EmbeddedEngine, ParallelEngine
+from .experiment import Checkpoint, RunDir, RunDirError, Setup, build_clients, build_pooled_trainer, prepare
 from .model import GLOBAL
 from .partition import Partition
 from .server import RoundFailed, Server, UpdateError, sample_clients, validate_update
-from .storage import StateFileError
+from .storage import StateFileError, load_tensors, write_json
 
 log = logging.getLogger("fedslip")
 MIB = 1024 * 1024
@@ -108,11 +109,49 @@ def resume(out: str | Path, progress: bool = True) -> dict:
     return start_resumed(out, progress)
 
 
+def kstep(out: str | Path, steps: int, lr: float = 0.0) -> dict:
+    """K-step on a finished run: every client fine-tunes the run's final model for ``steps`` local steps
+    with the global track at ``lr`` (0 = the run's ``lr``), exactly as the run's own K-step would with
+    those settings, and is evaluated on the run's evaluation rows. Nothing of the run is changed; the
+    result is also written to ``out/kstep/steps<N>-lr<X>.json``. Tune K-step on a run with
+    ``eval_split = "val"`` only.
+
+        fedslip kstep --run runs/tune/fedavg_lora --steps 100 --lr 1e-3
+    """
+    run_dir = RunDir(Path(out))
+    if not (run_dir.path / "summary.json").is_file():
+        raise RunDirError(f"{run_dir.path} holds no finished run (no summary.json)")
+    if steps <= 0:
+        raise ConfigError(f"kstep needs steps > 0, got {steps}")
+    cfg = dataclasses.replace(load_config(run_dir.path / "config.toml"), kstep=steps, kstep_lr=lr)
+    setup = _prepare_for(run_dir, cfg)
+    engine = EmbeddedEngine(build_clients(setup, run_dir))
+    results, failed = engine.kstep(comm.encode(load_tensors(run_dir.path / "global.safetensors")), steps)
+    if failed:
+        raise RoundFailed(f"K-step failed on client(s) {sorted(failed)}: {failed}")
+    per_client = _per_client(results, cfg.num_clients)
+    result = {"run": str(run_dir.path), "eval_split": cfg.eval_split, "kstep": steps, "kstep_lr": lr or cfg.lr,
+              "kstep_accuracy": _mean(per_client), "kstep_accuracy_per_client": per_client}
+    write_json(run_dir.path / "kstep" / f"steps{steps}-lr{lr or cfg.lr:g}.json", result)
+    return result
+
+
+def _prepare_for(run_dir: RunDir, cfg: ExperimentConfig) -> Setup:
+    """``prepare(cfg)`` for an existing run, refusing data that no longer gives the run's partition."""
+    setup = prepare(cfg)
+    if Partition.load(run_dir.path / "partition.json") != setup.partition:
+        raise RunDirError(f"{run_dir.path}: the data or config no longer produce the run's partition.json; "
+                          f"refusing to continue an incompatible run")
+    return setup
+
+
 MakeEngine = Callable[[Setup, RunDir], Engine]
 
 
 def _default_engine(setup: Setup, run_dir: RunDir) -> Engine:
     cfg = setup.cfg
+    if cfg.method == "centralized":
+        return CentralizedEngine(build_clients(setup, run_dir), build_pooled_trainer(setup, run_dir))
     if cfg.parallel_clients > 1:
         return ParallelEngine(cfg, str(run_dir.path), cfg.parallel_clients)
     return EmbeddedEngine(build_clients(setup, run_dir))
@@ -147,11 +186,7 @@ def start_resumed(out: str | Path, progress: bool = True, make_engine: MakeEngin
     run_dir = RunDir(Path(out))
     cfg = _resumable_config(run_dir.path)
     checkpoint = run_dir.load_checkpoint()
-    setup = prepare(cfg)
-    saved = Partition.load(run_dir.path / "partition.json")
-    if saved != setup.partition:
-        raise RunDirError(f"{run_dir.path}: the data or config no longer produce the run's partition.json; "
-                          f"refusing to resume into an incompatible run")
+    setup = _prepare_for(run_dir, cfg)
     if checkpoint is None:
         checkpoint = Checkpoint(0, setup.model.global_state(), [], 0.0)
     else:

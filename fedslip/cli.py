@@ -3,6 +3,7 @@
     fedslip run --method fedavg_lora --out runs/x [--config cfg.toml] [--rounds 3 ...]
     fedslip predict --run runs/x --client 0 "some text" ...
     fedslip export --run runs/x --client 0 --out exported/
+    fedslip kstep --run runs/x --steps 100 --lr 1e-3   # K-step again on a finished run
     fedslip bench-engines --out DIR   # per-round time on embedded / Flower simulation / deployment
     fedslip deploy-local --workdir runs/deploy [config flags]   # SuperLink + SuperNodes on 127.0.0.1
     fedslip config-reference          # the config table that README.md embeds
@@ -92,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="comparison directory (runs are kept and resumed there)")
     compare.add_argument("--quiet", action="store_true", help="no progress bars or round log")
     add_config_flags(compare)
+    kstep = sub.add_parser("kstep", help="re-run K-step on a finished run with other steps / learning rate "
+                           "(to tune K-step on a validation run); writes RUN/kstep/steps<N>-lr<X>.json")
+    kstep.add_argument("--run", required=True, help="finished run directory")
+    kstep.add_argument("--steps", type=int, required=True, help="local fine-tuning steps per client")
+    kstep.add_argument("--lr", type=float, default=0.0, help="global-track learning rate (default: the run's lr)")
     report = sub.add_parser("report", help="rebuild report.md, results.json and plots from finished runs")
     report.add_argument("paths", nargs="+", help="run directories or folders of them (e.g. a compare --out)")
     report.add_argument("--out", default=None, help="where to write (default: the single path given)")
@@ -166,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(engines_table(bench_engines(args.out, backbone=args.backbone, rounds=args.rounds,
                                               data_dir=args.data_dir)))
+            return 0
+        if args.command == "kstep":
+            print(json.dumps(api.kstep(args.run, args.steps, args.lr), indent=2))
             return 0
         if args.command == "report":
             from .report import build_report, find_runs

@@ -1,6 +1,7 @@
 """One client: the local training step of every method, evaluation, and its private state.
 
-The method's math, per batch (x, y), with g = global track, p = private track:
+The method's math, per batch (x, y), with g = global track, p = private track (LoRA, plus the
+private head where ``private_head`` is set):
 
 * ``global_only`` (fedavg_lora)::
 
@@ -8,7 +9,7 @@ The method's math, per batch (x, y), with g = global track, p = private track:
 
 * ``joint`` (dual_naive)::
 
-      L = CE(f(x; g + p), y)                                               -> updates g and p
+      L = CE(f(x; g + p), y) + (mu/2) * sum_t ||g_t - g_t^round||^2         -> updates g and p
 
 * ``separated`` (fedslip), clean optimization separation::
 
@@ -16,12 +17,17 @@ The method's math, per batch (x, y), with g = global track, p = private track:
       L_p = CE(f(x; sg[g] + p), y)                                         -> updates p only
 
   ``sg[.]`` = stop-gradient: the private loss sees the global track as constants (``detach=false``
-  lets L_p reach g too, as an ablation). Each track has its own AdamW and learning rate.
+  lets L_p reach g too, as an ablation). Each track has its own AdamW and learning rate. With
+  ``private_every = k`` the private loss is taken on every k-th batch only (a cheaper schedule).
+
+Each loss names the tensors it trains (``backward(inputs=...)``), so the gradient a tensor receives
+depends only on the losses of this step, never on what an earlier call left behind: FedProx adds
+exactly mu * (g_t - g_t^round) to every global tensor's gradient, and nothing to private ones.
 
 The private track trains only in rounds ``private_warmup_rounds < r`` and (if set)
-``r <= private_freeze_round``; its lottery-ticket mask is applied after every step (``masking.py``).
-It lives in ``<state_dir>/private.safetensors`` (+ ``mask.safetensors``, ``rewind.safetensors``) and
-is never part of a reply.
+``r <= private_freeze_round``; its lottery-ticket mask (LoRA tensors only, never the private head)
+is applied after every step (``masking.py``). It lives in ``<state_dir>/private.safetensors``
+(+ ``mask.safetensors``, ``rewind.safetensors``) and is never part of a reply.
 """
 
 from __future__ import annotations
@@ -83,33 +89,33 @@ def backward_step(model: TrackedModel, batch: dict[str, torch.Tensor], cfg: Expe
     Returns (CE that trains the global track, CE that trains the private track or None).
     """
     labels = batch["labels"].to(model.device)
-    both = (GLOBAL, PRIVATE) if model.has_private else (GLOBAL,)
+    g_params = list(model.global_params.values())
+    p_params = list(model.private_params.values()) if train_private else []
     prox = proximal_term(model.global_params, prox_reference, mu) if mu else 0.0
     if cfg.objective == "joint":
-        grad = (GLOBAL, PRIVATE) if train_private else (GLOBAL,)
-        ce = F.cross_entropy(model.logits(batch, both, grad), labels)
-        (ce + prox).backward()
+        ce = F.cross_entropy(model.logits(batch, model.inference_tracks()), labels)
+        (ce + prox).backward(inputs=g_params + p_params)
         return ce.item(), None
     # global_only and separated: the global track learns from global-only logits
-    ce = F.cross_entropy(model.logits(batch, (GLOBAL,), (GLOBAL,)), labels)
-    (ce + prox).backward()
+    ce = F.cross_entropy(model.logits(batch, (GLOBAL,)), labels)
+    (ce + prox).backward(inputs=g_params)
     if cfg.objective != "separated" or not train_private:
         return ce.item(), None
     # private: combined logits; with detach the global track is a constant here (sg[g])
-    grad = (PRIVATE,) if cfg.detach else (GLOBAL, PRIVATE)
-    ce_p = F.cross_entropy(model.logits(batch, both, grad), labels)
-    ce_p.backward()
+    ce_p = F.cross_entropy(model.logits(batch, (GLOBAL, PRIVATE)), labels)
+    ce_p.backward(inputs=p_params if cfg.detach else g_params + p_params)
     return ce.item(), ce_p.item()
 
 
 def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentConfig, steps: int,
                 train_private: bool, mask: masking.Mask | None, prox_reference: dict | None,
-                seed: int, desc: str = "local") -> TrainResult:
-    """Run ``steps`` local optimizer steps of the configured objective, each track with its own AdamW."""
+                seed: int, desc: str = "local", lr: float | None = None) -> TrainResult:
+    """Run ``steps`` local optimizer steps of the configured objective, each track with its own AdamW
+    (the global track's at ``lr``, default ``cfg.lr``)."""
     torch.manual_seed(seed)  # dropout
     generator = torch.Generator().manual_seed(seed)
     g_params, p_params = model.global_params, model.private_params
-    opt_g = torch.optim.AdamW(g_params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt_g = torch.optim.AdamW(g_params.values(), lr=lr or cfg.lr, weight_decay=cfg.weight_decay)
     opt_p = (torch.optim.AdamW(p_params.values(), lr=cfg.private_lr, weight_decay=cfg.weight_decay)
              if train_private else None)
     mu = cfg.fedprox_mu if prox_reference is not None else 0.0
@@ -118,16 +124,17 @@ def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentCo
     losses, private_losses = [], []
     model.model.train()
     batches = train_batches(tokenizer, data, cfg.batch_size, generator, steps, cfg.group_by_length)
-    for batch in tqdm(batches, total=steps, desc=desc, leave=False, disable=None):
+    for step, batch in enumerate(tqdm(batches, total=steps, desc=desc, leave=False, disable=None)):
         opt_g.zero_grad(set_to_none=True)
         if opt_p:
             opt_p.zero_grad(set_to_none=True)
-        loss, private_loss = backward_step(model, batch, cfg, train_private, prox_reference, mu)
+        private_now = train_private and step % cfg.private_every == 0
+        loss, private_loss = backward_step(model, batch, cfg, private_now, prox_reference, mu)
         losses.append(loss)
         if private_loss is not None:
             private_losses.append(private_loss)
         opt_g.step()
-        if opt_p:
+        if private_now:
             if mask is not None:
                 masking.mask_gradients(p_params, mask)
             opt_p.step()
@@ -232,7 +239,7 @@ class Client:
             weights = self.model.fresh_private_state(run_seed(self.cfg.seed, 0, self.cid, 7))
             self.store.save("private", weights, 0)
             if self.uses_mask:
-                self.store.save("mask", masking.full_mask(weights), 0)
+                self.store.save("mask", masking.full_mask(weights, self.model.private_lora), 0)
             if self.cfg.private_rewind_round == 0:
                 self.store.save("rewind", weights, 0)
         self.model.load_private_state(weights)
@@ -250,7 +257,7 @@ class Client:
                 mask = masking.prune(weights, mask, rate, self.cfg.private_prune_scope)
                 if self.cfg.private_rewind_round >= 0 and self.store.exists("rewind"):
                     weights = self.store.load("rewind")
-                weights = {n: w * mask[n] for n, w in weights.items()}
+                weights = {n: w * mask[n] if n in mask else w for n, w in weights.items()}
         if mask is not None:
             self.store.save("mask", mask, round_idx)
         self.store.save("private", weights, round_idx)
@@ -284,12 +291,14 @@ class Client:
                          self.cfg.eval_batch_size, self.cfg.num_labels) for view in views]
 
     def kstep(self, payload: bytes, steps: int) -> dict:
-        """Fine-tune the final model for ``steps`` local steps (no FedProx), evaluate; persists nothing."""
+        """Fine-tune the final model for ``steps`` local steps (no FedProx; global track at ``kstep_lr``),
+        evaluate; persists nothing."""
         global_state = comm.decode(payload)
         self.model.load_global_state(global_state)
         mask = self._load_private(before_round=self.cfg.rounds + 1)
         train_local(self.model, self.tokenizer, self.train, self.cfg, steps,
                     private_trains(self.cfg, self.cfg.rounds), mask, None,
-                    run_seed(self.cfg.seed, self.cfg.rounds + 1, self.cid), desc=f"k-step client {self.cid}")
+                    run_seed(self.cfg.seed, self.cfg.rounds + 1, self.cid), desc=f"k-step client {self.cid}",
+                    lr=self.cfg.kstep_lr or self.cfg.lr)
         return evaluate(self.model, self.tokenizer, self.test, self.model.inference_tracks(),
                         self.cfg.eval_batch_size, self.cfg.num_labels)

@@ -20,9 +20,10 @@ from typing import Any
 import tomli_w
 import tomllib
 
-METHODS = ("fedavg_lora", "dual_naive", "fedslip")
+METHODS = ("fedavg_lora", "dual_naive", "fedslip", "centralized")
 PARTITIONS = ("dominant", "dirichlet", "iid")
 HEADS = ("shared", "shared_full")
+PRIVATE_HEADS = ("none", "bias", "classifier")
 OBJECTIVES = ("global_only", "joint", "separated")
 PRECISIONS = ("auto", "bf16", "fp32")
 PRUNE_SCOPES = ("matrix", "global")
@@ -111,6 +112,9 @@ class ExperimentConfig:
                                "that message.")
     kstep: int = _f(50, "After the last round each client fine-tunes its final model for this many local "
                     "steps and is evaluated again (the baseline's K-step personalization); 0 = skip.")
+    kstep_lr: float = _f(0.0, "Learning rate of the global track during K-step; 0 = `lr`. Tune it (with `kstep`) "
+                         "on validation rows: `fedslip kstep --run DIR --steps N --lr X` re-runs K-step on a "
+                         "finished run.")
     # --- server: aggregation and update validation -----------------------------------------
     aggregation: str = _f("fedavg", "Server aggregation of the global track: `fedavg` (sample-weighted mean), "
                           "`median` or `trimmed_mean` (coordinate-wise, robust to outlier clients), with "
@@ -134,6 +138,12 @@ class ExperimentConfig:
     private_alpha: float = _f(16.0, "LoRA alpha of the private track.")
     private_lr: float = _f(4e-3, "AdamW learning rate of the private track.")
     private_targets: list[str] = _f([], "Modules of the private track; empty = same as the global track.")
+    private_head: str = _f("none", "A private head in the private track, added to the shared classifier's "
+                           "logits whenever the private track runs: `none`; `bias` (a per-client logit offset, "
+                           "C numbers); `classifier` (a per-client linear correction W_p h + b_p of the shared "
+                           "classifier). Zero at start; never pruned; never sent.")
+    private_every: int = _f(1, "Take the private loss on every k-th local batch only (1 = every batch): less "
+                            "compute per round for the separated objective.")
     private_warmup_rounds: int = _f(0, "Rounds (from round 1) in which the private track is frozen and only "
                                     "the global track trains.")
     private_freeze_round: int = _f(0, "After this round the private track stops training; 0 = never.")
@@ -183,14 +193,15 @@ class ExperimentConfig:
         choice("private_prune_scope", PRUNE_SCOPES)
         choice("eval_split", EVAL_SPLITS)
         choice("aggregation", AGGREGATIONS)
+        choice("private_head", PRIVATE_HEADS)
         positive("rounds", "num_clients", "samples_per_client", "test_samples_per_client", "batch_size",
                  "eval_batch_size", "lr", "max_seq_len", "lora_rank", "lora_alpha", "private_rank",
                  "private_alpha", "private_lr", "dirichlet_alpha")
         non_negative("local_steps", "local_epochs", "kstep", "weight_decay", "fedprox_mu",
                      "val_samples_per_client", "global_test_samples", "private_warmup_rounds",
                      "private_freeze_round", "lora_dropout", "private_prune_start_round", "max_update_norm",
-                     "max_payload_bytes", "reply_timeout", "rejoin_timeout")
-        positive("min_fit_clients", "parallel_clients", "client_cpus")
+                     "max_payload_bytes", "reply_timeout", "rejoin_timeout", "kstep_lr")
+        positive("min_fit_clients", "parallel_clients", "client_cpus", "private_every")
         if self.min_fit_clients > self.num_clients:
             raise ConfigError(f"min_fit_clients={self.min_fit_clients} exceeds num_clients={self.num_clients}")
         if not 0 <= self.trim_fraction < 0.5:
@@ -219,7 +230,13 @@ class ExperimentConfig:
             raise ConfigError(f"objective={self.objective!r} needs private_track=true")
         if self.private_track and self.objective == "global_only":
             raise ConfigError("private_track=true needs objective 'joint' or 'separated'")
-        for name in ("lr", "private_lr", "dominant_fraction", "fedprox_mu"):
+        if self.method == "centralized" and (self.engine != "embedded" or self.parallel_clients != 1
+                                             or self.private_track):
+            raise ConfigError("method='centralized' (one trainer on all clients' rows) runs on engine='embedded' "
+                              "with parallel_clients=1 and no private track")
+        if not self.private_track and self.private_head != "none":
+            raise ConfigError(f"private_head={self.private_head!r} needs private_track=true")
+        for name in ("lr", "private_lr", "dominant_fraction", "fedprox_mu", "kstep_lr"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be finite, got {getattr(self, name)!r}")
 
@@ -245,6 +262,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                        private_target_sparsity=0.0, private_rewind_round=-1),
     # FedSLIP: clean separation, FedProx, warmup, sparse private track. Values chosen on validation
     # data (README, "Choosing FedSLIP's defaults").
+    # Reference, not a federated method: one trainer on the union of the clients' training rows, same
+    # rows and steps per round as fedavg_lora; the upper bound for the global track.
+    "centralized": dict(private_track=False, objective="global_only", fedprox_mu=0.0, head="shared"),
     "fedslip": dict(private_track=True, objective="separated", detach=True, fedprox_mu=0.01,
                     head="shared", private_warmup_rounds=1, private_freeze_round=0,
                     private_target_sparsity=0.5, private_prune_rate=0.2, private_rewind_round=-1),

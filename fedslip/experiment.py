@@ -81,6 +81,15 @@ def build_clients(setup: Setup, run_dir: RunDir) -> list[Client]:
             for cid, data in enumerate(setup.clients)]
 
 
+def build_pooled_trainer(setup: Setup, run_dir: RunDir) -> Client:
+    """The ``centralized`` reference's trainer: one client (id ``num_clients``) holding the union of all
+    clients' training rows, in client order."""
+    union = Encoded(input_ids=[i for c in setup.clients for i in c.train.input_ids],
+                    labels=torch.cat([c.train.labels for c in setup.clients]))
+    cid = setup.cfg.num_clients
+    return Client(cid, setup.cfg, setup.model, setup.tokenizer, union, union, run_dir.client_dir(cid))
+
+
 class RunDir:
     """The files of one run: ``config.toml``, ``partition.json``, ``metrics.jsonl`` (one line per round),
     ``summary.json``, ``global.safetensors`` and ``clients/<id>/`` (each client's private state)."""

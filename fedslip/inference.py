@@ -72,8 +72,14 @@ class RunModel:
         out = Path(out)
         if out.exists() and any(out.iterdir()):
             raise FileExistsError(f"{out} is not empty; export needs a new or empty directory")
-        self.model.activate(self.tracks)
+        self.model.run_through(self.tracks)
+        head = self.model.merged_head(self.tracks)  # the private head folds into the classifier layer
         merged = self.model.model.merge_and_unload(adapter_names=list(self.tracks))
+        if head is not None:
+            with torch.no_grad():
+                classifier = merged.get_submodule(self.model.head[-1])
+                classifier.weight.copy_(head["weight"])
+                classifier.bias.copy_(head["bias"])
         merged.config.id2label = dict(enumerate(self.cfg.class_names))
         merged.config.label2id = {n: i for i, n in enumerate(self.cfg.class_names)}
         merged.save_pretrained(out)

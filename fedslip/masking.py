@@ -14,8 +14,9 @@ import torch
 Mask = dict[str, torch.Tensor]
 
 
-def full_mask(weights: dict[str, torch.Tensor]) -> Mask:
-    return {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+def full_mask(weights: dict[str, torch.Tensor], names: frozenset[str] | None = None) -> Mask:
+    """All-true mask over ``weights`` (only those in ``names`` when given)."""
+    return {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items() if names is None or n in names}
 
 
 def sparsity(mask: Mask) -> float:
@@ -35,13 +36,14 @@ def _prune_count(alive: int, rate: float) -> int:
 
 
 def prune(weights: dict[str, torch.Tensor], mask: Mask, rate: float, scope: str) -> Mask:
-    """New mask with ``rate`` of the surviving entries (smallest magnitude) removed."""
+    """New mask with ``rate`` of the surviving entries (smallest magnitude) removed. Only tensors the
+    mask covers are pruned (the private head never is)."""
     if rate <= 0:
         return {n: m.clone() for n, m in mask.items()}
     new = {}
     if scope == "matrix":
-        for n, w in weights.items():
-            m = mask[n]
+        for n, m in mask.items():
+            w = weights[n]
             k = _prune_count(int(m.sum()), rate)
             new[n] = m.clone()
             if k:
@@ -49,7 +51,7 @@ def prune(weights: dict[str, torch.Tensor], mask: Mask, rate: float, scope: str)
                 new[n].view(-1)[torch.topk(score, k, largest=False).indices] = False
         return new
     # global: one threshold over the whole private track
-    names = list(weights)
+    names = list(mask)
     score = torch.cat([weights[n].detach().abs().float().masked_fill(~mask[n], float("inf")).flatten()
                        for n in names])
     flat = torch.cat([mask[n].flatten() for n in names])
@@ -66,12 +68,12 @@ def prune(weights: dict[str, torch.Tensor], mask: Mask, rate: float, scope: str)
 
 @torch.no_grad()
 def apply_mask(params: dict[str, torch.nn.Parameter], mask: Mask) -> None:
-    for n, p in params.items():
-        p.mul_(mask[n].to(p.device, p.dtype))
+    for n, m in mask.items():
+        params[n].mul_(m.to(params[n].device, params[n].dtype))
 
 
 @torch.no_grad()
 def mask_gradients(params: dict[str, torch.nn.Parameter], mask: Mask) -> None:
-    for n, p in params.items():
-        if p.grad is not None:
-            p.grad.mul_(mask[n].to(p.device, p.grad.dtype))
+    for n, m in mask.items():
+        if params[n].grad is not None:
+            params[n].grad.mul_(m.to(params[n].device, params[n].grad.dtype))

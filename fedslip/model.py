@@ -1,9 +1,16 @@
 """Backbone loading and the two LoRA tracks on one frozen backbone (peft).
 
 ``TrackedModel`` owns a peft model with adapter ``global`` (LoRA + the classifier head as
-``modules_to_save``) and, for dual-track methods, adapter ``private`` (LoRA only). The backbone is
-loaded once per process and shared by all simulated clients: a client's turn loads the broadcast
-global track and its own private track into the adapters, trains, and reads them back.
+``modules_to_save``) and, for dual-track methods, adapter ``private`` (LoRA, plus an optional private
+head: a per-client additive correction of the shared classifier's logits). The backbone is loaded
+once per process and shared by all simulated clients: a client's turn loads the broadcast global
+track and its own private track into the adapters, trains, and reads them back.
+
+Trainability is decided once, here: every global-track and private-track tensor requires gradients,
+everything else never does. Which tracks a forward pass *runs through* is chosen per call
+(``logits(batch, tracks)``); which tensors a loss *trains* is chosen where the loss is built
+(``loss.backward(inputs=...)`` in ``client.py``). No call leaves state that changes what a later
+call's gradients are.
 """
 
 from __future__ import annotations
@@ -150,27 +157,61 @@ class TrackedModel:
         self.model.to(self.device)
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         named = dict(self.model.named_parameters())
+        # peft matches modules_to_save by suffix, so "classifier" also wraps DistilBERT's
+        # "pre_classifier"; such copies are in no track: frozen at their initial value, never sent.
         self.global_params = {n: p for n, p in named.items() if f".{GLOBAL}." in n and self._in_head(n)}
         self.private_params = {n: p for n, p in named.items() if f".{PRIVATE}." in n}
-        # peft matches modules_to_save by suffix, so "classifier" also wraps DistilBERT's
-        # "pre_classifier"; such copies stay frozen at their initial value and never travel.
-        self.frozen_params = [p for n, p in named.items() if f".{GLOBAL}." in n and not self._in_head(n)]
+        self.private_lora = frozenset(self.private_params)  # what the lottery-ticket mask prunes
+        self.private_params.update(self._private_head(cfg.private_head if self.has_private else "none"))
         self._active: tuple[str, ...] = ()
-        self.activate((GLOBAL, PRIVATE) if self.has_private else (GLOBAL,))
+        self.run_through(self.inference_tracks())
 
-    # --- which adapters run and which receive gradients --------------------------------------
-    def activate(self, tracks: tuple[str, ...], grad: tuple[str, ...] = ()) -> None:
-        """Run the forward pass through ``tracks``; only parameters of ``grad`` require gradients."""
-        if tracks != self._active:
-            self.model.base_model.set_adapter(list(tracks) if len(tracks) > 1 else tracks[0])
-            self._active = tracks
-        # set_adapter marks active adapters trainable; we decide per call instead.
-        for p in self.global_params.values():
-            p.requires_grad_(GLOBAL in grad)
-        for p in self.private_params.values():
-            p.requires_grad_(PRIVATE in grad)
-        for p in self.frozen_params:
+    # --- which adapters run ---------------------------------------------------------------
+    def run_through(self, tracks: tuple[str, ...]) -> None:
+        """Make the forward pass run through ``tracks``. peft's ``set_adapter`` also rewrites
+        ``requires_grad``; the fixed rule (both tracks trainable, nothing else) is restored at once."""
+        if tracks == self._active:
+            return
+        self.model.base_model.set_adapter(list(tracks) if len(tracks) > 1 else tracks[0])
+        self._active = tracks
+        for p in self.model.parameters():
             p.requires_grad_(False)
+        for p in list(self.global_params.values()) + list(self.private_params.values()):
+            p.requires_grad_(True)
+
+    def _private_head(self, kind: str) -> dict[str, torch.nn.Parameter]:
+        """The private head: ``bias`` = a per-client logit offset b_p; ``classifier`` = W_p h + b_p on the
+        shared classifier's input h. Zero at start (like LoRA's B), added to the shared classifier's
+        output whenever the private track runs, so global-only logits never see it."""
+        if kind == "none":
+            return {}
+        classifier = self.model.get_submodule(self._classifier_name())
+        width = classifier.original_module.in_features
+        num_labels = classifier.original_module.out_features
+        params = {f"head.{PRIVATE}.bias": torch.nn.Parameter(torch.zeros(num_labels, device=self.device))}
+        if kind == "classifier":
+            params[f"head.{PRIVATE}.weight"] = torch.nn.Parameter(torch.zeros(num_labels, width, device=self.device))
+
+        def add_private_logits(module, inputs, output):
+            if PRIVATE not in self._active:
+                return output
+            delta = params[f"head.{PRIVATE}.bias"]
+            if kind == "classifier":
+                delta = torch.nn.functional.linear(inputs[0], params[f"head.{PRIVATE}.weight"], delta)
+            return output + delta
+
+        classifier.register_forward_hook(add_private_logits)
+        return params
+
+    def _classifier_name(self) -> str:
+        """The modules_to_save wrapper of the final classifier layer (the last configured head module)."""
+        suffix = "." + self.head[-1]
+        names = [n for n, m in self.model.named_modules()
+                 if n.endswith(suffix) and hasattr(m, "original_module")]
+        if len(names) != 1:
+            raise BackboneError(f"private_head needs exactly one classifier module named {self.head[-1]!r}, "
+                                f"found {names}")
+        return names[0]
 
     def _in_head(self, name: str) -> bool:
         """LoRA weights, or a modules_to_save copy of one of the configured head modules."""
@@ -183,9 +224,9 @@ class TrackedModel:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def logits(self, batch: dict[str, torch.Tensor], tracks: tuple[str, ...],
-               grad: tuple[str, ...] = ()) -> torch.Tensor:
-        self.activate(tracks, grad)
+    def logits(self, batch: dict[str, torch.Tensor], tracks: tuple[str, ...]) -> torch.Tensor:
+        """Logits of the model running through ``tracks`` (``(GLOBAL,)`` or ``(GLOBAL, PRIVATE)``)."""
+        self.run_through(tracks)
         with self.autocast():
             out = self.model(input_ids=batch["input_ids"].to(self.device),
                              attention_mask=batch["attention_mask"].to(self.device))
@@ -229,13 +270,30 @@ class TrackedModel:
             for module in self.model.modules():
                 if isinstance(module, LoraLayer) and PRIVATE in module.lora_A:
                     module.reset_lora_parameters(PRIVATE, True)
+        with torch.no_grad():
+            for name, p in self.private_params.items():
+                if name not in self.private_lora:
+                    p.zero_()
         return self.private_state()
+
+    def merged_head(self, tracks: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+        """Weight and bias of one classifier layer equal to the shared classifier plus the private head
+        (for export); None when nothing private is added to the head."""
+        if PRIVATE not in tracks or f"head.{PRIVATE}.bias" not in self.private_params:
+            return None
+        shared = self.model.get_submodule(self._classifier_name()).modules_to_save[GLOBAL]
+        weight = shared.weight.detach().clone()
+        if f"head.{PRIVATE}.weight" in self.private_params:
+            weight += self.private_params[f"head.{PRIVATE}.weight"].detach()
+        return {"weight": weight, "bias": shared.bias.detach() + self.private_params[f"head.{PRIVATE}.bias"].detach()}
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:
+        """No dropout inside; the previous mode (train or eval) is restored on exit, so nesting is safe."""
+        was_training = self.model.training
         self.model.eval()
         try:
             yield
         finally:
-            self.model.train()
+            self.model.train(was_training)
 

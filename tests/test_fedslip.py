@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification
 
 import fedslip
 from fedslip import comm, masking
-from fedslip.client import backward_step, proximal_term, run_seed
+from fedslip.client import backward_step, evaluate, proximal_term, run_seed, train_local
 from fedslip.data import train_batches
 from fedslip.experiment import RunDir, build_clients, prepare
 from fedslip.inference import RunModel
@@ -22,13 +22,13 @@ from fedslip.server import Server
 
 @pytest.fixture(scope="module")
 def fedslip_run(tmp_path_factory, data_dir, request):
-    """3 rounds, 3 clients, every serialized message recorded."""
+    """3 rounds, 3 clients, a private head, every serialized message recorded."""
     out = tmp_path_factory.mktemp("runs") / "fedslip"
     cfg = fedslip.make_config(dict(method="fedslip", backbone="tiny", data_dir=str(data_dir), rounds=3,
                                    num_clients=3, samples_per_client=32, test_samples_per_client=16,
                                    global_test_samples=64, batch_size=16, kstep=0, precision="fp32",
                                    private_warmup_rounds=0, private_target_sparsity=0.5,
-                                   private_prune_rate=0.3))
+                                   private_prune_rate=0.3, private_head="classifier"))
     messages: list[bytes] = []
     original = comm.encode
     mp = pytest.MonkeyPatch()
@@ -57,7 +57,8 @@ def test_no_message_carries_a_private_tensor(fedslip_run):
 def test_fedslip_sends_exactly_the_baseline_bytes(fedslip_run, tmp_path):
     out, cfg, summary, _ = fedslip_run
     base = fedslip.run(fedslip.make_config({**cfg.to_dict(), "method": "fedavg_lora", "private_track": False,
-                                            "objective": "global_only", "rounds": 1}), tmp_path / "b",
+                                            "objective": "global_only", "private_head": "none",
+                                            "rounds": 1}), tmp_path / "b",
                        progress=False)
     assert base["comm_bytes_per_round"] == summary["comm_bytes_per_round"]
 
@@ -84,6 +85,8 @@ def test_mask_is_binary_reaches_target_on_schedule_and_zeros_stay_zero(fedslip_r
     for c in range(cfg.num_clients):
         mask = load_file(out / "clients" / str(c) / "mask.safetensors")
         weights = load_file(out / "clients" / str(c) / "private.safetensors")
+        assert set(mask) == {n for n in weights if not n.startswith("head.")}, "the private head is never pruned"
+        assert torch.count_nonzero(weights["head.private.weight"]) > 0, "the private head trained"
         for name, m in mask.items():
             assert set(m.unique().tolist()) <= {0, 1}
             assert torch.all(weights[name][m == 0] == 0)
@@ -135,32 +138,36 @@ def zero(model):
         p.grad = None
 
 
+def ce_grads(model, batch, tracks, params):
+    """Gradient of CE on ``tracks``' logits w.r.t. ``params``, computed here with torch.autograd.grad."""
+    loss = torch.nn.functional.cross_entropy(model.logits(batch, tracks), batch["labels"])
+    return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+
 def test_detach_separates_the_gradients(two_track):
     cfg, model, batch = two_track
+    g, p = model.global_params, model.private_params
     with model.eval_mode():  # no dropout: comparable gradients
-        # global loss alone: nothing reaches the private track
-        zero(model)
-        labels = batch["labels"]
-        torch.nn.functional.cross_entropy(model.logits(batch, (GLOBAL,), (GLOBAL,)), labels).backward()
-        global_alone, private_after_global = grads(model.global_params), grads(model.private_params)
-        assert is_zero(private_after_global)
-        # private loss alone (global detached): nothing reaches the global track
-        zero(model)
-        torch.nn.functional.cross_entropy(model.logits(batch, (GLOBAL, PRIVATE), (PRIVATE,)), labels).backward()
-        assert is_zero(grads(model.global_params))
-        private_alone = grads(model.private_params)
-        # the full step = the sum of the two, i.e. each track got exactly its own loss
+        global_alone = ce_grads(model, batch, (GLOBAL,), g)  # L_g reaches g only
+        private_alone = ce_grads(model, batch, (GLOBAL, PRIVATE), p)  # L_p w.r.t. p
+        private_to_global = ce_grads(model, batch, (GLOBAL, PRIVATE), g)  # what detach=false adds to g
+        # the full step: each track got exactly its own loss
         zero(model)
         backward_step(model, batch, cfg, True, None, 0.0)
-        for n, g in grads(model.global_params).items():
-            assert torch.allclose(g, global_alone[n], atol=1e-6)
-        for n, g in grads(model.private_params).items():
-            assert torch.allclose(g, private_alone[n], atol=1e-6)
+        for n, grad in grads(g).items():
+            assert torch.allclose(grad, global_alone[n], atol=1e-6)
+        for n, grad in grads(p).items():
+            assert torch.allclose(grad, private_alone[n], atol=1e-6)
+        # only the global loss when the private track does not train
+        zero(model)
+        backward_step(model, batch, cfg, False, None, 0.0)
+        assert is_zero(grads(p))
         # ablation detach=false: the private loss now also reaches the global track
         zero(model)
         cfg_nd = fedslip.make_config({**cfg.to_dict(), "detach": False})
         backward_step(model, batch, cfg_nd, True, None, 0.0)
-        assert any(not torch.allclose(g, global_alone[n], atol=1e-6) for n, g in grads(model.global_params).items())
+        for n, grad in grads(g).items():
+            assert torch.allclose(grad, global_alone[n] + private_to_global[n], atol=1e-6)
 
 
 def test_fedprox_term_matches_hand_computation():
@@ -172,17 +179,59 @@ def test_fedprox_term_matches_hand_computation():
     assert torch.allclose(params["a"].grad, torch.tensor([0.1, 0.2]))  # mu * (w - w_ref)
 
 
-def test_fedprox_pulls_the_global_track_towards_the_round_start(two_track):
-    cfg, model, batch = two_track
-    reference = {n: torch.zeros_like(p) for n, p in model.global_params.items()}
+@pytest.mark.parametrize("method", ["fedavg_lora", "dual_naive", "fedslip"])
+def test_fedprox_adds_exactly_mu_times_the_drift_on_every_step(tiny_cfg, method):
+    """Several consecutive local steps, the first right after an evaluation: on each, the gradient with
+    FedProx minus the gradient without it is mu * (w - w_round) on every global tensor and zero on
+    every private tensor, whatever the previous call (evaluation, private pass) left behind."""
+    mu = 0.5
+    cfg = tiny_cfg(method=method, fedprox_mu=mu)
+    setup = prepare(cfg)
+    model = setup.model
+    round_start = model.global_state()
+    torch.manual_seed(1)  # start away from w_round, so that every step has a drift to pull back
+    model.load_global_state({n: t + torch.randn_like(t) * 0.1 for n, t in round_start.items()})
+    params = {**model.global_params, **model.private_params}
+    batches = list(train_batches(setup.tokenizer, setup.clients[0].train, 8, torch.Generator().manual_seed(0), 4))
+    sgd = torch.optim.SGD(params.values(), lr=0.5)
     with model.eval_mode():
-        zero(model)
-        backward_step(model, batch, cfg, False, None, 0.0)
-        plain = grads(model.global_params)
-        zero(model)
-        backward_step(model, batch, cfg, False, reference, 0.5)
-        for n, p in model.global_params.items():
-            assert torch.allclose(p.grad, plain[n] + 0.5 * p.detach(), atol=1e-6)
+        evaluate(model, setup.tokenizer, setup.clients[0].test, model.inference_tracks(), 8, cfg.num_labels)
+        for step, batch in enumerate(batches):
+            zero(model)
+            backward_step(model, batch, cfg, True, round_start, mu)
+            with_prox = grads(params)
+            zero(model)
+            backward_step(model, batch, cfg, True, None, 0.0)
+            plain = grads(params)
+            drift = {n: p.detach() - round_start[n] for n, p in model.global_params.items()}
+            assert all(d.abs().max() > 1e-3 for d in drift.values())
+            for n in model.global_params:
+                assert torch.allclose(with_prox[n] - plain[n], mu * drift[n], rtol=1e-4, atol=1e-6), (step, n)
+            for n in model.private_params:
+                assert (with_prox[n] is None) == (plain[n] is None) and (
+                    plain[n] is None or torch.equal(with_prox[n], plain[n])), (step, n)
+            for n, p in params.items():  # take the FedProx step, so the next step starts elsewhere
+                p.grad = with_prox[n]
+            sgd.step()
+
+
+def test_private_every_k_takes_the_private_step_on_every_kth_batch_only(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(method="fedslip", private_warmup_rounds=0, private_target_sparsity=0.0, private_every=2,
+                   num_clients=1)
+    setup, client = single_client(cfg, tmp_path)
+    model = setup.model
+    start = {"private": model.private_state(), "global": model.global_state()}
+    after = {}
+    for steps in (1, 2, 3):  # same start and seed: the first steps of each run are the same steps
+        model.load_private_state(start["private"])
+        model.load_global_state(start["global"])
+        train_local(model, setup.tokenizer, client.train, cfg, steps, True, None, None, seed=3)
+        after[steps] = {"private": model.private_state(), "global": model.global_state()}
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert not same(after[1]["private"], start["private"]), "step 0 trains the private track"
+    assert same(after[2]["private"], after[1]["private"]), "step 1 does not"
+    assert not same(after[3]["private"], after[2]["private"]), "step 2 does again"
+    assert not same(after[2]["global"], after[1]["global"]), "the global track trains on every step"
 
 
 def test_warmup_and_freeze_keep_the_private_track_unchanged(tiny_cfg, tmp_path):

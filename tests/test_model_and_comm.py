@@ -85,6 +85,28 @@ def test_the_private_track_changes_logits_only_when_active(tokenizer):
         assert torch.allclose(model.logits(batch, (GLOBAL,)), glob)
 
 
+@pytest.mark.parametrize("kind", ["bias", "classifier"])
+def test_private_head_adds_w_h_plus_b_to_the_combined_logits_only(tokenizer, kind):
+    model = TrackedModel(make_config({"backbone": "tiny", "method": "fedslip", "private_head": kind,
+                                      "precision": "fp32"}), tokenizer)
+    head = sorted(set(model.private_params) - model.private_lora)
+    assert head == (["head.private.bias", "head.private.weight"] if kind == "classifier" else ["head.private.bias"])
+    batch = tokenizer(["stocks rise", "team wins"], return_tensors="pt", padding=True)
+    with model.eval_mode():
+        glob = model.logits(batch, (GLOBAL,))
+        assert torch.equal(model.logits(batch, (GLOBAL, PRIVATE)), glob), "zero at start (private LoRA B = 0 too)"
+        torch.manual_seed(0)
+        model.load_private_state({n: torch.randn_like(t) if n in head else t
+                                  for n, t in model.private_state().items()})
+        bias = model.private_params["head.private.bias"].detach()
+        weight = (model.private_params["head.private.weight"].detach() if kind == "classifier"
+                  else torch.zeros(bias.shape[0], 32))
+        pooled = model.model.base_model.model.bert(**batch).pooler_output  # the classifier's input h
+        expected = glob + pooled @ weight.T + bias
+        assert torch.allclose(model.logits(batch, (GLOBAL, PRIVATE)), expected, atol=1e-5)
+        assert torch.equal(model.logits(batch, (GLOBAL,)), glob), "global-only logits never see the private head"
+
+
 def test_bad_payload_is_a_clear_error():
     with pytest.raises(comm.PayloadError, match="not valid safetensors"):
         comm.decode(b"\x00" * 5)

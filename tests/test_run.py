@@ -72,6 +72,46 @@ def test_same_seed_same_results(baseline_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_kstep_on_a_finished_run_reproduces_its_kstep_and_changes_nothing(baseline_run, tmp_path):
+    out, cfg, summary = baseline_run
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = fedslip.kstep(out, cfg.kstep)
+    assert again["kstep_accuracy_per_client"] == summary["kstep_accuracy_per_client"]
+    assert json.loads((out / "kstep" / f"steps{cfg.kstep}-lr{cfg.lr:g}.json").read_text()) == again
+    other = fedslip.kstep(out, 6, lr=0.05)
+    assert (out / "kstep" / "steps6-lr0.05.json").is_file() and other["kstep_lr"] == 0.05
+    assert {p: p.read_bytes() for p in before} == before, "the run's own files are untouched"
+    with pytest.raises(ConfigError, match="steps > 0"):
+        fedslip.kstep(out, 0)
+    with pytest.raises(RunDirError, match="no finished run"):
+        fedslip.kstep(tmp_path, 3)
+
+
+def test_kstep_lr_is_the_kstep_learning_rate(baseline_run):
+    """A K-step at a vanishing learning rate leaves every client at its zero-shot accuracy."""
+    out, cfg, summary = baseline_run
+    assert fedslip.kstep(out, 3, lr=1e-12)["kstep_accuracy_per_client"] == summary["personalized_accuracy_per_client"]
+
+
+def test_centralized_trains_one_model_on_the_union_of_the_clients_rows(tiny_cfg, tmp_path):
+    from fedslip.experiment import RunDir, build_pooled_trainer, prepare
+
+    cfg = tiny_cfg(method="centralized", num_clients=3)
+    setup = prepare(cfg)
+    pooled = build_pooled_trainer(setup, RunDir(tmp_path / "x"))
+    assert torch.equal(pooled.train.labels, torch.cat([c.train.labels for c in setup.clients]))
+    assert pooled.train.input_ids == [i for c in setup.clients for i in c.train.input_ids]
+    summary = fedslip.run(cfg, tmp_path / "central", progress=False)
+    rows = read_metrics(tmp_path / "central")
+    assert all(r["upload_bytes"] == r["download_bytes"] == 0 for r in rows), "nothing crosses a wire"
+    assert len(summary["personalized_accuracy_per_client"]) == 3
+    assert rows[-1]["personalized_accuracy"] == rows[-1]["global_track_local_accuracy"]
+    with pytest.raises(ConfigError, match="centralized"):
+        tiny_cfg(method="centralized", engine="flower-sim")
+    with pytest.raises(ConfigError, match="private_head"):
+        tiny_cfg(method="fedavg_lora", private_head="bias")
+
+
 def test_fraction_fit_samples_clients(tiny_cfg, tmp_path):
     cfg = tiny_cfg(fraction_fit=0.5, rounds=2)
     fedslip.run(cfg, tmp_path / "r", progress=False)

@@ -1,7 +1,10 @@
 """The embedded engines: clients in this machine's processes, no server processes, no Ray.
 
 ``EmbeddedEngine`` runs clients one after another in this process, sharing one backbone.
-``ParallelEngine`` spreads them over ``parallel_clients`` worker processes, each with its own backbone
+``CentralizedEngine`` is the ``centralized`` reference method: one trainer holds the union of all
+clients' training rows (same rows, same number of steps per round), nothing crosses a wire; the
+clients still evaluate the resulting model on their own test rows. ``ParallelEngine`` spreads them
+over ``parallel_clients`` worker processes, each with its own backbone
 and ``torch.set_num_threads(cores // N)`` (two 1-thread processes train faster here than one 2-thread
 process). A client's work depends only on the payload, its own state directory and seeds derived
 from (seed, round, client), so both give the same results for a seed.
@@ -69,6 +72,24 @@ class EmbeddedEngine:
 
     def close(self) -> None:
         pass
+
+
+class CentralizedEngine(EmbeddedEngine):
+    """``fit`` trains one pooled trainer on every client's rows (the upper bound for the global track);
+    ``evaluate`` and ``kstep`` are the clients' own, as for any method."""
+
+    def __init__(self, clients: list[Client], pooled: Client):
+        super().__init__(clients)
+        self.pooled = pooled
+
+    def fit(self, payload: bytes, cids: list[int], round_idx: int
+            ) -> tuple[dict[int, FitReply], dict[int, str], int]:
+        ok, value = _call(self.pooled, "fit", (payload, round_idx))
+        if not ok:
+            log.warning("centralized training failed: %s", value)
+            return {}, {self.pooled.cid: value}, 0
+        value.wire_bytes = 0  # one machine: nothing is sent
+        return {self.pooled.cid: value}, {}, 0
 
 
 _WORKER_CLIENTS: list[Client] = []
