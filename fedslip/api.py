@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import __version__, comm
 from .client import evaluate
 from .config import ConfigError, ExperimentConfig, load_config
-from .engines import Engine
+from .engines import GLOBAL_TEST_VIEW, Engine
 from .engines.embedded import CentralizedEngine, EmbeddedEngine, ParallelEngine
 from .experiment import Checkpoint, RunDir, RunDirError, Setup, build_clients, build_pooled_trainer, prepare
 from .model import GLOBAL
@@ -65,15 +65,19 @@ def _pct(value: float | None) -> str:
 
 def evaluate_round(setup: Setup, engine: Engine, payload: bytes, round_idx: int) -> dict:
     """Global track on the global test set; each client's inference model (and its global track alone,
-    for dual-track methods) on the client's own test rows."""
+    for dual-track methods) on the client's own test rows; after the last round also each client's
+    inference model on the global test set (for single-track methods that is the global accuracy)."""
     model, n = setup.model, setup.cfg.num_clients
     model.load_global_state(comm.decode(payload))
     glob = evaluate(model, setup.tokenizer, setup.global_eval, (GLOBAL,), setup.cfg.eval_batch_size,
                     setup.cfg.num_labels)
     views = [None, (GLOBAL,)] if model.has_private else [None]  # inference model; its global track alone
-    results, failed = engine.evaluate(payload, round_idx, views)
+    last = round_idx == setup.cfg.rounds and model.has_private
+    results, failed = engine.evaluate(payload, round_idx, views + [GLOBAL_TEST_VIEW] if last else views)
     personal = {cid: r[0] for cid, r in results.items()}
-    local_global = {cid: r[-1] for cid, r in results.items()}
+    local_global = {cid: r[len(views) - 1] for cid, r in results.items()}
+    on_global = ({cid: r[-1] for cid, r in results.items()} if last
+                 else {cid: glob for cid in results} if round_idx == setup.cfg.rounds else {})
     return {
         "global_accuracy": glob["accuracy"],
         "global_loss": glob["loss"],
@@ -81,6 +85,7 @@ def evaluate_round(setup: Setup, engine: Engine, payload: bytes, round_idx: int)
         "personalized_accuracy_per_client": _per_client(personal, n),
         "global_track_local_accuracy": _mean(_per_client(local_global, n)),
         "global_track_local_accuracy_per_client": _per_client(local_global, n),
+        **({"personalized_global_test_accuracy_per_client": _per_client(on_global, n)} if on_global else {}),
         "failed_evaluations": {str(c): e for c, e in failed.items()},
         "_detail": {"global": glob, "personalized": personal},
     }
@@ -280,6 +285,10 @@ def _summary(cfg: ExperimentConfig, setup: Setup, history: list[dict], detail: d
         **{k: last[k] for k in ("global_accuracy", "personalized_accuracy", "personalized_accuracy_per_client",
                                 "global_track_local_accuracy", "global_track_local_accuracy_per_client",
                                 "train_loss", "upload_bytes", "download_bytes")},
+        "worst_client_personalized_accuracy": min((a for a in last["personalized_accuracy_per_client"]
+                                                   if a is not None), default=None),
+        "personalized_global_test_accuracy_per_client": last.get("personalized_global_test_accuracy_per_client"),
+        "personalized_global_test_accuracy": _mean(last.get("personalized_global_test_accuracy_per_client") or []),
         "global_accuracy_per_class": per_class(detail["global"]),
         "personalized_accuracy_per_class_per_client": [per_class(detail["personalized"][c])
                                                        if c in detail["personalized"] else None

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from . import comm, masking
 from .config import ExperimentConfig
 from .data import Encoded, eval_batches, train_batches
-from .engines import View
+from .engines import GLOBAL_TEST_VIEW, View
 from .model import GLOBAL, PRIVATE, TrackedModel
 from .storage import load_tensors_and_metadata, save_tensors
 
@@ -222,9 +222,9 @@ class Client:
     engine (in-process or Flower) can carry the messages."""
 
     def __init__(self, cid: int, cfg: ExperimentConfig, model: TrackedModel, tokenizer, train: Encoded,
-                 test: Encoded, state_dir: Path):
+                 test: Encoded, state_dir: Path, global_test: Encoded | None = None):
         self.cid, self.cfg, self.model, self.tokenizer = cid, cfg, model, tokenizer
-        self.train, self.test = train, test
+        self.train, self.test, self.global_test = train, test, global_test
         self.store = PrivateStore(state_dir)
         self.uses_mask = cfg.private_track and cfg.private_target_sparsity > 0
 
@@ -283,12 +283,21 @@ class Client:
     def evaluate(self, payload: bytes, views: Sequence[View] = (None,),
                  after_round: float = float("inf")) -> list[dict]:
         """Accuracy on this client's own test rows of each view: ``None`` = its inference model (global
-        + its private track as of ``after_round``), or the tracks named (``("global",)``). One call
-        for all views, so a networked engine sends one message per client, not one per view."""
+        + its private track as of ``after_round``), the tracks named (``("global",)``), or
+        ``GLOBAL_TEST_VIEW`` = its inference model on the balanced global test set. One call for all
+        views, so a networked engine sends one message per client, not one per view."""
         self.model.load_global_state(comm.decode(payload))
         self._load_private(before_round=after_round + 1)
-        return [evaluate(self.model, self.tokenizer, self.test, view or self.model.inference_tracks(),
-                         self.cfg.eval_batch_size, self.cfg.num_labels) for view in views]
+        results = []
+        for view in views:
+            data = self.test
+            if view == GLOBAL_TEST_VIEW:
+                if self.global_test is None:
+                    raise ValueError(f"client {self.cid} holds no global test set")
+                view, data = None, self.global_test
+            results.append(evaluate(self.model, self.tokenizer, data, view or self.model.inference_tracks(),
+                                    self.cfg.eval_batch_size, self.cfg.num_labels))
+        return results
 
     def kstep(self, payload: bytes, steps: int) -> dict:
         """Fine-tune the final model for ``steps`` local steps (no FedProx; global track at ``kstep_lr``),

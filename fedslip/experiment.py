@@ -77,8 +77,8 @@ class Checkpoint:
 
 
 def build_clients(setup: Setup, run_dir: RunDir) -> list[Client]:
-    return [Client(cid, setup.cfg, setup.model, setup.tokenizer, data.train, data.test, run_dir.client_dir(cid))
-            for cid, data in enumerate(setup.clients)]
+    return [Client(cid, setup.cfg, setup.model, setup.tokenizer, data.train, data.test, run_dir.client_dir(cid),
+                   setup.global_eval) for cid, data in enumerate(setup.clients)]
 
 
 def build_pooled_trainer(setup: Setup, run_dir: RunDir) -> Client:

@@ -131,7 +131,8 @@ def make_client_app(cfg: ExperimentConfig | None = None, state_root: Path | None
             state_dir = (state_root or Path(options["out"]) / "clients") / str(cid)
         setup = _setup(run_cfg)
         data = setup.clients[cid]
-        return Client(cid, run_cfg, setup.model, setup.tokenizer, data.train, data.test, state_dir)
+        return Client(cid, run_cfg, setup.model, setup.tokenizer, data.train, data.test, state_dir,
+                      setup.global_eval)
 
     def config(msg: Message) -> dict:
         return dict(msg.content[CONFIG])

@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification
 import fedslip
 from fedslip import comm, masking
 from fedslip.client import backward_step, evaluate, proximal_term, run_seed, train_local
-from fedslip.data import train_batches
+from fedslip.data import eval_batches, train_batches
 from fedslip.experiment import RunDir, build_clients, prepare
 from fedslip.inference import RunModel
 from fedslip.model import GLOBAL, PRIVATE
@@ -257,6 +257,19 @@ def test_warmup_round_leaves_the_fresh_private_track_untouched(tiny_cfg, tmp_pat
     fresh = setup.model.fresh_private_state(run_seed(cfg.seed, 0, 0, 7))
     after = client.store.load("private")
     assert all(torch.equal(after[k], fresh[k]) for k in fresh)
+
+
+def test_each_clients_personalized_model_is_also_measured_on_the_global_test_set(fedslip_run):
+    out, cfg, summary, _ = fedslip_run
+    setup = prepare(cfg)
+    for c in range(cfg.num_clients):
+        model = RunModel(out, client=c)
+        with torch.inference_mode(), model.model.eval_mode():
+            hits = torch.cat([model.model.logits(b, model.tracks).argmax(-1) == b["labels"]
+                              for _, b in eval_batches(setup.tokenizer, setup.global_eval, 64)])
+        expected = float(hits.float().mean())
+        assert summary["personalized_global_test_accuracy_per_client"][c] == pytest.approx(expected)
+    assert summary["worst_client_personalized_accuracy"] == min(summary["personalized_accuracy_per_client"])
 
 
 def test_restored_private_state_gives_identical_logits(fedslip_run):

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from ..client import FitReply
 
 View = tuple[str, ...] | None  # tracks to evaluate; None = the client's inference model
+# The client's inference model on the balanced global test set instead of its own rows: what
+# personalization costs a client on inputs outside its own distribution.
+GLOBAL_TEST_VIEW: View = ("global_test",)
 
 
 class Engine(Protocol):
