@@ -19,6 +19,9 @@ private head where ``private_head`` is set):
   ``sg[.]`` = stop-gradient: the private loss sees the global track as constants (``detach=false``
   lets L_p reach g too, as an ablation). Each track has its own AdamW and learning rate. With
   ``private_every = k`` the private loss is taken on every k-th batch only (a cheaper schedule).
+  With ``private_phase = "first"`` each round starts with a private phase (L_p alone, g = the global
+  track as received, the one the private track will be combined with), then the global phase (L_g
+  alone); ``interleaved`` takes both losses on the same batches (``step_schedule``).
 
 Each loss names the tensors it trains (``backward(inputs=...)``), so the gradient a tensor receives
 depends only on the losses of this step, never on what an earlier call left behind: FedProx adds
@@ -83,35 +86,50 @@ class TrainResult:
 
 
 def backward_step(model: TrackedModel, batch: dict[str, torch.Tensor], cfg: ExperimentConfig,
-                  train_private: bool, prox_reference: dict | None, mu: float) -> tuple[float, float | None]:
+                  train_private: bool, prox_reference: dict | None, mu: float,
+                  train_global: bool = True) -> tuple[float | None, float | None]:
     """Compute the configured objective on one batch and accumulate its gradients (module docstring).
 
-    Returns (CE that trains the global track, CE that trains the private track or None).
+    Returns (CE that trains the global track or None, CE that trains the private track or None).
+    ``train_global=False`` (the separated objective's private phase) takes the private loss alone.
     """
     labels = batch["labels"].to(model.device)
     g_params = list(model.global_params.values())
     p_params = list(model.private_params.values()) if train_private else []
-    prox = proximal_term(model.global_params, prox_reference, mu) if mu else 0.0
+    prox = proximal_term(model.global_params, prox_reference, mu) if mu and train_global else 0.0
     if cfg.objective == "joint":
         ce = F.cross_entropy(model.logits(batch, model.inference_tracks()), labels)
         (ce + prox).backward(inputs=g_params + p_params)
         return ce.item(), None
-    # global_only and separated: the global track learns from global-only logits
-    ce = F.cross_entropy(model.logits(batch, (GLOBAL,)), labels)
-    (ce + prox).backward(inputs=g_params)
+    ce = None
+    if train_global:  # global_only and separated: the global track learns from global-only logits
+        ce = F.cross_entropy(model.logits(batch, (GLOBAL,)), labels)
+        (ce + prox).backward(inputs=g_params)
     if cfg.objective != "separated" or not train_private:
-        return ce.item(), None
+        return (ce.item() if ce is not None else None), None
     # private: combined logits; with detach the global track is a constant here (sg[g])
     ce_p = F.cross_entropy(model.logits(batch, (GLOBAL, PRIVATE)), labels)
-    ce_p.backward(inputs=p_params if cfg.detach else g_params + p_params)
-    return ce.item(), ce_p.item()
+    ce_p.backward(inputs=p_params if cfg.detach or not train_global else g_params + p_params)
+    return (ce.item() if ce is not None else None), ce_p.item()
+
+
+def step_schedule(cfg: ExperimentConfig, steps: int, train_private: bool) -> list[tuple[bool, bool]]:
+    """(train the global track, train the private track) for each local batch of a round.
+
+    ``interleaved``: every batch trains the global track, every ``private_every``-th also the private
+    one. ``first``: a private phase of ceil(steps / private_every) batches against the global track
+    as received this round (sg[g_round]), then ``steps`` global-only batches.
+    """
+    if train_private and cfg.private_phase == "first":
+        return [(False, True)] * -(-steps // cfg.private_every) + [(True, False)] * steps
+    return [(True, train_private and i % cfg.private_every == 0) for i in range(steps)]
 
 
 def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentConfig, steps: int,
                 train_private: bool, mask: masking.Mask | None, prox_reference: dict | None,
                 seed: int, desc: str = "local", lr: float | None = None) -> TrainResult:
-    """Run ``steps`` local optimizer steps of the configured objective, each track with its own AdamW
-    (the global track's at ``lr``, default ``cfg.lr``)."""
+    """Run the round's local optimizer steps (``step_schedule``) of the configured objective, each track
+    with its own AdamW (the global track's at ``lr``, default ``cfg.lr``)."""
     torch.manual_seed(seed)  # dropout
     generator = torch.Generator().manual_seed(seed)
     g_params, p_params = model.global_params, model.private_params
@@ -123,17 +141,20 @@ def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentCo
         prox_reference = {n: t.to(model.device) for n, t in prox_reference.items()}
     losses, private_losses = [], []
     model.model.train()
-    batches = train_batches(tokenizer, data, cfg.batch_size, generator, steps, cfg.group_by_length)
-    for step, batch in enumerate(tqdm(batches, total=steps, desc=desc, leave=False, disable=None)):
+    schedule = step_schedule(cfg, steps, train_private)
+    batches = train_batches(tokenizer, data, cfg.batch_size, generator, len(schedule), cfg.group_by_length)
+    for (global_now, private_now), batch in zip(schedule, tqdm(batches, total=len(schedule), desc=desc,
+                                                                leave=False, disable=None)):
         opt_g.zero_grad(set_to_none=True)
         if opt_p:
             opt_p.zero_grad(set_to_none=True)
-        private_now = train_private and step % cfg.private_every == 0
-        loss, private_loss = backward_step(model, batch, cfg, private_now, prox_reference, mu)
-        losses.append(loss)
+        loss, private_loss = backward_step(model, batch, cfg, private_now, prox_reference, mu, global_now)
+        if loss is not None:
+            losses.append(loss)
         if private_loss is not None:
             private_losses.append(private_loss)
-        opt_g.step()
+        if global_now:
+            opt_g.step()
         if private_now:
             if mask is not None:
                 masking.mask_gradients(p_params, mask)

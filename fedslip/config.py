@@ -24,6 +24,7 @@ METHODS = ("fedavg_lora", "dual_naive", "fedslip", "centralized")
 PARTITIONS = ("dominant", "dirichlet", "iid")
 HEADS = ("shared", "shared_full")
 PRIVATE_HEADS = ("none", "bias", "classifier")
+PRIVATE_PHASES = ("interleaved", "first")
 OBJECTIVES = ("global_only", "joint", "separated")
 PRECISIONS = ("auto", "bf16", "fp32")
 PRUNE_SCOPES = ("matrix", "global")
@@ -142,6 +143,10 @@ class ExperimentConfig:
                            "logits whenever the private track runs: `none`; `bias` (a per-client logit offset, "
                            "C numbers); `classifier` (a per-client linear correction W_p h + b_p of the shared "
                            "classifier). Zero at start; never pruned; never sent.")
+    private_phase: str = _f("interleaved", "objective=separated: `interleaved` = the private loss on the same "
+                            "batches as the global loss, against the locally trained global track; `first` = "
+                            "each round starts with a private phase against the global track as received "
+                            "(the one it is combined with at inference), then the global phase.")
     private_every: int = _f(1, "Take the private loss on every k-th local batch only (1 = every batch): less "
                             "compute per round for the separated objective.")
     private_warmup_rounds: int = _f(0, "Rounds (from round 1) in which the private track is frozen and only "
@@ -194,6 +199,7 @@ class ExperimentConfig:
         choice("eval_split", EVAL_SPLITS)
         choice("aggregation", AGGREGATIONS)
         choice("private_head", PRIVATE_HEADS)
+        choice("private_phase", PRIVATE_PHASES)
         positive("rounds", "num_clients", "samples_per_client", "test_samples_per_client", "batch_size",
                  "eval_batch_size", "lr", "max_seq_len", "lora_rank", "lora_alpha", "private_rank",
                  "private_alpha", "private_lr", "dirichlet_alpha")
@@ -234,6 +240,8 @@ class ExperimentConfig:
                                              or self.private_track):
             raise ConfigError("method='centralized' (one trainer on all clients' rows) runs on engine='embedded' "
                               "with parallel_clients=1 and no private track")
+        if self.private_phase == "first" and self.objective != "separated":
+            raise ConfigError("private_phase='first' needs objective='separated'")
         if not self.private_track and self.private_head != "none":
             raise ConfigError(f"private_head={self.private_head!r} needs private_track=true")
         for name in ("lr", "private_lr", "dominant_fraction", "fedprox_mu", "kstep_lr"):

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification
 
 import fedslip
 from fedslip import comm, masking
-from fedslip.client import backward_step, evaluate, proximal_term, run_seed, train_local
+from fedslip.client import backward_step, evaluate, proximal_term, run_seed, step_schedule, train_local
 from fedslip.data import eval_batches, train_batches
 from fedslip.experiment import RunDir, build_clients, prepare
 from fedslip.inference import RunModel
@@ -232,6 +232,36 @@ def test_private_every_k_takes_the_private_step_on_every_kth_batch_only(tiny_cfg
     assert same(after[2]["private"], after[1]["private"]), "step 1 does not"
     assert not same(after[3]["private"], after[2]["private"]), "step 2 does again"
     assert not same(after[2]["global"], after[1]["global"]), "the global track trains on every step"
+
+
+def test_step_schedule_of_each_private_phase(tiny_cfg):
+    cfg = tiny_cfg(method="fedslip", private_every=2)
+    assert step_schedule(cfg, 4, True) == [(True, True), (True, False), (True, True), (True, False)]
+    assert step_schedule(cfg, 4, False) == [(True, False)] * 4
+    first = tiny_cfg(method="fedslip", private_every=2, private_phase="first")
+    assert step_schedule(first, 3, True) == [(False, True)] * 2 + [(True, False)] * 3
+    assert step_schedule(first, 3, False) == [(True, False)] * 3
+    with pytest.raises(fedslip.ConfigError, match="private_phase"):
+        tiny_cfg(method="dual_naive", private_phase="first")
+
+
+@pytest.mark.parametrize("phase", ["first", "interleaved"])
+def test_private_phase_first_trains_against_the_global_track_as_received(tiny_cfg, tmp_path, phase):
+    """With ``first`` the private track ends the same whatever the global track does afterwards (its
+    learning rate here); interleaved, it trains against the moving local global track."""
+    cfg = tiny_cfg(method="fedslip", private_warmup_rounds=0, private_target_sparsity=0.0, private_phase=phase,
+                   num_clients=1)
+    setup, client = single_client(cfg, tmp_path)
+    model = setup.model
+    start = {"private": model.private_state(), "global": model.global_state()}
+    private_after = []
+    for lr in (1e-3, 1e-1):
+        model.load_private_state(start["private"])
+        model.load_global_state(start["global"])
+        train_local(model, setup.tokenizer, client.train, cfg, 3, True, None, None, seed=3, lr=lr)
+        private_after.append(model.private_state())
+    same = all(torch.equal(private_after[0][k], private_after[1][k]) for k in private_after[0])
+    assert same == (phase == "first")
 
 
 def test_warmup_and_freeze_keep_the_private_track_unchanged(tiny_cfg, tmp_path):
