@@ -25,9 +25,10 @@ setup: $(BIN)/fedslip
 run: setup
 	$(BIN)/fedslip run --method $(METHOD) --out $(OUT) $(ARGS)
 
-# The seed's comparison (fedavg_lora, dual_naive, fedslip x 3 seeds) and its report.
+# The seed's comparison (fedavg_lora, dual_naive, fedslip and the centralized reference x 3 seeds) and its report.
 compare: setup
-	$(BIN)/fedslip compare --config configs/seed_cpu.toml --seeds 0,1,2 --out docs/results/seed_cpu $(ARGS)
+	$(BIN)/fedslip compare --config configs/seed_cpu.toml --methods fedavg_lora,dual_naive,fedslip,centralized \
+		--seeds 0,1,2 --out docs/results/seed_cpu $(ARGS)
 
 # pytest exits 5 when it collects no test: that is a failure here, never a pass.
 test: setup

@@ -114,12 +114,12 @@ def resume(out: str | Path, progress: bool = True) -> dict:
     return start_resumed(out, progress)
 
 
-def kstep(out: str | Path, steps: int, lr: float = 0.0) -> dict:
+def kstep(out: str | Path, steps: int, lr: float | None = None) -> dict:
     """K-step on a finished run: every client fine-tunes the run's final model for ``steps`` local steps
-    with the global track at ``lr`` (0 = the run's ``lr``), exactly as the run's own K-step would with
-    those settings, and is evaluated on the run's evaluation rows. Nothing of the run is changed; the
-    result is also written to ``out/kstep/steps<N>-lr<X>.json``. Tune K-step on a run with
-    ``eval_split = "val"`` only.
+    with the global track at ``lr`` (None = the run's ``kstep_lr``; 0 = the run's ``lr``), exactly as
+    the run's own K-step would with those settings, and is evaluated on the run's evaluation rows.
+    Nothing of the run is changed; the result is also written to ``out/kstep/steps<N>-lr<X>.json``.
+    Tune K-step on a run with ``eval_split = "val"`` only.
 
         fedslip kstep --run runs/tune/fedavg_lora --steps 100 --lr 1e-3
     """
@@ -128,16 +128,18 @@ def kstep(out: str | Path, steps: int, lr: float = 0.0) -> dict:
         raise RunDirError(f"{run_dir.path} holds no finished run (no summary.json)")
     if steps <= 0:
         raise ConfigError(f"kstep needs steps > 0, got {steps}")
-    cfg = dataclasses.replace(load_config(run_dir.path / "config.toml"), kstep=steps, kstep_lr=lr)
+    cfg = load_config(run_dir.path / "config.toml")
+    cfg = dataclasses.replace(cfg, kstep=steps, kstep_lr=cfg.kstep_lr if lr is None else lr)
     setup = _prepare_for(run_dir, cfg)
     engine = EmbeddedEngine(build_clients(setup, run_dir))
     results, failed = engine.kstep(comm.encode(load_tensors(run_dir.path / "global.safetensors")), steps)
     if failed:
         raise RoundFailed(f"K-step failed on client(s) {sorted(failed)}: {failed}")
     per_client = _per_client(results, cfg.num_clients)
-    result = {"run": str(run_dir.path), "eval_split": cfg.eval_split, "kstep": steps, "kstep_lr": lr or cfg.lr,
+    effective_lr = cfg.kstep_lr or cfg.lr
+    result = {"run": str(run_dir.path), "eval_split": cfg.eval_split, "kstep": steps, "kstep_lr": effective_lr,
               "kstep_accuracy": _mean(per_client), "kstep_accuracy_per_client": per_client}
-    write_json(run_dir.path / "kstep" / f"steps{steps}-lr{lr or cfg.lr:g}.json", result)
+    write_json(run_dir.path / "kstep" / f"steps{steps}-lr{effective_lr:g}.json", result)
     return result
 
 

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(to tune K-step on a validation run); writes RUN/kstep/steps<N>-lr<X>.json")
     kstep.add_argument("--run", required=True, help="finished run directory")
     kstep.add_argument("--steps", type=int, required=True, help="local fine-tuning steps per client")
-    kstep.add_argument("--lr", type=float, default=0.0, help="global-track learning rate (default: the run's lr)")
+    kstep.add_argument("--lr", type=float, default=None, help="global-track learning rate (default: the run's "
+                       "kstep_lr; 0 = the run's lr)")
     report = sub.add_parser("report", help="rebuild report.md, results.json and plots from finished runs")
     report.add_argument("paths", nargs="+", help="run directories or folders of them (e.g. a compare --out)")
     report.add_argument("--out", default=None, help="where to write (default: the single path given)")

@@ -111,9 +111,9 @@ class ExperimentConfig:
     rejoin_timeout: float = _f(120.0, "Flower engines: seconds the server waits for a client whose node is not "
                                "connected (not started yet, or restarting) before counting it as failed for "
                                "that message.")
-    kstep: int = _f(50, "After the last round each client fine-tunes its final model for this many local "
+    kstep: int = _f(25, "After the last round each client fine-tunes its final model for this many local "
                     "steps and is evaluated again (the baseline's K-step personalization); 0 = skip.")
-    kstep_lr: float = _f(0.0, "Learning rate of the global track during K-step; 0 = `lr`. Tune it (with `kstep`) "
+    kstep_lr: float = _f(1e-3, "Learning rate of the global track during K-step; 0 = `lr`. Tune it (with `kstep`) "
                          "on validation rows: `fedslip kstep --run DIR --steps N --lr X` re-runs K-step on a "
                          "finished run.")
     # --- server: aggregation and update validation -----------------------------------------
@@ -268,14 +268,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dual_naive": dict(private_track=True, objective="joint", detach=False, fedprox_mu=0.0,
                        head="shared_full", private_warmup_rounds=0, private_freeze_round=0,
                        private_target_sparsity=0.0, private_rewind_round=-1),
-    # FedSLIP: clean separation, FedProx, warmup, sparse private track. Values chosen on validation
-    # data (README, "Choosing FedSLIP's defaults").
     # Reference, not a federated method: one trainer on the union of the clients' training rows, same
     # rows and steps per round as fedavg_lora; the upper bound for the global track.
     "centralized": dict(private_track=False, objective="global_only", fedprox_mu=0.0, head="shared"),
+    # FedSLIP: clean separation, FedProx, warmup, sparse private track trained first in each round
+    # against the global track as received. Values chosen on validation data (README, "Choosing
+    # FedSLIP's defaults"; docs/results/tuning.md).
     "fedslip": dict(private_track=True, objective="separated", detach=True, fedprox_mu=0.01,
                     head="shared", private_warmup_rounds=1, private_freeze_round=0,
-                    private_target_sparsity=0.5, private_prune_rate=0.2, private_rewind_round=-1),
+                    private_target_sparsity=0.5, private_prune_rate=0.2, private_rewind_round=-1,
+                    private_phase="first"),
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}

@@ -58,6 +58,7 @@ def test_fedslip_sends_exactly_the_baseline_bytes(fedslip_run, tmp_path):
     out, cfg, summary, _ = fedslip_run
     base = fedslip.run(fedslip.make_config({**cfg.to_dict(), "method": "fedavg_lora", "private_track": False,
                                             "objective": "global_only", "private_head": "none",
+                                            "private_phase": "interleaved",
                                             "rounds": 1}), tmp_path / "b",
                        progress=False)
     assert base["comm_bytes_per_round"] == summary["comm_bytes_per_round"]
@@ -217,7 +218,7 @@ def test_fedprox_adds_exactly_mu_times_the_drift_on_every_step(tiny_cfg, method)
 
 def test_private_every_k_takes_the_private_step_on_every_kth_batch_only(tiny_cfg, tmp_path):
     cfg = tiny_cfg(method="fedslip", private_warmup_rounds=0, private_target_sparsity=0.0, private_every=2,
-                   num_clients=1)
+                   private_phase="interleaved", num_clients=1)
     setup, client = single_client(cfg, tmp_path)
     model = setup.model
     start = {"private": model.private_state(), "global": model.global_state()}
@@ -235,7 +236,7 @@ def test_private_every_k_takes_the_private_step_on_every_kth_batch_only(tiny_cfg
 
 
 def test_step_schedule_of_each_private_phase(tiny_cfg):
-    cfg = tiny_cfg(method="fedslip", private_every=2)
+    cfg = tiny_cfg(method="fedslip", private_every=2, private_phase="interleaved")
     assert step_schedule(cfg, 4, True) == [(True, True), (True, False), (True, True), (True, False)]
     assert step_schedule(cfg, 4, False) == [(True, False)] * 4
     first = tiny_cfg(method="fedslip", private_every=2, private_phase="first")

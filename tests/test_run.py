@@ -77,7 +77,7 @@ def test_kstep_on_a_finished_run_reproduces_its_kstep_and_changes_nothing(baseli
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     again = fedslip.kstep(out, cfg.kstep)
     assert again["kstep_accuracy_per_client"] == summary["kstep_accuracy_per_client"]
-    assert json.loads((out / "kstep" / f"steps{cfg.kstep}-lr{cfg.lr:g}.json").read_text()) == again
+    assert json.loads((out / "kstep" / f"steps{cfg.kstep}-lr{cfg.kstep_lr:g}.json").read_text()) == again
     other = fedslip.kstep(out, 6, lr=0.05)
     assert (out / "kstep" / "steps6-lr0.05.json").is_file() and other["kstep_lr"] == 0.05
     assert {p: p.read_bytes() for p in before} == before, "the run's own files are untouched"
