@@ -190,8 +190,9 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "") -> dict:
                         for r in runs], "by_method": agg, "command": command}
     write_json(out / "results.json", results)
     pngs = plot(runs, out)
-    c = runs[0].cfg
-    summaries = runs[0].summary
+    first = next((r for r in runs if r.method != "centralized"), runs[0])  # the settings of the federated runs
+    c, summaries = first.cfg, first.summary
+    other_lrs = sorted({r.cfg.lr for r in runs if r.method == "centralized" and r.cfg.lr != c.lr})
     lines = [
         "# FedSLIP comparison report", "",
         f"Command: `{command}`" if command else "Rebuilt with `fedslip report` from the run directories.", "",
@@ -201,9 +202,12 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "") -> dict:
         f"global test set {len(json.loads((runs[0].path / 'partition.json').read_text())['global_test'])} rows, "
         f"LoRA r={c.lora_rank} on {', '.join(c.lora_targets) or _default_targets(c.backbone)}, lr {c.lr}, "
         f"batch {c.batch_size}, "
-        f"local epochs {c.local_epochs if not c.local_steps else f'{c.local_steps} steps'}, K-step {c.kstep}, "
+        f"local epochs {c.local_epochs if not c.local_steps else f'{c.local_steps} steps'}, K-step {c.kstep} steps "
+        f"at lr {c.kstep_lr or c.lr}, "
         f"precision {summaries.get('precision')}, device {summaries.get('device')}, accuracies on the "
-        f"`{summaries.get('eval_split')}` split; seeds {sorted({r.cfg.seed for r in runs})}.", "",
+        f"`{summaries.get('eval_split')}` split; seeds {sorted({r.cfg.seed for r in runs})}"
+        + (f"; the centralized reference at its own tuned lr {', '.join(map(str, other_lrs))}" if other_lrs else "")
+        + ".", "",
         "| method | global accuracy | personalized accuracy (zero-shot) | worst client | after K-step | "
         "personalized model on the global test set | MiB per round |",
         "|---|---|---|---|---|---|---|",

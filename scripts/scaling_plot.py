@@ -1,8 +1,9 @@
 """Data-scaling curve: accuracy against training rows per client, from finished runs.
 
-    python scripts/scaling_plot.py docs/results/scaling     # reads every */summary.json below it
+    python scripts/scaling_plot.py docs/results/scaling docs/results/seed_cpu/fedavg_lora-seed0 \
+        docs/results/seed_cpu/fedslip-seed0      # every summary.json below the paths given
 
-Writes ``scaling.png`` and ``scaling.md`` (a table) into that folder. Runs are grouped by method and
+Writes ``scaling.png`` and ``scaling.md`` (a table) into the first folder. Runs are grouped by method and
 ``samples_per_client``; values are means over the seeds present.
 """
 import json
@@ -20,9 +21,10 @@ KEYS = (("global_accuracy", "global"), ("personalized_accuracy", "personalized (
         ("kstep_accuracy", "after K-step"))
 
 
-def main(root: Path) -> None:
+def main(roots: list[Path]) -> None:
+    root = roots[0]
     table: dict[tuple[str, int], list[dict]] = defaultdict(list)
-    for path in sorted(root.rglob("summary.json")):
+    for path in sorted(p for r in roots for p in r.rglob("summary.json")):
         cfg = tomllib.loads((path.parent / "config.toml").read_text())
         table[cfg["method"], cfg["samples_per_client"]].append(json.loads(path.read_text()))
     methods = sorted({m for m, _ in table})
@@ -58,4 +60,4 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/scaling"))
+    main([Path(p) for p in sys.argv[1:]] or [Path("docs/results/scaling")])
