@@ -27,7 +27,7 @@ run: setup
 
 # The seed's comparison (fedavg_lora, dual_naive, fedslip x 3 seeds), the centralized reference at its own
 # learning rate (tuned on validation rows, docs/results/tuning.md), and one report over all of them.
-CENTRALIZED_LR ?= 1e-3
+CENTRALIZED_LR ?= 5e-4
 compare: setup
 	$(BIN)/fedslip compare --config configs/seed_cpu.toml --methods fedavg_lora,dual_naive,fedslip \
 		--seeds 0,1,2 --out docs/results/seed_cpu $(ARGS)

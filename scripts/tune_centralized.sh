@@ -7,7 +7,7 @@ set -euo pipefail
 OUT=${1:-runs/tune_math}
 VAL="--config configs/seed_cpu.toml --eval-split val --val-samples-per-client 200 --quiet --kstep 0"
 export OMP_NUM_THREADS=1
-for lr in 1e-3 2e-3 4e-3; do
+for lr in 5e-4 1e-3 2e-3; do
   [ -f "$OUT/centralized_lr$lr/summary.json" ] || fedslip run --out "$OUT/centralized_lr$lr" --overwrite $VAL \
     --method centralized --lr $lr
 done
