@@ -72,12 +72,14 @@ def evaluate_round(setup: Setup, engine: Engine, payload: bytes, round_idx: int)
     glob = evaluate(model, setup.tokenizer, setup.global_eval, (GLOBAL,), setup.cfg.eval_batch_size,
                     setup.cfg.num_labels)
     views = [None, (GLOBAL,)] if model.has_private else [None]  # inference model; its global track alone
-    last = round_idx == setup.cfg.rounds and model.has_private
-    results, failed = engine.evaluate(payload, round_idx, views + [GLOBAL_TEST_VIEW] if last else views)
+    final = round_idx == setup.cfg.rounds
+    extra = [GLOBAL_TEST_VIEW] if final and model.has_private else []
+    results, failed = engine.evaluate(payload, round_idx, views + extra)
     personal = {cid: r[0] for cid, r in results.items()}
     local_global = {cid: r[len(views) - 1] for cid, r in results.items()}
-    on_global = ({cid: r[-1] for cid, r in results.items()} if last
-                 else {cid: glob for cid in results} if round_idx == setup.cfg.rounds else {})
+    on_global = {}
+    if final:  # single-track methods: every client's model is the global track
+        on_global = {cid: r[-1] if extra else glob for cid, r in results.items()}
     return {
         "global_accuracy": glob["accuracy"],
         "global_loss": glob["loss"],

@@ -105,12 +105,13 @@ def backward_step(model: TrackedModel, batch: dict[str, torch.Tensor], cfg: Expe
     if train_global:  # global_only and separated: the global track learns from global-only logits
         ce = F.cross_entropy(model.logits(batch, (GLOBAL,)), labels)
         (ce + prox).backward(inputs=g_params)
+    global_loss = ce.item() if ce is not None else None
     if cfg.objective != "separated" or not train_private:
-        return (ce.item() if ce is not None else None), None
+        return global_loss, None
     # private: combined logits; with detach the global track is a constant here (sg[g])
     ce_p = F.cross_entropy(model.logits(batch, (GLOBAL, PRIVATE)), labels)
     ce_p.backward(inputs=p_params if cfg.detach or not train_global else g_params + p_params)
-    return (ce.item() if ce is not None else None), ce_p.item()
+    return global_loss, ce_p.item()
 
 
 def step_schedule(cfg: ExperimentConfig, steps: int, train_private: bool) -> list[tuple[bool, bool]]:

@@ -67,15 +67,9 @@ def aggregate(runs: list[RunRecord]) -> dict:
             **{key: _stats([x.get(key) for x in s]) for key in
                ("global_accuracy", "personalized_accuracy", "kstep_accuracy", "comm_mib_per_round",
                 "global_track_local_accuracy", "personalized_global_test_accuracy", "private_bytes_transmitted",
-                "wall_seconds")},
-            "worst_client_personalized_accuracy": _stats([_worst(x["personalized_accuracy_per_client"]) for x in s]),
+                "wall_seconds", "worst_client_personalized_accuracy")},
         }
     return out
-
-
-def _worst(per_client: list[float | None]) -> float | None:
-    present = [a for a in per_client if a is not None]
-    return min(present) if present else None
 
 
 def _pct(stat: dict) -> str:
