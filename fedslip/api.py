@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, comm
 from .client import evaluate
-from .config import ConfigError, ExperimentConfig, load_config
+from .config import RUN_ONLY_KEYS, ConfigError, ExperimentConfig, load_config
 from .engines import GLOBAL_TEST_VIEW, Engine
 from .engines.embedded import CentralizedEngine, EmbeddedEngine, ParallelEngine
 from .experiment import Checkpoint, RunDir, RunDirError, Setup, build_clients, build_pooled_trainer, prepare
@@ -75,6 +75,7 @@ def evaluate_round(setup: Setup, engine: Engine, payload: bytes, round_idx: int)
     final = round_idx == setup.cfg.rounds
     extra = [GLOBAL_TEST_VIEW] if final and model.has_private else []
     results, failed = engine.evaluate(payload, round_idx, views + extra)
+    stop_on_unreadable_state(failed, f"the evaluation after round {round_idx}")
     personal = {cid: r[0] for cid, r in results.items()}
     local_global = {cid: r[len(views) - 1] for cid, r in results.items()}
     on_global = {}
@@ -174,7 +175,8 @@ def start(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, progr
     run_dir.check_writable(overwrite)  # refuse early, before minutes of loading
     setup = prepare(cfg)
     run_dir.create(overwrite)
-    cfg.save(run_dir.path / "config.toml")
+    # the data path as resolved now (FEDSLIP_DATA_DIR included), so a resume reads the same files
+    dataclasses.replace(cfg, data_dir=cfg.resolved_data_dir()).save(run_dir.path / "config.toml")
     setup.partition.save(run_dir.path / "partition.json")
     start_point = Checkpoint(0, setup.model.global_state(), [], 0.0)
     return _federate(setup, run_dir, start_point, started, progress, make_engine)
@@ -195,6 +197,8 @@ def start_resumed(out: str | Path, progress: bool = True, make_engine: MakeEngin
     run_dir = RunDir(Path(out))
     cfg = _resumable_config(run_dir.path)
     checkpoint = run_dir.load_checkpoint()
+    if checkpoint is not None:
+        check_same_experiment(cfg, checkpoint, run_dir.path / "config.toml")
     setup = _prepare_for(run_dir, cfg)
     if checkpoint is None:
         checkpoint = Checkpoint(0, setup.model.global_state(), [], 0.0)
@@ -218,6 +222,19 @@ def _federate(setup: Setup, run_dir: RunDir, start_point: Checkpoint, started: f
         engine.close()
 
 
+def check_same_experiment(cfg: ExperimentConfig, checkpoint: Checkpoint, config_path: Path) -> None:
+    """Refuse to resume with a config.toml edited since the checkpoint (a mixed run under a new label);
+    only ``RUN_ONLY_KEYS`` (engine, data path, performance) may differ."""
+    if checkpoint.config is None:  # checkpoints written before the config was stored with them
+        return
+    now = cfg.experiment_dict()
+    changed = sorted(k for k in set(now) | set(checkpoint.config) if now.get(k) != checkpoint.config.get(k))
+    if changed:
+        diff = ", ".join(f"{k} ({checkpoint.config.get(k)!r} -> {now.get(k)!r})" for k in changed)
+        raise ConfigError(f"{config_path} changed since round {checkpoint.round} was checkpointed: {diff}. A resume "
+                          f"continues the same experiment; only {', '.join(sorted(RUN_ONLY_KEYS))} may change")
+
+
 def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, started: float,
             progress: bool) -> dict:
     cfg = setup.cfg
@@ -230,6 +247,7 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
         cids = sample_clients(cfg, round_idx)
         download = server.broadcast()
         replies, failed, download_bytes = engine.fit(download, cids, round_idx)
+        stop_on_unreadable_state(failed, f"round {round_idx}")
         try:
             outcome = server.aggregate({cid: (r.payload, r.num_examples) for cid, r in replies.items()}, failed,
                                        round_idx)
@@ -255,7 +273,8 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
             row["private_sparsity"] = {str(c): r.metrics["private_sparsity"] for c, r in replies.items()}
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
-        run_dir.save_checkpoint(round_idx, server.state, history, time.perf_counter() - started)
+        run_dir.save_checkpoint(Checkpoint(round_idx, server.state, history, time.perf_counter() - started,
+                                           cfg.experiment_dict()))
         run_dir.append_metrics(row)
         log.info("round %d/%d | global %s | personalized %s | loss %.4f | up %.2f MiB down %.2f MiB | %.1fs",
                  round_idx, cfg.rounds, _pct(row["global_accuracy"]), _pct(row["personalized_accuracy"]),
@@ -267,10 +286,18 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
     run_dir.save_global(server.state)
     summary = _summary(cfg, setup, history, evaluation["_detail"])
     if cfg.kstep > 0:
-        kstep, _ = engine.kstep(final_payload, cfg.kstep)
+        kstep, kstep_failed = engine.kstep(final_payload, cfg.kstep)
+        stop_on_unreadable_state(kstep_failed, "K-step")
         summary["kstep_accuracy_per_client"] = _per_client(kstep, cfg.num_clients)
         summary["kstep_accuracy"] = _mean(summary["kstep_accuracy_per_client"])
+        summary["client_failures"] += [{"round": None, "client": cid, "stage": "kstep", "reason": why}
+                                       for cid, why in sorted(kstep_failed.items())]
         log.info("k-step (%d steps) personalized accuracy %s", cfg.kstep, _pct(summary["kstep_accuracy"]))
+    final = [summary["personalized_accuracy_per_client"], summary["kstep_accuracy_per_client"] or []]
+    summary["complete"] = all(a is not None for accuracies in final for a in accuracies)
+    if not summary["complete"]:
+        log.warning("incomplete run: the final accuracies average over the clients that answered only; "
+                    "see client_failures in %s", run_dir.path / "summary.json")
     summary["wall_seconds"] = time.perf_counter() - started
     run_dir.write_summary(summary)
     return summary
@@ -310,4 +337,22 @@ def _summary(cfg: ExperimentConfig, setup: Setup, history: list[dict], detail: d
     }
     if "private_sparsity" in last:
         summary["private_sparsity"] = last["private_sparsity"]
+    summary["client_failures"] = _client_failures(history)
     return summary
+
+
+def _client_failures(history: list[dict]) -> list[dict]:
+    """Every client that failed to train (or whose update was rejected) or to evaluate, per round."""
+    return [{"round": row["round"], "client": int(cid), "stage": stage, "reason": why}
+            for row in history for stage, key in (("fit", "rejected"), ("evaluate", "failed_evaluations"))
+            for cid, why in sorted(row.get(key, {}).items(), key=lambda item: int(item[0]))]
+
+
+def stop_on_unreadable_state(failed: dict[int, str], stage: str) -> None:
+    """A client whose own saved state cannot be read stops the run with an error naming the file.
+    Counting it as a failed client instead would finish a run that silently lacks that client in
+    every remaining round (its private track can only come from that file)."""
+    for cid, reason in sorted(failed.items()):
+        if "StateFileError" in reason:
+            raise StateFileError(f"client {cid} cannot read its own state in {stage}: {reason}. Restore the "
+                                 "file and continue with --resume")

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="new or empty directory")
     compare = sub.add_parser("compare", help="run methods x seeds on identical partitions, then report")
     compare.add_argument("--methods", default="fedavg_lora,dual_naive,fedslip", help="comma-separated presets")
-    compare.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    compare.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated seeds")
     compare.add_argument("--config", type=str, default=None, help="TOML file with config keys")
     compare.add_argument("--out", required=True, help="comparison directory (runs are kept and resumed there)")
     compare.add_argument("--quiet", action="store_true", help="no progress bars or round log")
@@ -124,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_texts(texts: Sequence[str]) -> None:
+    """``predict`` arguments must be text: bytes that are not UTF-8 reach Python as lone surrogates."""
+    for i, text in enumerate(texts, 1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"predict: text argument {i} is not valid UTF-8") from None
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds 0,1,2``; argparse turns the error into one line naming the flag."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("expected at least one seed")
+    return seeds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "config-reference":
@@ -136,11 +156,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     flower_log.setLevel(level)
     from . import api  # heavy imports only when needed
     from .deploy import DeploymentError
-    from .inference import RunModel
+    from .inference import RunModel, check_export_target
     from .server import RoundFailed
 
     try:
         if args.command in ("predict", "export"):
+            if args.command == "export":
+                check_export_target(args.out)
+            else:
+                check_texts(args.texts)
             run_model = RunModel(args.run, args.client, use_private=not args.global_only)
             if args.command == "export":
                 print(run_model.export(args.out))
@@ -155,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .compare import compare
 
             results = compare([m.strip() for m in args.methods.split(",") if m.strip()],
-                              [int(x) for x in args.seeds.split(",") if x.strip()], args.out,
+                              args.seeds, args.out,
                               config_overrides(args), args.config, command=_command(argv),
                               progress=not args.quiet)
             print(f"{args.out}/report.md")
@@ -207,6 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, RoundFailed, DeploymentError, FileExistsError, FileNotFoundError) as e:
         print(f"fedslip: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "resume", None) or getattr(args, "out", None)
+        hint = f"; continue with `fedslip run --resume {out}`" if args.command == "run" and out else ""
+        print(f"fedslip: interrupted{hint}", file=sys.stderr)
+        return 130
     keys = ("method", "global_accuracy", "personalized_accuracy", "kstep_accuracy", "comm_mib_per_round",
             "private_bytes_transmitted", "wall_seconds")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=2))

@@ -50,7 +50,7 @@ from .config import ExperimentConfig
 from .data import Encoded, eval_batches, train_batches
 from .engines import GLOBAL_TEST_VIEW, View
 from .model import GLOBAL, PRIVATE, TrackedModel
-from .storage import load_tensors_and_metadata, save_tensors
+from .storage import StateFileError, load_tensors_and_metadata, save_tensors
 
 
 def proximal_term(params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor],
@@ -118,11 +118,12 @@ def step_schedule(cfg: ExperimentConfig, steps: int, train_private: bool) -> lis
     """(train the global track, train the private track) for each local batch of a round.
 
     ``interleaved``: every batch trains the global track, every ``private_every``-th also the private
-    one. ``first``: a private phase of ceil(steps / private_every) batches against the global track
-    as received this round (sg[g_round]), then ``steps`` global-only batches.
+    one. ``first``: a private phase of ``private_local_steps`` batches (0 = ceil(steps / private_every))
+    against the global track as received this round (sg[g_round]), then ``steps`` global-only batches.
     """
     if train_private and cfg.private_phase == "first":
-        return [(False, True)] * -(-steps // cfg.private_every) + [(True, False)] * steps
+        private_steps = cfg.private_local_steps or -(-steps // cfg.private_every)
+        return [(False, True)] * private_steps + [(True, False)] * steps
     return [(True, train_private and i % cfg.private_every == 0) for i in range(steps)]
 
 
@@ -193,7 +194,10 @@ class PrivateStore:
     ``private.safetensors`` and ``mask.safetensors`` carry the round they were written after (in the
     safetensors metadata); the previous generation is kept as ``*.prev.safetensors``. Loading "before
     round r" takes the newest generation written after a round < r, so a client whose round r was
-    interrupted (or not committed by the server's checkpoint) resumes from exactly round r-1.
+    interrupted (or not committed by the server's checkpoint) resumes from exactly round r-1. Saving
+    round r again (a retried round) replaces only the current generation, so the last committed one
+    survives any number of retries. Every load is validated (finite weights, a 0/1 mask, the model's
+    names and shapes); a file that fails is an error naming it, never silently replaced.
     """
 
     KINDS = ("private", "mask", "rewind")
@@ -208,27 +212,56 @@ class PrivateStore:
     def exists(self, what: str) -> bool:
         return self.path(what).is_file()
 
-    def load(self, what: str, before_round: float = float("inf")) -> dict[str, torch.Tensor] | None:
-        """Newest generation of ``what`` written after a round < ``before_round`` (None if none)."""
-        best, best_round = None, -1
-        for previous in (False, True):
+    def _read(self, path: Path) -> tuple[dict[str, torch.Tensor], int]:
+        tensors, meta = load_tensors_and_metadata(path)
+        try:
+            return tensors, int(meta.get("round", 0))
+        except ValueError:
+            raise StateFileError(f"{path}: metadata round {meta.get('round')!r} is not a round number") from None
+
+    def load(self, what: str, before_round: float = float("inf"),
+             expected: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor] | None:
+        """Newest generation of ``what`` written after a round < ``before_round``: None if this client
+        never wrote one. ``expected``: the names and shapes it must have."""
+        for previous in (False, True):  # the current generation is always the newer one
             path = self.path(what, previous)
             if path.is_file():
-                tensors, meta = load_tensors_and_metadata(path)
-                written = int(meta.get("round", 0))
-                if best_round < written < before_round:  # ties keep the current generation
-                    best, best_round = tensors, written
-        if what == "mask" and best is not None:
-            best = {n: t.bool() for n, t in best.items()}
-        return best
+                tensors, written = self._read(path)
+                if written < before_round:
+                    check_state(path, tensors, what, expected)
+                    return {n: t.bool() for n, t in tensors.items()} if what == "mask" else tensors
+        if any(self.path(what, previous).is_file() for previous in (False, True)):
+            raise StateFileError(f"{self.dir}: no {what} state written before round {before_round} (only later "
+                                 "generations); refusing to start the private track over silently")
+        return None
 
     def save(self, what: str, tensors: dict[str, torch.Tensor], round_idx: int) -> None:
-        """Write a new generation; the current one becomes ``*.prev`` (atomic renames and writes)."""
+        """Write a new generation; the current one becomes ``*.prev`` unless it is an earlier attempt of
+        this same round (atomic renames and writes)."""
         if what == "mask":
             tensors = {n: t.to(torch.uint8) for n, t in tensors.items()}
-        if what != "rewind" and self.path(what).is_file():
-            os.replace(self.path(what), self.path(what, previous=True))
-        save_tensors(self.path(what), tensors, metadata={"round": str(round_idx)})
+        current = self.path(what)
+        if what != "rewind" and current.is_file() and self._read(current)[1] < round_idx:
+            os.replace(current, self.path(what, previous=True))
+        save_tensors(current, tensors, metadata={"round": str(round_idx)})
+
+
+def check_state(path: Path, tensors: dict[str, torch.Tensor], what: str,
+                expected: dict[str, torch.Size] | None) -> None:
+    """A private state file as the model needs it: the expected names and shapes, finite weights, and a
+    mask of 0s and 1s. Tampered or damaged state is refused here, naming the file, before it is used."""
+    if expected is not None:
+        if set(tensors) != set(expected):
+            missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+            raise StateFileError(f"{path} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        for n, t in tensors.items():
+            if t.shape != expected[n]:
+                raise StateFileError(f"{path}: {n} has shape {tuple(t.shape)}, expected {tuple(expected[n])}")
+    for n, t in tensors.items():
+        if what == "mask" and not bool(((t == 0) | (t == 1)).all()):
+            raise StateFileError(f"{path}: mask {n} holds values other than 0 and 1")
+        if what != "mask" and not bool(torch.isfinite(t).all()):
+            raise StateFileError(f"{path}: {n} holds NaN or Inf")
 
 
 @dataclass
@@ -256,7 +289,7 @@ class Client:
         shared model (initializing it on first use). Returns its mask (None without one)."""
         if not self.model.has_private:
             return None
-        weights = self.store.load("private", before_round)
+        weights = self.store.load("private", before_round, self.model.private_shapes())
         if weights is None:
             weights = self.model.fresh_private_state(run_seed(self.cfg.seed, 0, self.cid, 7))
             self.store.save("private", weights, 0)
@@ -265,7 +298,8 @@ class Client:
             if self.cfg.private_rewind_round == 0:
                 self.store.save("rewind", weights, 0)
         self.model.load_private_state(weights)
-        return self.store.load("mask", before_round) if self.uses_mask else None
+        return self.store.load("mask", before_round, self.model.private_shapes(masked_only=True)) \
+            if self.uses_mask else None
 
     def _end_of_round_private(self, round_idx: int, mask: masking.Mask | None, trained: bool) -> float:
         """Prune (if scheduled), rewind (if configured), persist. Returns the private sparsity."""
@@ -278,7 +312,7 @@ class Client:
             if rate > 0:
                 mask = masking.prune(weights, mask, rate, self.cfg.private_prune_scope)
                 if self.cfg.private_rewind_round >= 0 and self.store.exists("rewind"):
-                    weights = self.store.load("rewind")
+                    weights = self.store.load("rewind", expected=self.model.private_shapes())
                 weights = {n: w * mask[n] if n in mask else w for n, w in weights.items()}
         if mask is not None:
             self.store.save("mask", mask, round_idx)

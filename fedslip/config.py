@@ -149,6 +149,9 @@ class ExperimentConfig:
                             "(the one it is combined with at inference), then the global phase.")
     private_every: int = _f(1, "Take the private loss on every k-th local batch only (1 = every batch): less "
                             "compute per round for the separated objective.")
+    private_local_steps: int = _f(0, "private_phase=first: batches in each round's private phase; 0 = "
+                                  "ceil(local steps / private_every). More private steps per round than "
+                                  "global ones give the private track more training at more compute.")
     private_warmup_rounds: int = _f(0, "Rounds (from round 1) in which the private track is frozen and only "
                                     "the global track trains.")
     private_freeze_round: int = _f(0, "After this round the private track stops training; 0 = never.")
@@ -189,6 +192,9 @@ class ExperimentConfig:
                 if getattr(self, n) < 0:
                     raise ConfigError(f"{n} must be >= 0, got {getattr(self, n)!r}")
 
+        for name in FLOAT_FIELDS:  # NaN passes every comparison below; inf breaks training later
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be finite, got {getattr(self, name)!r}")
         choice("method", METHODS)
         choice("engine", ENGINES)
         choice("partition", PARTITIONS)
@@ -205,8 +211,8 @@ class ExperimentConfig:
                  "private_alpha", "private_lr", "dirichlet_alpha")
         non_negative("local_steps", "local_epochs", "kstep", "weight_decay", "fedprox_mu",
                      "val_samples_per_client", "global_test_samples", "private_warmup_rounds",
-                     "private_freeze_round", "lora_dropout", "private_prune_start_round", "max_update_norm",
-                     "max_payload_bytes", "reply_timeout", "rejoin_timeout", "kstep_lr")
+                     "private_freeze_round", "lora_dropout", "private_prune_start_round", "private_local_steps",
+                     "max_update_norm", "max_payload_bytes", "reply_timeout", "rejoin_timeout", "kstep_lr")
         positive("min_fit_clients", "parallel_clients", "client_cpus", "private_every")
         if self.min_fit_clients > self.num_clients:
             raise ConfigError(f"min_fit_clients={self.min_fit_clients} exceeds num_clients={self.num_clients}")
@@ -242,15 +248,20 @@ class ExperimentConfig:
                               "with parallel_clients=1 and no private track")
         if self.private_phase == "first" and self.objective != "separated":
             raise ConfigError("private_phase='first' needs objective='separated'")
+        if self.private_local_steps and self.private_phase != "first":
+            raise ConfigError("private_local_steps needs private_phase='first' (the interleaved schedule takes the "
+                              "private loss on the global track's batches)")
         if not self.private_track and self.private_head != "none":
             raise ConfigError(f"private_head={self.private_head!r} needs private_track=true")
-        for name in ("lr", "private_lr", "dominant_fraction", "fedprox_mu", "kstep_lr"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"{name} must be finite, got {getattr(self, name)!r}")
 
     # --- persistence ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def experiment_dict(self) -> dict[str, Any]:
+        """The keys that define the experiment's result (all but ``RUN_ONLY_KEYS``): what a resume must
+        keep unchanged."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY_KEYS}
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
@@ -281,6 +292,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+# Where and how fast a run executes, not what it computes: these may change when a run is resumed.
+RUN_ONLY_KEYS = frozenset({"engine", "data_dir", "eval_batch_size", "parallel_clients", "client_cpus",
+                           "reply_timeout", "rejoin_timeout", "max_payload_bytes"})
+FLOAT_FIELDS = tuple(n for n, f in FIELDS.items() if f.type in ("float", float))
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -329,10 +344,14 @@ def make_config(overrides: dict[str, Any] | None = None, toml_path: Path | None 
     user: dict[str, Any] = {}
     if toml_path is not None:
         path = Path(toml_path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; pass the path of a .toml file")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            user.update(tomllib.loads(path.read_text()))
+            user.update(tomllib.loads(path.read_text(encoding="utf-8")))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
     user.update(overrides or {})

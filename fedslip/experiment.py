@@ -8,14 +8,14 @@ or touches an existing one.
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .client import Client
+from .client import Client, PrivateStore
 from .config import ExperimentConfig
 from .data import Encoded, encode, load_splits
 from .model import TrackedModel, load_tokenizer
@@ -74,6 +74,7 @@ class Checkpoint:
     global_state: dict[str, torch.Tensor]
     history: list[dict]
     elapsed: float
+    config: dict | None = None  # ExperimentConfig.experiment_dict() of the run (None in older checkpoints)
 
 
 def build_clients(setup: Setup, run_dir: RunDir) -> list[Client]:
@@ -101,18 +102,41 @@ class RunDir:
         return any((self.path / f).exists() for f in RUN_FILES + RUN_DIRS)
 
     def check_writable(self, overwrite: bool) -> None:
+        """Refuse an output path that cannot take a run, before minutes of loading."""
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"output path {self.path} exists and is not a directory")
+        ancestor = next(p for p in (self.path, *self.path.parents) if p.exists())
+        if not ancestor.is_dir():
+            raise RunDirError(f"output path {self.path}: {ancestor} is a file, not a directory")
+        if not os.access(ancestor, os.W_OK):
+            raise RunDirError(f"output path {self.path}: {ancestor} is not writable")
         if self.holds_run() and not overwrite:
             raise RunDirError(f"{self.path} already holds a run; choose another --out or pass --overwrite")
+        if self.holds_run() and not (self.path / "config.toml").is_file():
+            raise RunDirError(f"{self.path} holds run files but no config.toml (not a directory FedSLIP ran in); "
+                              "refusing to --overwrite it, nothing deleted")
+
+    def written_files(self) -> list[Path]:
+        """Every file a run writes here: what ``--overwrite`` deletes. A user's own files, also inside
+        ``clients/`` or ``checkpoint/``, are not among them."""
+        files = [self.path / f for f in RUN_FILES]
+        files += [self.path / "checkpoint" / "state.json", *(self.path / "checkpoint").glob("global-*.safetensors")]
+        files += (self.path / "kstep").glob("steps*-lr*.json")
+        for client in (self.path / "clients").glob("*"):
+            if client.name.isdigit():
+                store = PrivateStore(client)
+                files += [store.path(kind, previous) for kind in store.KINDS for previous in (False, True)]
+        return [f for f in files if f.is_file()]
 
     def create(self, overwrite: bool) -> None:
         self.check_writable(overwrite)
-        if overwrite:  # remove only what a run writes, nothing else the user keeps there
-            for f in RUN_FILES:
-                (self.path / f).unlink(missing_ok=True)
-            for d in RUN_DIRS:
-                shutil.rmtree(self.path / d, ignore_errors=True)
+        if overwrite:
+            for f in self.written_files():
+                f.unlink()
+            folders = [*(self.path / "clients").glob("*"), *(self.path / d for d in (*RUN_DIRS, "kstep"))]
+            for folder in folders:  # emptied folders go; one holding a user's file stays
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
         self.path.mkdir(parents=True, exist_ok=True)
 
     def client_dir(self, cid: int) -> Path:
@@ -126,15 +150,14 @@ class RunDir:
         atomic_write_bytes(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     # --- checkpoint: the commit point of a round ------------------------------------------------
-    def save_checkpoint(self, round_idx: int, global_state: dict[str, torch.Tensor], history: list[dict],
-                        elapsed: float) -> None:
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """``checkpoint/global-<round>.safetensors``, then ``checkpoint/state.json`` naming it (the commit
         point), then the older tensors go. A crash at any point leaves a consistent last checkpoint."""
         folder = self.path / "checkpoint"
-        name = f"global-{round_idx:05d}.safetensors"
-        save_tensors(folder / name, global_state)
-        write_json(folder / "state.json", {"round": round_idx, "global": name, "history": history,
-                                           "elapsed": elapsed})
+        name = f"global-{checkpoint.round:05d}.safetensors"
+        save_tensors(folder / name, checkpoint.global_state)
+        write_json(folder / "state.json", {"round": checkpoint.round, "global": name, "history": checkpoint.history,
+                                           "elapsed": checkpoint.elapsed, "config": checkpoint.config})
         for old in folder.glob("global-*.safetensors"):
             if old.name != name:
                 old.unlink()
@@ -147,9 +170,16 @@ class RunDir:
         meta = read_json(state_path)
         if not isinstance(meta, dict) or {"round", "global", "history", "elapsed"} - set(meta):
             raise StateFileError(f"{state_path} lacks round/global/history/elapsed")
+        kinds = {"round": int, "global": str, "history": list, "elapsed": (int, float), "config": (dict, type(None))}
+        for key, kind in kinds.items():
+            value = meta.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool) or (key == "round" and value < 0):
+                raise StateFileError(f"{state_path}: {key!r} is {value!r}, not a valid {key}")
+        if not all(isinstance(row, dict) for row in meta["history"]) or Path(meta["global"]).name != meta["global"]:
+            raise StateFileError(f"{state_path}: 'history' must list round rows and 'global' name a file there")
         tensors = load_tensors(self.path / "checkpoint" / meta["global"])
-        return Checkpoint(round=int(meta["round"]), global_state=tensors, history=meta["history"],
-                          elapsed=float(meta["elapsed"]))
+        return Checkpoint(round=meta["round"], global_state=tensors, history=meta["history"],
+                          elapsed=float(meta["elapsed"]), config=meta.get("config"))
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / "summary.json", summary)

@@ -31,6 +31,16 @@ class Prediction:
     probabilities: list[float]
 
 
+def check_export_target(out: str | Path) -> Path:
+    """``export --out``: a new or empty directory (checked before the model loads)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; export needs a new or empty directory")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; export needs a new or empty directory")
+    return out
+
+
 class RunModel:
     """The inference model of one client of a finished run (global track, plus its private track)."""
 
@@ -46,7 +56,7 @@ class RunModel:
         self.model.load_global_state(load_tensors(run.path / "global.safetensors"))
         self.tracks: tuple[str, ...] = (GLOBAL,)
         if use_private and self.model.has_private:
-            private = PrivateStore(run.client_dir(client)).load("private")
+            private = PrivateStore(run.client_dir(client)).load("private", expected=self.model.private_shapes())
             if private is None:
                 raise StateFileError(f"{run.client_dir(client)} holds no private state for client {client}")
             self.model.load_private_state(private)
@@ -69,9 +79,7 @@ class RunModel:
 
     def export(self, out: str | Path) -> Path:
         """Merge the active tracks into the backbone and save a plain transformers model directory."""
-        out = Path(out)
-        if out.exists() and any(out.iterdir()):
-            raise FileExistsError(f"{out} is not empty; export needs a new or empty directory")
+        out = check_export_target(out)
         self.model.run_through(self.tracks)
         head = self.model.merged_head(self.tracks)  # the private head folds into the classifier layer
         merged = self.model.model.merge_and_unload(adapter_names=list(self.tracks))

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 from transformers.utils import logging as hf_logging
 
@@ -82,6 +83,23 @@ def load_tokenizer(backbone: str):
                             f"`tiny`, a local model directory, or a reachable hub id ({e})") from None
 
 
+# RoBERTa-style position ids start after the padding index: pad_token_id + 1 positions are never used
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer")
+
+
+def check_sequence_length(config, max_seq_len: int, backbone: str) -> None:
+    """Refuse a ``max_seq_len`` the backbone has no position embeddings for, before anything is written
+    (otherwise every client fails in round 1 with an index error)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    if config.model_type in OFFSET_POSITIONS:
+        limit -= (config.pad_token_id or 0) + 1
+    if max_seq_len > limit:
+        raise BackboneError(f"max_seq_len={max_seq_len} exceeds backbone {backbone!r}'s {limit} positions; "
+                            f"set max_seq_len <= {limit}")
+
+
 def load_backbone(backbone: str, num_labels: int, vocab_size: int):
     """A sequence-classification model; the classifier head is freshly initialized (seed first)."""
     hf_logging.set_verbosity_error()
@@ -93,7 +111,7 @@ def load_backbone(backbone: str, num_labels: int, vocab_size: int):
     try:
         return AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels,
                                                                   local_files_only=local_only)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise BackboneError(f"could not load backbone {backbone!r}: it is not `minilm`, `tiny`, a local "
                             f"model directory, or a reachable hub id ({e})") from None
 
@@ -139,8 +157,12 @@ class TrackedModel:
     def __init__(self, cfg: ExperimentConfig, tokenizer, device: torch.device | None = None):
         torch.manual_seed(cfg.seed)  # classifier head and LoRA A init are part of the seeded run
         base = load_backbone(cfg.backbone, cfg.num_labels, len(tokenizer))
+        check_sequence_length(base.config, cfg.max_seq_len, cfg.backbone)
         base.config.pad_token_id = tokenizer.pad_token_id
         self.targets = resolve_targets(base, cfg.lora_targets)
+        # resolved on the plain backbone: once peft wraps it, its own lora_A/lora_B/base_layer modules
+        # would be listed as "linear modules" in the error message
+        private_targets = resolve_targets(base, cfg.private_targets or self.targets) if cfg.private_track else []
         self.head = head_modules(base, cfg.head)
         global_cfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                 target_modules=self.targets, modules_to_save=self.head)
@@ -149,7 +171,6 @@ class TrackedModel:
         self.model = get_peft_model(base, global_cfg, adapter_name=GLOBAL)
         self.has_private = cfg.private_track
         if self.has_private:
-            private_targets = resolve_targets(base, cfg.private_targets or self.targets)
             self.model.add_adapter(PRIVATE, LoraConfig(r=cfg.private_rank, lora_alpha=cfg.private_alpha,
                                                        lora_dropout=cfg.lora_dropout,
                                                        target_modules=private_targets))
@@ -259,6 +280,10 @@ class TrackedModel:
 
     def private_state(self) -> dict[str, torch.Tensor]:
         return self._read(self.private_params)
+
+    def private_shapes(self, masked_only: bool = False) -> dict[str, torch.Size]:
+        """Names and shapes of the private track's tensors (``masked_only``: those the mask covers)."""
+        return {n: p.shape for n, p in self.private_params.items() if not masked_only or n in self.private_lora}
 
     def load_private_state(self, state: dict[str, torch.Tensor]) -> None:
         self._write(self.private_params, state, "private track")

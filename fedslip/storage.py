@@ -22,11 +22,21 @@ class StateFileError(ValueError):
     """A state or checkpoint file is missing, truncated or corrupt; the message names the file."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` via a temporary file and a rename (a crash leaves the old file or the new one).
+    The file gets the mode a plain ``open()`` would give it (0644 under the usual umask), like every
+    other file of a run, not mkstemp's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -8,16 +8,23 @@ import sys
 from pathlib import Path
 
 
+def private_density(summary: dict) -> float:
+    """Share of the private LoRA weights left by the lottery-ticket mask, mean over clients."""
+    sparsity = list(summary["private_sparsity"].values())
+    return 1 - sum(sparsity) / len(sparsity)
+
+
 def runs_table(root: Path) -> None:
-    print("| run | split | global | personalized | worst client | k-step | MiB/round | minutes |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | split | global | personalized | worst client | k-step | private density | MiB/round | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for path in sorted(root.glob("*/summary.json")):
         s = json.loads(path.read_text())
         k = f"{100 * s['kstep_accuracy']:.1f}" if s.get("kstep_accuracy") is not None else "-"
         worst = min(a for a in s["personalized_accuracy_per_client"] if a is not None)
+        density = f"{private_density(s):.2f}" if s.get("private_sparsity") else "-"
         print(f"| {path.parent.name} | {s['eval_split']} | {100 * s['global_accuracy']:.1f} | "
-              f"{100 * s['personalized_accuracy']:.1f} | {100 * worst:.1f} | {k} | {s['comm_mib_per_round']:.2f} | "
-              f"{s['wall_seconds'] / 60:.1f} |")
+              f"{100 * s['personalized_accuracy']:.1f} | {100 * worst:.1f} | {k} | {density} | "
+              f"{s['comm_mib_per_round']:.2f} | {s['wall_seconds'] / 60:.1f} |")
 
 
 def kstep_table(run: Path) -> None:

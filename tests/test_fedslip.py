@@ -242,8 +242,13 @@ def test_step_schedule_of_each_private_phase(tiny_cfg):
     first = tiny_cfg(method="fedslip", private_every=2, private_phase="first")
     assert step_schedule(first, 3, True) == [(False, True)] * 2 + [(True, False)] * 3
     assert step_schedule(first, 3, False) == [(True, False)] * 3
+    longer = tiny_cfg(method="fedslip", private_every=2, private_phase="first", private_local_steps=5)
+    assert step_schedule(longer, 3, True) == [(False, True)] * 5 + [(True, False)] * 3
+    assert step_schedule(longer, 3, False) == [(True, False)] * 3
     with pytest.raises(fedslip.ConfigError, match="private_phase"):
         tiny_cfg(method="dual_naive", private_phase="first")
+    with pytest.raises(fedslip.ConfigError, match="private_local_steps needs private_phase='first'"):
+        tiny_cfg(method="fedslip", private_phase="interleaved", private_local_steps=3)
 
 
 @pytest.mark.parametrize("phase", ["first", "interleaved"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,11 +13,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import fedslip
 from fedslip import comm
-from fedslip.client import Client, FitReply
+from fedslip.client import Client, FitReply, PrivateStore
 from fedslip.experiment import RunDirError
 from fedslip.inference import RunModel
 from fedslip.server import RoundFailed, Server
@@ -81,15 +83,21 @@ def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(uninterrupted
         assert same_tensors(mine, theirs)
 
 
+def unfinished_copy(full, tmp_path):
+    """A copy of the finished run without its summary: resume re-evaluates the last round (and K-step)."""
+    out = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(full), str(out)], check=True)
+    (out / "summary.json").unlink()
+    return out
+
+
 def test_resume_refuses_finished_and_foreign_directories(uninterrupted, tmp_path):
     full, _ = uninterrupted
     with pytest.raises(RunDirError, match="finished run"):
         fedslip.resume(full)
     with pytest.raises(RunDirError, match="not a run directory"):
         fedslip.resume(tmp_path)
-    foreign = tmp_path / "foreign"
-    subprocess.run(["cp", "-r", str(full), str(foreign)], check=True)
-    (foreign / "summary.json").unlink()
+    foreign = unfinished_copy(full, tmp_path)
     partition = json.loads((foreign / "partition.json").read_text())
     partition["global_test"] = partition["global_test"][1:]
     (foreign / "partition.json").write_text(json.dumps(partition))
@@ -97,11 +105,41 @@ def test_resume_refuses_finished_and_foreign_directories(uninterrupted, tmp_path
         fedslip.resume(foreign, progress=False)
 
 
+def test_resume_refuses_an_edited_experiment_and_accepts_engine_keys(uninterrupted, tmp_path):
+    full, reference = uninterrupted
+    out = unfinished_copy(full, tmp_path)
+    original = (out / "config.toml").read_text()
+    assert "\nlr = " in original and "\nrounds = 4\n" in original
+    edited = original.replace("\nrounds = 4\n", "\nrounds = 3\n").replace("\nlr = ", "\nlr = 0.5 # was ")
+    (out / "config.toml").write_text(edited)
+    with pytest.raises(fedslip.ConfigError, match=r"changed since round 4 was checkpointed: lr \(.* -> 0.5\), "
+                                                  r"rounds \(4 -> 3\)"):
+        fedslip.resume(out, progress=False)
+    assert (out / "config.toml").read_text() == edited and not (out / "summary.json").exists()
+    (out / "config.toml").write_text(original.replace("\neval_batch_size = ", "\neval_batch_size = 7 # was "))
+    summary = fedslip.resume(out, progress=False)
+    assert summary["personalized_accuracy"] == reference["personalized_accuracy"]
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"history": 42}, "'history' is 42"),
+    ({"round": "abc"}, "'round' is 'abc'"),
+    ({"elapsed": None}, "'elapsed' is None"),
+    ({"global": "../../global.safetensors"}, "'global' name a file there"),
+    ({"history": [1, 2]}, "'history' must list round rows"),
+])
+def test_a_tampered_checkpoint_state_is_one_error_naming_the_field(uninterrupted, tmp_path, edit, needle):
+    full, _ = uninterrupted
+    out = unfinished_copy(full, tmp_path)
+    state = out / "checkpoint" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), **edit}))
+    with pytest.raises(StateFileError, match=re.escape(needle)):
+        fedslip.resume(out, progress=False)
+
+
 def test_truncated_checkpoint_is_one_clear_error_naming_the_file(uninterrupted, tmp_path):
     full, _ = uninterrupted
-    out = tmp_path / "copy"
-    subprocess.run(["cp", "-r", str(full), str(out)], check=True)
-    (out / "summary.json").unlink()
+    out = unfinished_copy(full, tmp_path)
     ckpt = next((out / "checkpoint").glob("global-*.safetensors"))
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -118,6 +156,54 @@ def test_truncated_private_state_names_the_file(uninterrupted, tmp_path):
     private.write_bytes(private.read_bytes()[:50])
     with pytest.raises(StateFileError, match="private.safetensors"):
         RunModel(out, client=1)
+
+
+def rewrite_state(path, change):
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    save_file({**tensors, name: change(tensors[name])}, path, metadata=safe_open(path, "pt").metadata())
+
+
+@pytest.mark.parametrize("what, change, needle", [
+    ("private", lambda t: torch.full_like(t, float("nan")), "holds NaN or Inf"),
+    ("private", lambda t: torch.zeros(3, 3), "has shape (3, 3)"),
+    ("mask", lambda t: torch.full_like(t, 7), "values other than 0 and 1"),
+])
+def test_tampered_private_state_is_refused_naming_the_file(uninterrupted, tmp_path, what, change, needle):
+    full, _ = uninterrupted
+    out = unfinished_copy(full, tmp_path)
+    path = out / "clients" / "1" / f"{what}.safetensors"
+    rewrite_state(path, change)
+    with pytest.raises(StateFileError, match=re.escape(f"{path}") + ".*" + re.escape(needle)):
+        fedslip.resume(out, progress=False)
+    if what == "private":
+        with pytest.raises(StateFileError, match=re.escape(needle)):
+            RunModel(out, client=1)
+
+
+def test_a_corrupt_previous_generation_does_not_block_predict(uninterrupted, tmp_path):
+    full, _ = uninterrupted
+    out = unfinished_copy(full, tmp_path)
+    prev = out / "clients" / "1" / "private.prev.safetensors"
+    prev.write_bytes(prev.read_bytes()[:40])
+    expected = RunModel(full, client=1).predict(["stocks profit market today"])
+    assert RunModel(out, client=1).predict(["stocks profit market today"]) == expected
+
+
+def test_a_retried_round_keeps_the_last_committed_private_state(tmp_path):
+    """Round 2 is written, not committed, retried and written again: round 1's state must survive both
+    attempts (the rotation once dropped it and the client silently started its private track over)."""
+    store = PrivateStore(tmp_path)
+    state = {r: {"w": torch.full((2, 2), float(r))} for r in (1, 2)}
+    store.save("private", state[1], 1)
+    for _ in range(3):  # round 2 attempted three times
+        assert torch.equal(store.load("private", before_round=2)["w"], state[1]["w"])
+        store.save("private", state[2], 2)
+    assert torch.equal(store.load("private", before_round=2)["w"], state[1]["w"])
+    assert torch.equal(store.load("private")["w"], state[2]["w"])
+    (tmp_path / "private.prev.safetensors").unlink()  # only a later generation left: an error, no reset
+    with pytest.raises(StateFileError, match="no private state written before round 2"):
+        store.load("private", before_round=2)
 
 
 # --- bad client updates --------------------------------------------------------------------------------
@@ -252,6 +338,24 @@ def test_a_client_failing_evaluation_is_recorded_not_fatal(tiny_cfg, tmp_path, m
         assert r["personalized_accuracy"] == pytest.approx(
             sum(v for v in r["personalized_accuracy_per_client"] if v is not None) / 3)
     assert summary["personalized_accuracy_per_client"][1] is None
+    assert summary["complete"] is False
+    assert [(f["round"], f["client"], f["stage"]) for f in summary["client_failures"]] == [(1, 1, "evaluate"),
+                                                                                         (2, 1, "evaluate")]
+
+
+def test_a_complete_run_says_so(uninterrupted):
+    _, summary = uninterrupted
+    assert summary["complete"] is True and summary["client_failures"] == []
+
+
+def test_a_client_whose_own_state_is_corrupt_stops_the_resume_naming_the_file(uninterrupted, tmp_path):
+    full, _ = uninterrupted
+    out = unfinished_copy(full, tmp_path)
+    private = out / "clients" / "1" / "private.safetensors"
+    private.write_bytes(private.read_bytes()[:50])
+    with pytest.raises(StateFileError, match=r"client 1 cannot read its own state.*clients/1/private.safetensors"):
+        fedslip.resume(out, progress=False)
+    assert not (out / "summary.json").exists()
 
 
 def test_aggregation_is_flower_strategies(tiny_cfg):

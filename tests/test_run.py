@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import sys
 
@@ -35,6 +36,14 @@ def baseline_run(tmp_path_factory, data_dir):
                                    test_samples_per_client=16, global_test_samples=64, batch_size=16, kstep=3,
                                    precision="fp32"))
     return out, cfg, fedslip.run(cfg, out, progress=False)
+
+
+def test_every_file_of_a_run_has_the_same_mode(baseline_run):
+    """Atomic writes (summary.json, safetensors) get the mode plain writes get (config.toml), not 0600."""
+    out, _, _ = baseline_run
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert "summary.json" in modes and "checkpoint/state.json" in modes and "global.safetensors" in modes
+    assert len(set(modes.values())) == 1, modes
 
 
 def test_run_writes_every_file_and_metric(baseline_run):
@@ -145,10 +154,25 @@ def test_bad_input_fails_before_anything_is_written(tiny_cfg, tmp_path, override
 
 def test_overwrite_replaces_only_run_files(baseline_run, tiny_cfg, tmp_path):
     out = tmp_path / "run"
-    fedslip.run(tiny_cfg(rounds=1), out, progress=False)
-    (out / "notes.txt").write_text("keep me")
+    fedslip.run(tiny_cfg(rounds=1, method="fedslip", private_warmup_rounds=0), out, progress=False)
+    mine = [out / "notes.txt", out / "clients" / "0" / "notes.txt", out / "checkpoint" / "notes.txt"]
+    for f in mine:
+        f.write_text("keep me")
     fedslip.run(tiny_cfg(rounds=2), out, overwrite=True, progress=False)
-    assert len(read_metrics(out)) == 2 and (out / "notes.txt").read_text() == "keep me"
+    assert len(read_metrics(out)) == 2 and all(f.read_text() == "keep me" for f in mine)
+    # the fedslip run's private state went (fedavg_lora writes none); emptied client folders too
+    assert sorted(p.name for p in (out / "clients").rglob("*")) == ["0", "notes.txt"]
+
+
+def test_overwrite_refuses_a_directory_without_a_runs_config(tiny_cfg, tmp_path):
+    out = tmp_path / "run"
+    (out / "clients" / "0").mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+    (out / "clients" / "0" / "private.safetensors").write_text("not ours")
+    with pytest.raises(RunDirError, match="no config.toml"):
+        fedslip.run(tiny_cfg(rounds=1), out, overwrite=True, progress=False)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "clients", "clients/0", "clients/0/private.safetensors", "summary.json"]
 
 
 def test_cli_run_and_errors(data_dir, tmp_path):

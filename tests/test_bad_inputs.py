@@ -1,0 +1,85 @@
+"""Bad inputs, one line each (issue 19): every case is a CLI call that must end with exit code 2 and one
+``error:`` line naming the problem, before anything is written — a finished run already in ``--out``
+stays byte-identical even with ``--overwrite``.
+
+A new case is one row in ``CASES``: (id, argv after ``fedslip``, text the error line must contain).
+``{out}``, ``{data}``, ``{tmp}`` are filled in per test; ``--backbone tiny`` keeps the model loads fast.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from fedslip.cli import main
+from fedslip.model import embedded_model_dir
+
+TINY = "--backbone tiny --rounds 1 --num-clients 2 --samples-per-client 32 --test-samples-per-client 16 --kstep 0"
+RUN = f"run --out {{out}} --overwrite --data-dir {{data}} {TINY}"
+
+CASES = [
+    ("weight-decay-nan", f"{RUN} --weight-decay nan", "weight_decay must be finite"),
+    ("lora-alpha-inf", f"{RUN} --lora-alpha inf", "lora_alpha must be finite"),
+    ("lora-dropout-nan", f"{RUN} --lora-dropout nan", "lora_dropout must be finite"),
+    ("private-prune-rate-nan", f"{RUN} --method fedslip --private-prune-rate nan", "private_prune_rate must be finite"),
+    ("max-seq-len-over-positions", f"{RUN} --max-seq-len 4096", "max_seq_len=4096 exceeds"),
+    ("config-is-a-directory", f"{RUN} --config {{tmp}}", "is a directory"),
+    ("config-not-utf8", f"{RUN} --config {{tmp}}/latin1.toml", "latin1.toml is not UTF-8"),
+    ("corrupt-backbone-weights", f"{RUN.replace('--backbone tiny ', '')} --backbone {{tmp}}/broken_backbone",
+     "could not load backbone"),
+    ("private-local-steps-interleaved", f"{RUN} --method fedslip --private-phase interleaved "
+     "--private-local-steps 4", "private_local_steps needs private_phase='first'"),
+    ("out-below-a-file", RUN.replace("{out}", "{tmp}/latin1.toml/run"), "is a file, not a directory"),
+    ("export-out-is-a-file", "export --run {out} --client 0 --out {tmp}/latin1.toml", "latin1.toml is a file"),
+    ("predict-text-not-utf8", "predict --run {out} --client 0 caf\udce9", "text argument 1 is not valid UTF-8"),
+    ("private-targets-no-such-module", f"{RUN} --method fedslip --private-targets nosuch",
+     "linear modules are: classifier, dense, key, query, value"),
+    ("compare-seeds-not-integers", "compare --seeds 0,abc --out {out}", "argument --seeds"),
+]
+
+
+@pytest.fixture
+def inputs(tmp_path, data_dir):
+    """A finished-looking run in ``out`` (must survive), a Latin-1 TOML file, a backbone directory whose
+    ``model.safetensors`` is garbage."""
+    out = tmp_path / "out"
+    out.mkdir()
+    keep = {"config.toml": "method = 'fedavg_lora'\n", "summary.json": '{"global_accuracy": 0.9}\n',
+            "notes.txt": "the user's own file\n"}
+    for name, text in keep.items():
+        (out / name).write_text(text)
+    (tmp_path / "latin1.toml").write_bytes("# caf\xe9\nrounds = 1\n".encode("latin-1"))
+    broken = tmp_path / "broken_backbone"
+    shutil.copytree(embedded_model_dir(), broken, ignore=shutil.ignore_patterns("model.safetensors", "1_Pooling"))
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    return {"out": out, "data": data_dir, "tmp": tmp_path, "keep": keep}
+
+
+@pytest.mark.parametrize("argv, needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_error_and_nothing_is_lost(inputs, capsys, argv, needle):
+    args = argv.format(out=inputs["out"], data=inputs["data"], tmp=inputs["tmp"]).split()
+    try:
+        rc = main(args)
+    except SystemExit as e:  # argparse's own errors (a flag's value it cannot parse)
+        rc = e.code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert rc == 2, err
+    assert len(errors) == 1 and needle in errors[0], err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in inputs["out"].iterdir()) == sorted(inputs["keep"])
+    for name, text in inputs["keep"].items():
+        assert (inputs["out"] / name).read_text() == text
+
+
+def test_ctrl_c_is_one_line_with_the_resume_command(inputs, capsys, monkeypatch):
+    import fedslip.api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fedslip.api, "run", interrupted)
+    rc = main(RUN.format(out=inputs["tmp"] / "new", data=inputs["data"]).split())
+    err = capsys.readouterr().err.strip()
+    assert rc == 130 and err == f"fedslip: interrupted; continue with `fedslip run --resume {inputs['tmp'] / 'new'}`"
