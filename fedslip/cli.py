@@ -155,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     flower_log.propagate = False
     flower_log.setLevel(level)
     from . import api  # heavy imports only when needed
+    if not sys.stderr.isatty():  # no ANSI colour codes in redirected logs
+        from flwr.common.logger import update_console_handler
+
+        update_console_handler(colored=False)
     from .deploy import DeploymentError
     from .inference import RunModel, check_export_target
     from .server import RoundFailed

@@ -183,6 +183,9 @@ def test_cli_run_and_errors(data_dir, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["method"] == "fedavg_lora"
     assert "aggregate_train" not in ok.stderr  # --quiet also silences Flower's strategy log
+    loud = subprocess.run([a for a in base if a != "--quiet"] + ["--out", str(tmp_path / "loud")],
+                          capture_output=True, text=True)
+    assert "aggregate_train" in loud.stderr and "\x1b[" not in loud.stderr  # no ANSI colour when redirected
     again = subprocess.run(base + ["--out", str(tmp_path / "cli")], capture_output=True, text=True)
     assert again.returncode == 2 and "already holds a run" in again.stderr
     bad = subprocess.run(base + ["--out", str(tmp_path / "x"), "--rounds", "0"], capture_output=True, text=True)
