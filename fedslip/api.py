@@ -191,14 +191,21 @@ def _resumable_config(path: Path) -> ExperimentConfig:
     return load_config(config_path)
 
 
-def start_resumed(out: str | Path, progress: bool = True, make_engine: MakeEngine = _default_engine) -> dict:
-    """Continue the run in ``out`` after its last checkpoint with the engine ``make_engine`` builds."""
-    started = time.perf_counter()
-    run_dir = RunDir(Path(out))
+def resume_point(run_dir: RunDir) -> tuple[ExperimentConfig, Checkpoint | None]:
+    """The run's config and last checkpoint, refused (one clear error) if the run cannot be resumed as
+    the same experiment. Cheap: the Flower simulation calls it before Ray starts."""
     cfg = _resumable_config(run_dir.path)
     checkpoint = run_dir.load_checkpoint()
     if checkpoint is not None:
         check_same_experiment(cfg, checkpoint, run_dir.path / "config.toml")
+    return cfg, checkpoint
+
+
+def start_resumed(out: str | Path, progress: bool = True, make_engine: MakeEngine = _default_engine) -> dict:
+    """Continue the run in ``out`` after its last checkpoint with the engine ``make_engine`` builds."""
+    started = time.perf_counter()
+    run_dir = RunDir(Path(out))
+    cfg, checkpoint = resume_point(run_dir)
     setup = _prepare_for(run_dir, cfg)
     if checkpoint is None:
         checkpoint = Checkpoint(0, setup.model.global_state(), [], 0.0)

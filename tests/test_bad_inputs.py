@@ -33,6 +33,7 @@ CASES = [
     ("out-below-a-file", RUN.replace("{out}", "{tmp}/latin1.toml/run"), "is a file, not a directory"),
     ("export-out-is-a-file", "export --run {out} --client 0 --out {tmp}/latin1.toml", "latin1.toml is a file"),
     ("predict-text-not-utf8", "predict --run {out} --client 0 caf\udce9", "text argument 1 is not valid UTF-8"),
+    ("flower-sim-refuses-before-ray", f"{RUN} --engine flower-sim --max-seq-len 4096", "max_seq_len=4096 exceeds"),
     ("private-targets-no-such-module", f"{RUN} --method fedslip --private-targets nosuch",
      "linear modules are: classifier, dense, key, query, value"),
     ("compare-seeds-not-integers", "compare --seeds 0,abc --out {out}", "argument --seeds"),

@@ -263,14 +263,17 @@ def simulate(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, re
     SuperNodes, ``client_cpus`` cores each; Ray's temp dir and FLWR_HOME inside ``out``."""
     from flwr.simulation import run_simulation
 
-    from ..data import load_splits
-    from ..experiment import RunDir
+    from ..api import resume_point
+    from ..experiment import RunDir, prepare
     from ..flower_app import make_client_app, make_server_app
 
+    # every refusal before Ray starts: no Ray/Flower noise, no .ray/ or .flwr/ left in ``out``
     run_dir = RunDir(Path(out))
-    if not resume:
-        run_dir.check_writable(overwrite)  # refuse before Ray starts
-    load_splits(cfg)  # bad data is one clear error here, before Ray or any directory
+    if resume:
+        resume_point(run_dir)
+    else:
+        run_dir.check_writable(overwrite)
+    prepare(cfg)  # bad data, partition sizes, backbone files, max_seq_len: before Ray or any directory
     run_path = run_dir.path.resolve()
     run_path.mkdir(parents=True, exist_ok=True)
     with _environment(flower_environment(run_path)), ray_temp_dir(run_path / ".ray") as ray_tmp:
