@@ -115,10 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
               "flwr run, local deployment)", "bench_engines.json", "tiny").add_argument(
         "--rounds", type=int, default=3, help="rounds per run (default: 3)")
     deploy = sub.add_parser("deploy-local", help="start a Flower SuperLink and one SuperNode per client on "
-                            "127.0.0.1 (TLS off), run the experiment on them with `flwr run`, stop them")
+                            "127.0.0.1 (TLS with --tls), run the experiment on them with `flwr run`, stop them")
     deploy.add_argument("--workdir", required=True, help="new directory: run/, nodes/<id>/ (private states), "
                         "logs/, .flwr/")
     deploy.add_argument("--config", type=str, default=None, help="TOML file with config keys")
+    deploy.add_argument("--tls", action="store_true", help="TLS between SuperLink, SuperNodes and flwr, with a "
+                        "throwaway CA made in WORKDIR/certs")
+    deploy.add_argument("--node-auth", action="store_true", help="SuperNode authentication (needs --tls): "
+                        "a key pair per SuperNode, registered with the SuperLink")
     add_config_flags(deploy)
     sub.add_parser("config-reference", help="print the config reference table (markdown)")
     return parser
@@ -220,7 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if RunDir(Path(args.workdir) / "run").holds_run():
                 raise RunDirError(f"{Path(args.workdir) / 'run'} already holds a run; choose another --workdir")
-            summary = run_local(make_config(config_overrides(args), args.config), args.workdir)
+            if args.node_auth and not args.tls:
+                raise ConfigError("--node-auth needs --tls (Flower authenticates SuperNodes over TLS only)")
+            summary = run_local(make_config(config_overrides(args), args.config), args.workdir, tls=args.tls,
+                                node_auth=args.node_auth)
         elif args.resume:
             if args.out or args.config or config_overrides(args):
                 raise ConfigError("--resume continues a run with its own config.toml; pass no --out, --config "

@@ -200,6 +200,42 @@ def test_deployment_superlink_and_supernodes(tmp_path, data_dir):
 
 
 @pytest.mark.flower
+def test_deployment_with_tls_and_node_auth_equals_the_embedded_run(tmp_path, data_dir):
+    from fedslip.deploy import LocalDeployment
+
+    cfg = tiny(data_dir, method="fedslip")
+    reference = embedded_reference(tmp_path, cfg)
+    with LocalDeployment(tmp_path / "deploy", num_nodes=2, tls=True, node_auth=True) as fed:
+        fed.run({**cfg, "out": str(tmp_path / "deploy" / "run")}, timeout=900)
+    logs = tmp_path / "deploy" / "logs"
+    assert "Uvicorn running on https://" in (logs / "superlink.log").read_text()
+    assert sorted(p.name for p in (tmp_path / "deploy" / "keys").iterdir()) == [
+        "supernode-0.key", "supernode-0.pub", "supernode-1.key", "supernode-1.pub"]
+    assert_same_run(reference, tmp_path / "deploy" / "run")
+
+
+@pytest.mark.flower
+def test_node_auth_refuses_an_unregistered_supernode_and_the_run_goes_on_without_it(tmp_path, data_dir):
+    from fedslip.deploy import DeploymentError, LocalDeployment
+
+    cfg = tiny(data_dir, method="fedslip", min_fit_clients=1, rejoin_timeout=5.0)
+    fed = LocalDeployment(tmp_path / "deploy", num_nodes=2, tls=True, node_auth=True)
+    try:
+        fed.start(nodes=[0])
+        with pytest.raises(DeploymentError, match="Failed to activate SuperNode"):
+            fed.start_node(1, register=False)  # TLS fine, key unknown to the SuperLink
+        with pytest.raises(DeploymentError, match="CERTIFICATE_VERIFY_FAILED"):
+            fed.start_node(1, trust_ca=False)  # a client that does not trust the deployment's CA
+        summary = fed.run({**cfg, "out": str(tmp_path / "deploy" / "run")}, timeout=900)
+    finally:
+        fed.close()
+    assert summary["personalized_accuracy_per_client"][0] is not None
+    assert summary["personalized_accuracy_per_client"][1] is None and summary["complete"] is False
+    assert {(f["round"], f["client"], f["stage"]) for f in summary["client_failures"]} == {
+        (r, 1, stage) for r in (1, 2) for stage in ("fit", "evaluate")}
+
+
+@pytest.mark.flower
 def test_flwr_run_on_a_simulation_superlink(tmp_path, data_dir):
     """`flwr run . <connection> --federation-config "num-supernodes=2 ..."` on `flower-superlink --simulation`."""
     from fedslip.deploy import LocalDeployment
