@@ -8,7 +8,9 @@ A new case is one row in ``CASES``: (id, argv after ``fedslip``, text the error 
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +86,32 @@ def test_ctrl_c_is_one_line_with_the_resume_command(inputs, capsys, monkeypatch)
     rc = main(RUN.format(out=inputs["tmp"] / "new", data=inputs["data"]).split())
     err = capsys.readouterr().err.strip()
     assert rc == 130 and err == f"fedslip: interrupted; continue with `fedslip run --resume {inputs['tmp'] / 'new'}`"
+
+
+def test_a_read_only_output_directory_is_refused_before_loading(inputs, capsys, monkeypatch):
+    """Root ignores permission bits and a read-only file system cannot be mounted in a test, so the
+    kernel's answer (access(W_OK) fails: EACCES / EROFS) is simulated for that directory only."""
+    import fedslip.api
+    import fedslip.experiment
+
+    locked = inputs["tmp"] / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(fedslip.experiment.os, "access",
+                        lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    monkeypatch.setattr(fedslip.api, "prepare", lambda cfg: pytest.fail("loaded data for a refused --out"))
+    rc = main(RUN.format(out=locked / "run", data=inputs["data"]).split())
+    assert rc == 2 and f"{locked} is not writable" in capsys.readouterr().err
+    assert list(locked.iterdir()) == []
+
+
+def test_config_toml_records_the_data_directory_it_read(tiny_cfg, data_dir, tmp_path, monkeypatch):
+    """Data found through FEDSLIP_DATA_DIR is recorded as that path, so a later --resume without the
+    variable reads the same files (it once recorded "" and went to the hub)."""
+    import fedslip
+
+    monkeypatch.setenv("FEDSLIP_DATA_DIR", str(data_dir))
+    cfg = tiny_cfg(rounds=1, data_dir="", num_clients=2)
+    fedslip.run(cfg, tmp_path / "run", progress=False)
+    monkeypatch.delenv("FEDSLIP_DATA_DIR")
+    assert fedslip.load_config(tmp_path / "run" / "config.toml").data_dir == str(data_dir)
