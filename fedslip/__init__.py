@@ -9,7 +9,17 @@ Python API (the CLI is a thin layer over it)::
 
 __version__ = "0.1.0"
 
-from .api import kstep, resume, run  # noqa: E402
 from .config import ConfigError, ExperimentConfig, load_config, make_config  # noqa: E402
+
+
+def __getattr__(name: str):
+    """``run``, ``resume`` and ``kstep`` load torch, transformers, peft and flwr: imported on first use,
+    so that ``fedslip --help`` and config work stay fast."""
+    if name in ("run", "resume", "kstep"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fedslip' has no attribute {name!r}")
+
 
 __all__ = ["ConfigError", "ExperimentConfig", "make_config", "load_config", "kstep", "resume", "run", "__version__"]

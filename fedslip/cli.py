@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import FIELDS, ConfigError, make_config
+from . import __version__
+from .config import CHOICES, FIELDS, ConfigError, make_config
 
 
 def _flag(name: str) -> str:
@@ -40,6 +41,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if kind == "bool":
             group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
                                help=help_text)
+        elif name in CHOICES:
+            group.add_argument(_flag(name), dest=name, default=None, choices=CHOICES[name], help=help_text)
         else:
             metavar = "A,B,..." if kind.startswith("list") else kind.upper()
             group.add_argument(_flag(name), dest=name, default=None, metavar=metavar, help=help_text)
@@ -66,6 +69,7 @@ def _command(argv: Sequence[str] | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedslip", description="Personalized federated fine-tuning with "
                                      "dual-track LoRA.")
+    parser.add_argument("--version", action="version", version=f"fedslip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one federated experiment")
     run.add_argument("--config", type=str, default=None, help="TOML file with config keys")

@@ -31,6 +31,10 @@ PRUNE_SCOPES = ("matrix", "global")
 EVAL_SPLITS = ("test", "val")
 ENGINES = ("embedded", "flower-sim")
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
+# the allowed values of every string field with a fixed set of them (validation and the CLI's choices)
+CHOICES = {"method": METHODS, "engine": ENGINES, "partition": PARTITIONS, "head": HEADS, "objective": OBJECTIVES,
+           "precision": PRECISIONS, "private_prune_scope": PRUNE_SCOPES, "eval_split": EVAL_SPLITS,
+           "aggregation": AGGREGATIONS, "private_head": PRIVATE_HEADS, "private_phase": PRIVATE_PHASES}
 AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
 
 
@@ -195,17 +199,8 @@ class ExperimentConfig:
         for name in FLOAT_FIELDS:  # NaN passes every comparison below; inf breaks training later
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be finite, got {getattr(self, name)!r}")
-        choice("method", METHODS)
-        choice("engine", ENGINES)
-        choice("partition", PARTITIONS)
-        choice("head", HEADS)
-        choice("objective", OBJECTIVES)
-        choice("precision", PRECISIONS)
-        choice("private_prune_scope", PRUNE_SCOPES)
-        choice("eval_split", EVAL_SPLITS)
-        choice("aggregation", AGGREGATIONS)
-        choice("private_head", PRIVATE_HEADS)
-        choice("private_phase", PRIVATE_PHASES)
+        for name, allowed in CHOICES.items():
+            choice(name, allowed)
         positive("rounds", "num_clients", "samples_per_client", "test_samples_per_client", "batch_size",
                  "eval_batch_size", "lr", "max_seq_len", "lora_rank", "lora_alpha", "private_rank",
                  "private_alpha", "private_lr", "dirichlet_alpha")

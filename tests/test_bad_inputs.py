@@ -38,6 +38,7 @@ CASES = [
     ("flower-sim-refuses-before-ray", f"{RUN} --engine flower-sim --max-seq-len 4096", "max_seq_len=4096 exceeds"),
     ("private-targets-no-such-module", f"{RUN} --method fedslip --private-targets nosuch",
      "linear modules are: classifier, dense, key, query, value"),
+    ("method-not-a-preset", "run --out {out} --method fedsl1p", "invalid choice: 'fedsl1p' (choose from"),
     ("compare-seeds-not-integers", "compare --seeds 0,abc --out {out}", "argument --seeds"),
 ]
 

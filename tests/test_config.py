@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from conftest import REPO
 
+import fedslip
 from fedslip.cli import build_parser, config_overrides, config_reference
 from fedslip.config import FIELDS, ConfigError, ExperimentConfig, load_config, make_config
 
@@ -96,3 +100,13 @@ def test_shipped_configs_load():
         assert cfg.num_clients == 4 and cfg.dominant_fraction == 0.8, path
     assert make_config(toml_path=REPO / "configs" / "seed_cpu.toml") == make_config(), \
         "seed_cpu.toml spells out the package defaults (the README's default experiment)"
+
+
+def test_the_cli_starts_without_the_training_stack():
+    """`fedslip --help` / `--version` must not import torch, transformers, peft or flwr (seconds each)."""
+    code = ("import sys, fedslip.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'flwr') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    version = subprocess.run([sys.executable, "-m", "fedslip.cli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"fedslip {fedslip.__version__}"
