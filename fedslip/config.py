@@ -330,11 +330,14 @@ def _coerce(name: str, value: Any) -> Any:
     raise ConfigError(f"{name}: expected {kind}, got {value!r}")
 
 
-def make_config(overrides: dict[str, Any] | None = None, toml_path: Path | None = None) -> ExperimentConfig:
-    """Build a validated config: defaults <- method preset <- TOML file <- ``overrides``.
+def make_config(overrides: dict[str, Any] | None = None, toml_path: Path | None = None,
+                **keys: Any) -> ExperimentConfig:
+    """Build a validated config: defaults <- method preset <- TOML file <- ``overrides`` <- ``keys``.
 
     >>> make_config({"method": "fedslip", "rounds": 3}).fedprox_mu
     0.01
+    >>> make_config(method="fedslip", rounds=3).rounds
+    3
     """
     user: dict[str, Any] = {}
     if toml_path is not None:
@@ -350,6 +353,7 @@ def make_config(overrides: dict[str, Any] | None = None, toml_path: Path | None 
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
     user.update(overrides or {})
+    user.update(keys)
     unknown = sorted(set(user) - set(FIELDS))
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")

@@ -110,3 +110,10 @@ def test_the_cli_starts_without_the_training_stack():
     assert done.stdout.strip() == "[]"
     version = subprocess.run([sys.executable, "-m", "fedslip.cli", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.strip() == f"fedslip {fedslip.__version__}"
+
+
+def test_make_config_takes_keyword_arguments_too():
+    cfg = make_config({"rounds": 4}, method="fedslip", lr=1e-3)
+    assert (cfg.method, cfg.rounds, cfg.lr, cfg.fedprox_mu) == ("fedslip", 4, 1e-3, 0.01)  # preset applied
+    with pytest.raises(ConfigError, match="unknown config key.*bogus"):
+        make_config(bogus=1)
