@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ExperimentConfig, load_config
+from .config import ConfigError, ExperimentConfig, load_config
 from .storage import atomic_write_bytes, read_json, write_json
 
 
@@ -48,6 +48,17 @@ def find_runs(paths: list[Path]) -> list[RunRecord]:
     return sorted(found, key=lambda r: (r.method, r.cfg.seed))
 
 
+def check_same_settings(method: str, runs: list[RunRecord]) -> None:
+    """Refuse to average runs of one method made with different settings into one row (a mean over
+    them would describe no experiment); the error names the runs and the keys that differ."""
+    settings = [{k: v for k, v in r.cfg.experiment_dict().items() if k != "seed"} for r in runs]
+    for r, other in zip(runs[1:], settings[1:]):
+        differ = sorted(k for k in settings[0] if settings[0][k] != other[k])
+        if differ:
+            raise ConfigError(f"{method}: {runs[0].path} and {r.path} differ in {', '.join(differ)}; a report row "
+                              "averages runs that differ in their seed only: report them separately")
+
+
 def _stats(values: list[float | None]) -> dict:
     v = np.array([x for x in values if x is not None], dtype=float)
     if v.size == 0:
@@ -56,9 +67,12 @@ def _stats(values: list[float | None]) -> dict:
 
 
 def aggregate(runs: list[RunRecord]) -> dict:
+    """Mean and std over the seeds of each method; the runs of one method must differ in their seed only."""
     by_method: dict[str, list[RunRecord]] = defaultdict(list)
     for r in runs:
         by_method[r.method].append(r)
+    for method, rs in by_method.items():
+        check_same_settings(method, rs)
     out = {}
     for method, rs in by_method.items():
         s = [r.summary for r in rs]
@@ -176,10 +190,10 @@ def _default_targets(backbone: str) -> str:
 def build_report(runs: list[RunRecord], out: Path, command: str = "") -> dict:
     """Write ``results.json``, ``report.md`` and the PNGs into ``out``; return the results."""
     out = Path(out)
+    agg = aggregate(runs)  # refuses mixed settings before anything is written
     out.mkdir(parents=True, exist_ok=True)
     if not command and (out / "results.json").is_file():  # rebuilding: keep the command that made the runs
         command = read_json(out / "results.json").get("command", "")
-    agg = aggregate(runs)
     results = {"runs": [{"dir": str(r.path), "method": r.method, "seed": r.cfg.seed, "summary": r.summary}
                         for r in runs], "by_method": agg, "command": command}
     write_json(out / "results.json", results)

@@ -91,6 +91,17 @@ def test_report_cli_rebuilds_from_run_directories(compared, tmp_path):
     assert empty.returncode == 2 and "no finished run" in empty.stderr
 
 
+def test_report_refuses_to_average_runs_of_one_method_with_different_settings(compared, tmp_path):
+    out, *_ = compared
+    other = tmp_path / "other-lr"
+    subprocess.run(["cp", "-r", str(run_dir_for(out, "fedslip", 1)), str(other)], check=True)
+    config = other / "config.toml"
+    config.write_text(config.read_text().replace("\nlr = ", "\nlr = 0.125 # was "))
+    res = subprocess.run([sys.executable, "-m", "fedslip.cli", "report", str(run_dir_for(out, "fedslip", 0)),
+                          str(other), "--out", str(tmp_path / "mixed")], capture_output=True, text=True)
+    assert res.returncode == 2 and "differ in lr" in res.stderr and not (tmp_path / "mixed").exists()
+
+
 def test_report_keeps_hand_written_notes(compared):
     out, *_ = compared
     (out / "notes.md").write_text("Ablation X explains the gap.")
