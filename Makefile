@@ -12,7 +12,7 @@ METHOD ?= fedslip
 OUT ?= runs/$(METHOD)
 ARGS ?=
 
-.PHONY: setup run compare test lint clean
+.PHONY: setup run compare test test-fast lint clean
 
 $(BIN)/fedslip: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ compare: setup
 # pytest exits 5 when it collects no test: that is a failure here, never a pass.
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# for development: the tiny-backbone tests only (no MiniLM integration, no Flower processes)
+test-fast: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration and not flower"
 
 lint: setup
 	$(BIN)/ruff check fedslip tests
