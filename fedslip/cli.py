@@ -157,12 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config-reference":
         print(config_reference())
         return 0
+    from . import api  # heavy imports only when needed (flwr's logger sets its level on import: first)
     level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
     flower_log = logging.getLogger("flwr")  # Flower prints its records with its own handler: not twice
     flower_log.propagate = False
     flower_log.setLevel(level)
-    from . import api  # heavy imports only when needed
     if not sys.stderr.isatty():  # no ANSI colour codes in redirected logs
         from flwr.common.logger import update_console_handler
 

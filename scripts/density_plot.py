@@ -1,9 +1,10 @@
 """Accuracy against the private track's density (issue 12): finished FedSLIP runs that differ only in the
 lottery-ticket mask's target sparsity (and the prune rate that reaches it).
 
-    python scripts/density_plot.py docs/results/density runs/tune_math/fedslip_phase-first_sparsity0 \\
-        runs/tune_math/fedslip_phase-first_sparsity0.25 runs/tune_math/fedslip_phase-first \\
-        runs/tune_math/fedslip_phase-first_sparsity0.75 runs/tune_math/fedslip_phase-first_sparsity0.9
+    T=docs/results/tuning_runs   # copies of runs/tune_math/* (config, metrics, summary; docs/results/tuning.md)
+    python scripts/density_plot.py docs/results/density $T/fedslip_phase-first_sparsity0 \
+        $T/fedslip_phase-first_sparsity0.25 $T/fedslip_phase-first $T/fedslip_phase-first_sparsity0.75 \
+        $T/fedslip_phase-first_sparsity0.9
 
 Writes ``density.png`` and ``density.md`` (the table, with the runs it came from) into the first folder.
 """
