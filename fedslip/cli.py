@@ -20,16 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import CHOICES, FIELDS, ConfigError, make_config
+from .config import CHOICES, FIELDS, PRESET_BASE, PRESET_KEYS, ConfigError, make_config
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _default(name: str) -> Any:
+def _default(name: str) -> str:
+    """The field's default as shown in --help and the README table; preset-controlled fields say so."""
+    if name in PRESET_KEYS:
+        return f"method preset, else {json.dumps(PRESET_BASE[name])}"
     f = FIELDS[name]
-    return f.default_factory() if callable(f.default_factory) else f.default
+    return json.dumps(f.default_factory() if callable(f.default_factory) else f.default)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +40,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("experiment config (any key of the TOML config)")
     for name, f in FIELDS.items():
         kind = str(f.type)
-        help_text = f.metadata["help"].replace("%", "%%") + f" (default: {json.dumps(_default(name))})"
+        help_text = f.metadata["help"].replace("%", "%%") + f" (default: {_default(name)})"
         if kind == "bool":
             group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
                                help=help_text)
@@ -56,7 +59,7 @@ def config_reference() -> str:
     """Markdown table of every config key (README.md embeds this output; a test keeps them in sync)."""
     lines = ["| key | flag | default | meaning |", "|---|---|---|---|"]
     for name, f in FIELDS.items():
-        lines.append(f"| `{name}` | `{_flag(name)}` | `{json.dumps(_default(name))}` | {f.metadata['help']} |")
+        lines.append(f"| `{name}` | `{_flag(name)}` | `{_default(name)}` | {f.metadata['help']} |")
     return "\n".join(lines)
 
 

@@ -42,6 +42,9 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the allowed values."""
 
 
+FROM_PRESET = None  # default of the fields a method preset sets: resolved in ExperimentConfig.__post_init__
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
@@ -92,7 +95,7 @@ class ExperimentConfig:
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input of both tracks.")
     lora_targets: list[str] = _f([], "Module names LoRA adapts; empty = per architecture (BERT/RoBERTa "
                                  "query,value; DistilBERT q_lin,v_lin).")
-    head: str = _f("shared", "Classifier head in the global track: `shared` = the final classifier layer; "
+    head: str = _f(FROM_PRESET, "Classifier head in the global track: `shared` = the final classifier layer; "
                    "`shared_full` = the whole head (adds DistilBERT's pre_classifier).")
     # --- local training ---------------------------------------------------------------------
     local_epochs: int = _f(1, "Local epochs per round (ignored when local_steps > 0).")
@@ -132,13 +135,13 @@ class ExperimentConfig:
     max_payload_bytes: int = _f(0, "Reject a client payload larger than this many bytes; 0 = 2x the broadcast "
                                 "payload.")
     # --- method (set by presets) ----------------------------------------------------------
-    private_track: bool = _f(False, "Give every client a private LoRA track that never leaves it.")
-    objective: str = _f("global_only", "`global_only` (FedAvg), `joint` (one loss on the combined logits "
+    private_track: bool = _f(FROM_PRESET, "Give every client a private LoRA track that never leaves it.")
+    objective: str = _f(FROM_PRESET, "`global_only` (FedAvg), `joint` (one loss on the combined logits "
                         "trains both tracks), `separated` (global loss on global-only logits; private loss on "
                         "combined logits).")
-    detach: bool = _f(True, "objective=separated: the private loss treats the global track as constant, so "
+    detach: bool = _f(FROM_PRESET, "objective=separated: the private loss treats the global track as constant, so "
                       "it sends no gradient to it.")
-    fedprox_mu: float = _f(0.0, "FedProx: adds (mu/2)*||w - w_round||^2 over the global track to its loss.")
+    fedprox_mu: float = _f(FROM_PRESET, "FedProx: adds (mu/2)*||w - w_round||^2 over the global track to its loss.")
     private_rank: int = _f(8, "Rank of the private LoRA track.")
     private_alpha: float = _f(16.0, "LoRA alpha of the private track.")
     private_lr: float = _f(4e-3, "AdamW learning rate of the private track.")
@@ -147,7 +150,7 @@ class ExperimentConfig:
                            "logits whenever the private track runs: `none`; `bias` (a per-client logit offset, "
                            "C numbers); `classifier` (a per-client linear correction W_p h + b_p of the shared "
                            "classifier). Zero at start; never pruned; never sent.")
-    private_phase: str = _f("interleaved", "objective=separated: `interleaved` = the private loss on the same "
+    private_phase: str = _f(FROM_PRESET, "objective=separated: `interleaved` = the private loss on the same "
                             "batches as the global loss, against the locally trained global track; `first` = "
                             "each round starts with a private phase against the global track as received "
                             "(the one it is combined with at inference), then the global phase.")
@@ -156,21 +159,28 @@ class ExperimentConfig:
     private_local_steps: int = _f(0, "private_phase=first: batches in each round's private phase; 0 = "
                                   "ceil(local steps / private_every). More private steps per round than "
                                   "global ones give the private track more training at more compute.")
-    private_warmup_rounds: int = _f(0, "Rounds (from round 1) in which the private track is frozen and only "
+    private_warmup_rounds: int = _f(FROM_PRESET, "Rounds (from round 1) in which the private track is frozen and only "
                                     "the global track trains.")
-    private_freeze_round: int = _f(0, "After this round the private track stops training; 0 = never.")
-    private_target_sparsity: float = _f(0.0, "Lottery-ticket mask: final share of private weights pruned "
+    private_freeze_round: int = _f(FROM_PRESET, "After this round the private track stops training; 0 = never.")
+    private_target_sparsity: float = _f(FROM_PRESET, "Lottery-ticket mask: final share of private weights pruned "
                                         "(0 = no mask).")
-    private_prune_rate: float = _f(0.2, "Share of the still-unmasked private weights pruned at the end of "
+    private_prune_rate: float = _f(FROM_PRESET, "Share of the still-unmasked private weights pruned at the end of "
                                    "each pruning round.")
     private_prune_scope: str = _f("matrix", "Prune the smallest magnitudes per weight `matrix` or over the "
                                   "`global` private track.")
     private_prune_start_round: int = _f(1, "First round at whose end pruning happens (after warmup).")
-    private_rewind_round: int = _f(-1, "Rewind surviving private weights to their values at the end of this "
+    private_rewind_round: int = _f(FROM_PRESET, "Rewind surviving private weights to their values at the end of this "
                                    "round after each pruning (0 = initialization); -1 = no rewinding.")
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
+        """Fields left at ``FROM_PRESET`` take the method preset's value (else the base value), so that every
+        way of building a config (``ExperimentConfig(method=...)``, ``make_config``, TOML, CLI, Flower
+        run config) gives the same one; explicitly given values always win."""
+        preset = PRESETS.get(self.method, {})  # an unknown method is named by validate()
+        for name, base in PRESET_BASE.items():
+            if getattr(self, name) is FROM_PRESET:
+                setattr(self, name, preset.get(name, base))
         self.validate()
 
     @property
@@ -265,6 +275,13 @@ class ExperimentConfig:
         Path(path).write_text(self.to_toml())
 
 
+# The value of each preset-controlled field when the method's preset does not set it (FedAvg's).
+PRESET_BASE: dict[str, Any] = dict(
+    private_track=False, objective="global_only", detach=True, fedprox_mu=0.0, head="shared",
+    private_warmup_rounds=0, private_freeze_round=0, private_target_sparsity=0.0, private_prune_rate=0.2,
+    private_rewind_round=-1, private_phase="interleaved")
+PRESET_KEYS = tuple(PRESET_BASE)
+
 # Presets fill the method fields; anything the user sets explicitly wins.
 PRESETS: dict[str, dict[str, Any]] = {
     # FedAvg + LoRA: one global track, no private state.
@@ -358,11 +375,7 @@ def make_config(overrides: dict[str, Any] | None = None, toml_path: Path | None 
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
     user = {k: _coerce(k, v) for k, v in user.items()}
-    method = user.get("method", FIELDS["method"].default)
-    if method not in PRESETS:
-        raise ConfigError(f"method={method!r} is not one of {', '.join(METHODS)}")
-    values = {**PRESETS[method], **user}
-    return ExperimentConfig(**values)
+    return ExperimentConfig(**user)  # the method preset is applied there
 
 
 def load_config(path: Path) -> ExperimentConfig:

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from . import api
 from .client import Client
-from .config import FIELDS, PRESETS, ConfigError, ExperimentConfig, make_config
+from .config import FIELDS, PRESET_KEYS, ConfigError, ExperimentConfig, make_config
 from .engines.flower import (
     ARRAYS,
     CONFIG,
@@ -45,7 +45,6 @@ from .model import PRIVATE
 
 log = logging.getLogger("fedslip")
 PRESET = "preset"
-PRESET_FIELDS = sorted({k for preset in PRESETS.values() for k in preset})
 APP_KEYS = {"out": "runs/flower", "overwrite": False, "resume": False}
 
 
@@ -64,7 +63,7 @@ def default_run_config() -> dict[str, Any]:
     """``[tool.flwr.app.config]`` as shipped: every config key at its default, the method-preset keys as
     ``"preset"``, then the app keys."""
     defaults = ExperimentConfig().to_dict()
-    values = as_run_config({name: PRESET if name in PRESET_FIELDS else defaults[name] for name in FIELDS})
+    values = as_run_config({name: PRESET if name in PRESET_KEYS else defaults[name] for name in FIELDS})
     return {**values, "method": "fedslip", **APP_KEYS}
 
 

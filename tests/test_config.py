@@ -10,7 +10,7 @@ from conftest import REPO
 
 import fedslip
 from fedslip.cli import build_parser, config_overrides, config_reference
-from fedslip.config import FIELDS, ConfigError, ExperimentConfig, load_config, make_config
+from fedslip.config import FIELDS, PRESET_KEYS, PRESETS, ConfigError, ExperimentConfig, load_config, make_config
 
 
 def test_defaults_are_the_seed_protocol():
@@ -117,3 +117,14 @@ def test_make_config_takes_keyword_arguments_too():
     assert (cfg.method, cfg.rounds, cfg.lr, cfg.fedprox_mu) == ("fedslip", 4, 1e-3, 0.01)  # preset applied
     with pytest.raises(ConfigError, match="unknown config key.*bogus"):
         make_config(bogus=1)
+
+
+@pytest.mark.parametrize("method", ["fedavg_lora", "dual_naive", "fedslip", "centralized"])
+def test_every_way_of_building_a_config_applies_the_preset(method):
+    """ExperimentConfig(method=...) once built FedAvg's fields for any method (only make_config applied
+    presets); an explicitly given value still wins over the preset."""
+    direct = ExperimentConfig(method=method)
+    assert direct == make_config(method=method) == make_config({"method": method})
+    assert all(getattr(direct, k) == v for k, v in PRESETS[method].items())
+    assert ExperimentConfig(method=method, fedprox_mu=0.5).fedprox_mu == 0.5
+    assert set(PRESETS[method]) <= set(PRESET_KEYS)
