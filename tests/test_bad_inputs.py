@@ -84,7 +84,10 @@ def test_ctrl_c_is_one_line_with_the_resume_command(inputs, capsys, monkeypatch)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fedslip.api, "run", interrupted)
-    rc = main(RUN.format(out=inputs["tmp"] / "new", data=inputs["data"]).split())
+    try:
+        rc = main(RUN.format(out=inputs["tmp"] / "new", data=inputs["data"]).split())
+    except KeyboardInterrupt:  # escaping, it would stop the whole test session instead of failing here
+        pytest.fail("KeyboardInterrupt escaped fedslip.cli.main")
     err = capsys.readouterr().err.strip()
     assert rc == 130 and err == f"fedslip: interrupted; continue with `fedslip run --resume {inputs['tmp'] / 'new'}`"
 
