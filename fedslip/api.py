@@ -234,10 +234,9 @@ def check_same_experiment(cfg: ExperimentConfig, checkpoint: Checkpoint, config_
     only ``RUN_ONLY_KEYS`` (engine, data path, performance) may differ."""
     if checkpoint.config is None:  # checkpoints written before the config was stored with them
         return
-    now = cfg.experiment_dict()
-    changed = sorted(k for k in set(now) | set(checkpoint.config) if now.get(k) != checkpoint.config.get(k))
+    changed = cfg.experiment_diff(checkpoint.config)
     if changed:
-        diff = ", ".join(f"{k} ({checkpoint.config.get(k)!r} -> {now.get(k)!r})" for k in changed)
+        diff = ", ".join(f"{k} ({was!r} -> {now!r})" for k, (was, now) in changed.items())
         raise ConfigError(f"{config_path} changed since round {checkpoint.round} was checkpointed: {diff}. A resume "
                           f"continues the same experiment; only {', '.join(sorted(RUN_ONLY_KEYS))} may change")
 

@@ -49,8 +49,8 @@ from . import comm, masking
 from .config import ExperimentConfig
 from .data import Encoded, eval_batches, train_batches
 from .engines import GLOBAL_TEST_VIEW, View
-from .model import GLOBAL, PRIVATE, TrackedModel
-from .storage import StateFileError, load_tensors_and_metadata, save_tensors
+from .model import GLOBAL, PRIVATE, TrackedModel, shape_mismatch
+from .storage import StateFileError, load_tensors_and_metadata, read_metadata, save_tensors
 
 
 def proximal_term(params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor],
@@ -212,10 +212,11 @@ class PrivateStore:
     def exists(self, what: str) -> bool:
         return self.path(what).is_file()
 
-    def _read(self, path: Path) -> tuple[dict[str, torch.Tensor], int]:
-        tensors, meta = load_tensors_and_metadata(path)
+    @staticmethod
+    def _round(path: Path, meta: dict[str, str]) -> int:
+        """The round a generation was written after (its safetensors metadata)."""
         try:
-            return tensors, int(meta.get("round", 0))
+            return int(meta.get("round", 0))
         except ValueError:
             raise StateFileError(f"{path}: metadata round {meta.get('round')!r} is not a round number") from None
 
@@ -226,8 +227,8 @@ class PrivateStore:
         for previous in (False, True):  # the current generation is always the newer one
             path = self.path(what, previous)
             if path.is_file():
-                tensors, written = self._read(path)
-                if written < before_round:
+                tensors, meta = load_tensors_and_metadata(path)
+                if self._round(path, meta) < before_round:
                     check_state(path, tensors, what, expected)
                     return {n: t.bool() for n, t in tensors.items()} if what == "mask" else tensors
         if any(self.path(what, previous).is_file() for previous in (False, True)):
@@ -241,7 +242,7 @@ class PrivateStore:
         if what == "mask":
             tensors = {n: t.to(torch.uint8) for n, t in tensors.items()}
         current = self.path(what)
-        if what != "rewind" and current.is_file() and self._read(current)[1] < round_idx:
+        if what != "rewind" and current.is_file() and self._round(current, read_metadata(current)) < round_idx:
             os.replace(current, self.path(what, previous=True))
         save_tensors(current, tensors, metadata={"round": str(round_idx)})
 
@@ -250,13 +251,9 @@ def check_state(path: Path, tensors: dict[str, torch.Tensor], what: str,
                 expected: dict[str, torch.Size] | None) -> None:
     """A private state file as the model needs it: the expected names and shapes, finite weights, and a
     mask of 0s and 1s. Tampered or damaged state is refused here, naming the file, before it is used."""
-    if expected is not None:
-        if set(tensors) != set(expected):
-            missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-            raise StateFileError(f"{path} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-        for n, t in tensors.items():
-            if t.shape != expected[n]:
-                raise StateFileError(f"{path}: {n} has shape {tuple(t.shape)}, expected {tuple(expected[n])}")
+    problem = shape_mismatch(tensors, expected) if expected is not None else None
+    if problem:
+        raise StateFileError(f"{path}{problem}")
     for n, t in tensors.items():
         if what == "mask" and not bool(((t == 0) | (t == 1)).all()):
             raise StateFileError(f"{path}: mask {n} holds values other than 0 and 1")

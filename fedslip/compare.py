@@ -36,7 +36,7 @@ def compare(methods: list[str], seeds: list[int], out: str | Path, overrides: di
     for (method, seed), cfg in configs.items():  # check every existing run before spending hours on any
         path = run_dir_for(out, method, seed)
         existing = load_config(path / "config.toml") if (path / "config.toml").is_file() else None
-        if existing is not None and existing.experiment_dict() != cfg.experiment_dict():
+        if existing is not None and cfg.experiment_diff(existing.experiment_dict()):
             raise RunDirError(f"{path} holds a run with a different config; use another --out or remove it")
     for (method, seed), cfg in configs.items():
         path = run_dir_for(out, method, seed)

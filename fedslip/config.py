@@ -268,6 +268,14 @@ class ExperimentConfig:
         keep unchanged."""
         return {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY_KEYS}
 
+    def experiment_diff(self, other: dict[str, Any], ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+        """Experiment keys (``experiment_dict``) whose value differs from ``other``'s, as
+        {key: (other's value, this config's value)}; ``ignore``d keys left out. The one comparison behind
+        resume's, compare's and report's refusals to mix experiments."""
+        mine = self.experiment_dict()
+        return {k: (other.get(k), mine.get(k)) for k in sorted(set(mine) | set(other))
+                if k not in ignore and mine.get(k) != other.get(k)}
+
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
 

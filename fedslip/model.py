@@ -151,6 +151,16 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else None
 
 
+def shape_mismatch(state: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> str | None:
+    """How ``state`` differs from the expected tensor names and shapes (None if it does not), as the
+    tail of an error message that names the state first."""
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        return f" does not match the model: missing {missing[:3]}, unexpected {extra[:3]}"
+    return next((f": {n} has shape {tuple(t.shape)}, expected {tuple(expected[n])}" for n, t in state.items()
+                 if t.shape != expected[n]), None)
+
+
 class TrackedModel:
     """One frozen backbone with a ``global`` LoRA track and an optional ``private`` LoRA track."""
 
@@ -263,13 +273,11 @@ class TrackedModel:
 
     @staticmethod
     def _write(params: dict[str, torch.nn.Parameter], state: dict[str, torch.Tensor], what: str) -> None:
-        if set(state) != set(params):
-            missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-            raise ValueError(f"{what} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        problem = shape_mismatch(state, {n: p.shape for n, p in params.items()})
+        if problem:
+            raise ValueError(f"{what}{problem}")
         with torch.no_grad():
             for n, p in params.items():
-                if state[n].shape != p.shape:
-                    raise ValueError(f"{what}: {n} has shape {tuple(state[n].shape)}, expected {tuple(p.shape)}")
                 p.copy_(state[n])
 
     def global_state(self) -> dict[str, torch.Tensor]:

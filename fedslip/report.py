@@ -51,9 +51,9 @@ def find_runs(paths: list[Path]) -> list[RunRecord]:
 def check_same_settings(method: str, runs: list[RunRecord]) -> None:
     """Refuse to average runs of one method made with different settings into one row (a mean over
     them would describe no experiment); the error names the runs and the keys that differ."""
-    settings = [{k: v for k, v in r.cfg.experiment_dict().items() if k != "seed"} for r in runs]
-    for r, other in zip(runs[1:], settings[1:]):
-        differ = sorted(k for k in settings[0] if settings[0][k] != other[k])
+    first = runs[0].cfg.experiment_dict()
+    for r in runs[1:]:
+        differ = r.cfg.experiment_diff(first, ignore=("seed",))
         if differ:
             raise ConfigError(f"{method}: {runs[0].path} and {r.path} differ in {', '.join(differ)}; a report row "
                               "averages runs that differ in their seed only: report them separately")

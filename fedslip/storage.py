@@ -55,6 +55,13 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     atomic_write_bytes(path, st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
+def _unreadable(path: Path, e: Exception) -> StateFileError:
+    return StateFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}")
+
+
+READ_ERRORS = (SafetensorError, ValueError, RuntimeError, OSError, struct.error)
+
+
 def load_tensors_and_metadata(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(path)
     if not path.is_file():
@@ -63,9 +70,18 @@ def load_tensors_and_metadata(path: Path) -> tuple[dict[str, torch.Tensor], dict
         data = path.read_bytes()
         tensors = st_load(data)
         header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
-    except (SafetensorError, ValueError, RuntimeError, OSError, struct.error) as e:
-        raise StateFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    except READ_ERRORS as e:
+        raise _unreadable(path, e) from None
     return tensors, header.get("__metadata__", {})
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata from its header alone (no tensor bytes read)."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read(struct.unpack("<Q", f.read(8))[0])).get("__metadata__", {})
+    except READ_ERRORS as e:
+        raise _unreadable(path, e) from None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
