@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import __version__, comm
+from . import __version__, codecs, comm
 from .client import evaluate
 from .config import RUN_ONLY_KEYS, ConfigError, ExperimentConfig, load_config
 from .engines import GLOBAL_TEST_VIEW, Engine
@@ -63,12 +63,13 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
-def evaluate_round(setup: Setup, engine: Engine, payload: bytes, round_idx: int) -> dict:
-    """Global track on the global test set; each client's inference model (and its global track alone,
-    for dual-track methods) on the client's own test rows; after the last round also each client's
-    inference model on the global test set (for single-track methods that is the global accuracy)."""
-    model, n = setup.model, setup.cfg.num_clients
-    model.load_global_state(comm.decode(payload))
+def evaluate_round(setup: Setup, engine: Engine, server: Server, round_idx: int) -> dict:
+    """Global track (as the clients hold it) on the global test set; each client's inference model (and
+    its global track alone, for dual-track methods) on the client's own test rows; after the last round
+    also each client's inference model on the global test set (for single-track methods that is the
+    global accuracy)."""
+    model, n, payload = setup.model, setup.cfg.num_clients, server.broadcast()
+    model.load_global_state(server.reference)
     glob = evaluate(model, setup.tokenizer, setup.global_eval, (GLOBAL,), setup.cfg.eval_batch_size,
                     setup.cfg.num_labels)
     views = [None, (GLOBAL,)] if model.has_private else [None]  # inference model; its global track alone
@@ -212,7 +213,12 @@ def start_resumed(out: str | Path, progress: bool = True, make_engine: MakeEngin
     else:
         try:
             validate_update(checkpoint.global_state, setup.model.global_state())
-        except UpdateError as e:
+            if not codecs.of(cfg, "download").lossless:  # the clients' reference and their last download
+                if checkpoint.reference is None or checkpoint.download is None:
+                    raise UpdateError("no reference/download saved for the lossy download codec")
+                validate_update(checkpoint.reference, setup.model.global_state())
+                codecs.unpack(checkpoint.download, codecs.of(cfg, "download"), setup.model.global_shapes())
+        except (UpdateError, comm.PayloadError) as e:
             raise StateFileError(f"{run_dir.path / 'checkpoint'} does not match the model: {e}") from None
     log.info("resuming %s after round %d", run_dir.path, checkpoint.round)
     run_dir.rewrite_metrics(checkpoint.history)
@@ -244,7 +250,7 @@ def check_same_experiment(cfg: ExperimentConfig, checkpoint: Checkpoint, config_
 def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, started: float,
             progress: bool) -> dict:
     cfg = setup.cfg
-    server = Server(cfg, start.global_state)
+    server = Server(cfg, start.global_state, start.round, start.reference, start.download)
     history = list(start.history)
     evaluation = None
     for round_idx in tqdm(range(start.round + 1, cfg.rounds + 1), desc="rounds", disable=not progress or None,
@@ -260,7 +266,7 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
         except RoundFailed as e:
             raise RoundFailed(f"round {round_idx} not applied: {e}. The checkpoint of round {round_idx - 1} is "
                               f"kept; fix the cause and continue with `fedslip run --resume {run_dir.path}`") from None
-        evaluation = evaluate_round(setup, engine, server.broadcast(), round_idx)
+        evaluation = evaluate_round(setup, engine, server, round_idx)
         row = {
             "round": round_idx,
             **{k: v for k, v in evaluation.items() if not k.startswith("_")},
@@ -280,7 +286,7 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         run_dir.save_checkpoint(Checkpoint(round_idx, server.state, history, time.perf_counter() - started,
-                                           cfg.experiment_dict()))
+                                           cfg.experiment_dict(), *server.resume_state()))
         run_dir.append_metrics(row)
         log.info("round %d/%d | global %s | personalized %s | loss %.4f | up %.2f MiB down %.2f MiB | %.1fs",
                  round_idx, cfg.rounds, _pct(row["global_accuracy"]), _pct(row["personalized_accuracy"]),
@@ -288,8 +294,8 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
 
     final_payload = server.broadcast()
     if evaluation is None:  # resumed after the last round: evaluate the final state again
-        evaluation = evaluate_round(setup, engine, final_payload, cfg.rounds)
-    run_dir.save_global(server.state)
+        evaluation = evaluate_round(setup, engine, server, cfg.rounds)
+    run_dir.save_global(server.reference)  # the global track the clients hold and were evaluated with
     summary = _summary(cfg, setup, history, evaluation["_detail"])
     if cfg.kstep > 0:
         kstep, kstep_failed = engine.kstep(final_payload, cfg.kstep)

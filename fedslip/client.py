@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import comm, masking
+from . import codecs, comm, masking
 from .config import ExperimentConfig
 from .data import Encoded, eval_batches, train_batches
 from .engines import GLOBAL_TEST_VIEW, View
@@ -189,7 +189,8 @@ def evaluate(model: TrackedModel, tokenizer, data: Encoded, tracks: tuple[str, .
 
 
 class PrivateStore:
-    """A client's private state directory: private track, lottery-ticket mask, rewind point.
+    """A client's private state directory: private track, lottery-ticket mask, rewind point, and with
+    lossy codecs the global track it holds (``reference``) and its error-feedback ``residual``.
 
     ``private.safetensors`` and ``mask.safetensors`` carry the round they were written after (in the
     safetensors metadata); the previous generation is kept as ``*.prev.safetensors``. Loading "before
@@ -200,7 +201,7 @@ class PrivateStore:
     names and shapes); a file that fails is an error naming it, never silently replaced.
     """
 
-    KINDS = ("private", "mask", "rewind")
+    KINDS = ("private", "mask", "rewind", "reference", "residual")
 
     def __init__(self, state_dir: Path):
         self.dir = Path(state_dir)
@@ -234,6 +235,16 @@ class PrivateStore:
         if any(self.path(what, previous).is_file() for previous in (False, True)):
             raise StateFileError(f"{self.dir}: no {what} state written before round {before_round} (only later "
                                  "generations); refusing to start the private track over silently")
+        return None
+
+    def load_round(self, what: str, round_idx: int, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor] | None:
+        """The generation of ``what`` written after exactly ``round_idx``, or None if neither is."""
+        for previous in (False, True):
+            path = self.path(what, previous)
+            if path.is_file() and self._round(path, read_metadata(path)) == round_idx:
+                tensors, _ = load_tensors_and_metadata(path)
+                check_state(path, tensors, what, expected)
+                return tensors
         return None
 
     def save(self, what: str, tensors: dict[str, torch.Tensor], round_idx: int) -> None:
@@ -279,6 +290,7 @@ class Client:
         self.train, self.test, self.global_test = train, test, global_test
         self.store = PrivateStore(state_dir)
         self.uses_mask = cfg.private_track and cfg.private_target_sparsity > 0
+        self.upload, self.download = codecs.of(cfg, "upload"), codecs.of(cfg, "download")
 
     # --- private state --------------------------------------------------------------------
     def _load_private(self, before_round: float) -> masking.Mask | None:
@@ -316,9 +328,51 @@ class Client:
         self.store.save("private", weights, round_idx)
         return masking.sparsity(mask) if mask is not None else 0.0
 
+    # --- the global track on the wire (codecs.py) -------------------------------------------------
+    def receive(self, payload: bytes) -> tuple[dict[str, torch.Tensor], int | None]:
+        """The global track a download carries, and the round it belongs to (None for fp32 weights,
+        which say nothing about it). A compressed download is a change to the global track this client
+        holds (its ``reference``); the sum is its new reference. Receiving the same download again (a
+        retry, or evaluation then training on one round's global track) gives the same tensors."""
+        _, meta = comm.read(payload)
+        if "codec" not in meta:
+            return comm.decode(payload), None
+        layout = self.model.global_shapes()
+        change, base, round_idx = codecs.unpack(payload, self.download, layout)
+        held = self.store.load_round("reference", round_idx, layout)
+        if held is not None:  # applied before (a resumed server resends it): the sum it gave then
+            return held, round_idx
+        if base < 0:
+            reference = {n: torch.zeros(shape) for n, shape in layout.items()}
+        else:
+            reference = self.store.load_round("reference", base, layout)
+            if reference is None:
+                raise comm.PayloadError(f"client {self.cid} holds no global track of round {base} to apply this "
+                                        "download to (it missed a download)")
+        state = codecs.apply(reference, change)
+        self.store.save("reference", state, round_idx)
+        return state, round_idx
+
+    def reply_payload(self, received: dict[str, torch.Tensor], base_round: int, round_idx: int) -> bytes:
+        """This client's global track as its upload: the weights (fp32), or the change from ``received``
+        (the global track of ``base_round``) plus the error-feedback residual, whose unsent part becomes
+        the next residual."""
+        weights = self.model.global_state()
+        if self.upload.lossless:
+            return comm.encode(weights)
+        update = {n: weights[n] - received[n] for n in weights}
+        if self.cfg.error_feedback:
+            carried = self.store.load("residual", before_round=round_idx, expected=self.model.global_shapes())
+            update = codecs.apply(update, carried) if carried is not None else update
+        payload = codecs.pack(self.upload, update, base_round, round_idx)
+        if self.cfg.error_feedback:
+            sent, _, _ = codecs.unpack(payload, self.upload, self.model.global_shapes())
+            self.store.save("residual", codecs.residual(update, sent), round_idx)
+        return payload
+
     # --- federated API -----------------------------------------------------------------------
     def fit(self, payload: bytes, round_idx: int) -> FitReply:
-        global_state = comm.decode(payload)
+        global_state, received_round = self.receive(payload)
         self.model.load_global_state(global_state)
         mask = self._load_private(before_round=round_idx)
         trains_private = private_trains(self.cfg, round_idx)
@@ -330,7 +384,8 @@ class Client:
                    "steps": result.steps, "private_trained": trains_private}
         if self.model.has_private:
             metrics["private_sparsity"] = self._end_of_round_private(round_idx, mask, trains_private)
-        payload = comm.encode(self.model.global_state())
+        base = round_idx - 1 if received_round is None else received_round
+        payload = self.reply_payload(global_state, base, round_idx)
         return FitReply(payload, len(self.train), metrics, wire_bytes=len(payload))
 
     def evaluate(self, payload: bytes, views: Sequence[View] = (None,),
@@ -339,7 +394,7 @@ class Client:
         + its private track as of ``after_round``), the tracks named (``("global",)``), or
         ``GLOBAL_TEST_VIEW`` = its inference model on the balanced global test set. One call for all
         views, so a networked engine sends one message per client, not one per view."""
-        self.model.load_global_state(comm.decode(payload))
+        self.model.load_global_state(self.receive(payload)[0])
         self._load_private(before_round=after_round + 1)
         results = []
         for view in views:
@@ -355,8 +410,7 @@ class Client:
     def kstep(self, payload: bytes, steps: int) -> dict:
         """Fine-tune the final model for ``steps`` local steps (no FedProx; global track at ``kstep_lr``),
         evaluate; persists nothing."""
-        global_state = comm.decode(payload)
-        self.model.load_global_state(global_state)
+        self.model.load_global_state(self.receive(payload)[0])
         mask = self._load_private(before_round=self.cfg.rounds + 1)
         train_local(self.model, self.tokenizer, self.train, self.cfg, steps,
                     private_trains(self.cfg, self.cfg.rounds), mask, None,

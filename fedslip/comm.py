@@ -4,11 +4,14 @@ A payload is exactly ``safetensors.torch.save(tensors)``: an 8-byte little-endia
 JSON header (names, dtypes, shapes, offsets; padded with spaces to a multiple of 8 bytes), then the raw
 tensor bytes. ``len(payload)`` is what ``upload_bytes`` / ``download_bytes`` count, so the framing
 overhead is counted too; for LoRA r=8 on MiniLM's query/value plus the classifier it is a few KiB on
-top of the 301,072 bytes of fp32 parameters.
+top of the 301,072 bytes of fp32 parameters. A compressed payload (``codecs.pack``) is the same
+container holding a codec's flat buffers, with what it is (codec, layout digest, rounds) in the
+header's metadata.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 
 import torch
@@ -22,15 +25,23 @@ class PayloadError(ValueError):
     """A received payload cannot be decoded."""
 
 
-def encode(tensors: dict[str, torch.Tensor]) -> bytes:
-    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """``metadata``: what a compressed payload is (``codecs.pack``); fp32 weights carry none."""
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def read(payload: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the header metadata of a payload."""
+    try:
+        tensors = load(payload)
+        header = json.loads(payload[8:header_bytes(payload)])
+    except (SafetensorError, ValueError, RuntimeError, struct.error) as e:
+        raise PayloadError(f"payload of {len(payload)} bytes is not valid safetensors: {e}") from None
+    return tensors, header.get("__metadata__") or {}
 
 
 def decode(payload: bytes) -> dict[str, torch.Tensor]:
-    try:
-        return load(payload)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise PayloadError(f"payload of {len(payload)} bytes is not valid safetensors: {e}") from None
+    return read(payload)[0]
 
 
 def header_bytes(payload: bytes) -> int:

@@ -31,10 +31,13 @@ PRUNE_SCOPES = ("matrix", "global")
 EVAL_SPLITS = ("test", "val")
 ENGINES = ("embedded", "flower-sim")
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
+CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "topk", "topk+fp16", "topk+bf16", "topk+int8", "topk+int4")
+GRANULARITIES = ("tensor", "row")
 # the allowed values of every string field with a fixed set of them (validation and the CLI's choices)
 CHOICES = {"method": METHODS, "engine": ENGINES, "partition": PARTITIONS, "head": HEADS, "objective": OBJECTIVES,
            "precision": PRECISIONS, "private_prune_scope": PRUNE_SCOPES, "eval_split": EVAL_SPLITS,
-           "aggregation": AGGREGATIONS, "private_head": PRIVATE_HEADS, "private_phase": PRIVATE_PHASES}
+           "aggregation": AGGREGATIONS, "private_head": PRIVATE_HEADS, "private_phase": PRIVATE_PHASES,
+           "upload_codec": CODECS, "download_codec": CODECS, "quant_granularity": GRANULARITIES}
 AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
 
 
@@ -132,8 +135,21 @@ class ExperimentConfig:
                               "(after the last completed round's checkpoint).")
     max_update_norm: float = _f(0.0, "Reject a client update whose L2 distance from the broadcast global track "
                                 "exceeds this; 0 = no bound.")
-    max_payload_bytes: int = _f(0, "Reject a client payload larger than this many bytes; 0 = 2x the broadcast "
-                                "payload.")
+    max_payload_bytes: int = _f(0, "Reject a client payload larger than this many bytes; 0 = 2x the global "
+                                "track's fp32 payload.")
+    # --- wire: compression (fedslip/codecs.py) -------------------------------------------------
+    upload_codec: str = _f("fp32", "What a client sends: `fp32` = its global track's weights; any other codec "
+                           "sends its update (weights - what it received, + its error-feedback residual): "
+                           "`fp16`, `bf16`, `int8`/`int4` (affine, scales alongside), `topk` (the "
+                           "topk_fraction largest of each tensor) or `topk+<fp16|bf16|int8|int4>`.")
+    download_codec: str = _f("fp32", "What the server broadcasts: `fp32` = the global track's weights; any other "
+                             "codec (as upload_codec) sends the change from what the clients already hold; what "
+                             "it leaves out is sent in later rounds.")
+    topk_fraction: float = _f(0.1, "topk codecs: share of each tensor's coordinates sent (largest magnitudes).")
+    quant_granularity: str = _f("tensor", "int8/int4 codecs: one affine scale per `tensor` or per `row` of each "
+                                "matrix (more scales, smaller error).")
+    error_feedback: bool = _f(True, "Lossy upload codecs: each client adds what compression left out of its last "
+                              "update to the next one (a residual kept in its state directory, never sent).")
     # --- method (set by presets) ----------------------------------------------------------
     private_track: bool = _f(FROM_PRESET, "Give every client a private LoRA track that never leaves it.")
     objective: str = _f(FROM_PRESET, "`global_only` (FedAvg), `joint` (one loss on the combined logits "
@@ -227,6 +243,10 @@ class ExperimentConfig:
             raise ConfigError("set local_epochs > 0 or local_steps > 0 (both are 0: clients would not train)")
         if not 0 < self.dominant_fraction <= 1:
             raise ConfigError(f"dominant_fraction must be in (0, 1], got {self.dominant_fraction!r}")
+        if not 0 < self.topk_fraction <= 1:
+            raise ConfigError(f"topk_fraction must be in (0, 1], got {self.topk_fraction!r}")
+        if self.method == "centralized" and (self.upload_codec, self.download_codec) != ("fp32", "fp32"):
+            raise ConfigError("method='centralized' sends nothing: upload_codec and download_codec must be 'fp32'")
         if not 0 < self.fraction_fit <= 1:
             raise ConfigError(f"fraction_fit must be in (0, 1], got {self.fraction_fit!r}")
         if not 0 <= self.private_target_sparsity < 1:

@@ -75,6 +75,8 @@ class Checkpoint:
     history: list[dict]
     elapsed: float
     config: dict | None = None  # ExperimentConfig.experiment_dict() of the run (None in older checkpoints)
+    reference: dict[str, torch.Tensor] | None = None  # lossy download codec: what the clients hold
+    download: bytes | None = None  # lossy download codec: the last download sent (resent on resume)
 
 
 def build_clients(setup: Setup, run_dir: RunDir) -> list[Client]:
@@ -120,7 +122,7 @@ class RunDir:
         """Every file a run writes here: what ``--overwrite`` deletes. A user's own files, also inside
         ``clients/`` or ``checkpoint/``, are not among them."""
         files = [self.path / f for f in RUN_FILES]
-        files += [self.path / "checkpoint" / "state.json", *(self.path / "checkpoint").glob("global-*.safetensors")]
+        files += [self.path / "checkpoint" / "state.json", *self._checkpoint_tensor_files()]
         files += (self.path / "kstep").glob("steps*-lr*.json")
         for client in (self.path / "clients").glob("*"):
             if client.name.isdigit():
@@ -156,11 +158,21 @@ class RunDir:
         folder = self.path / "checkpoint"
         name = f"global-{checkpoint.round:05d}.safetensors"
         save_tensors(folder / name, checkpoint.global_state)
+        wire = {}  # lossy download codec: the clients' reference and the download they were last sent
+        if checkpoint.reference is not None:
+            wire = {"reference": f"reference-{checkpoint.round:05d}.safetensors",
+                    "download": f"download-{checkpoint.round:05d}.safetensors"}
+            save_tensors(folder / wire["reference"], checkpoint.reference)
+            atomic_write_bytes(folder / wire["download"], checkpoint.download)
         write_json(folder / "state.json", {"round": checkpoint.round, "global": name, "history": checkpoint.history,
-                                           "elapsed": checkpoint.elapsed, "config": checkpoint.config})
-        for old in folder.glob("global-*.safetensors"):
-            if old.name != name:
+                                           "elapsed": checkpoint.elapsed, "config": checkpoint.config, **wire})
+        for old in self._checkpoint_tensor_files():
+            if old.name not in (name, *wire.values()):
                 old.unlink()
+
+    def _checkpoint_tensor_files(self) -> list[Path]:
+        return [f for kind in ("global", "reference", "download")
+                for f in (self.path / "checkpoint").glob(f"{kind}-*.safetensors")]
 
     def load_checkpoint(self) -> Checkpoint | None:
         """The last completed round, or None if no round completed."""
@@ -178,8 +190,21 @@ class RunDir:
         if not all(isinstance(row, dict) for row in meta["history"]) or Path(meta["global"]).name != meta["global"]:
             raise StateFileError(f"{state_path}: 'history' must list round rows and 'global' name a file there")
         tensors = load_tensors(self.path / "checkpoint" / meta["global"])
+        wire = {}
+        for key in ("reference", "download"):
+            if key in meta:
+                if not isinstance(meta[key], str) or Path(meta[key]).name != meta[key]:
+                    raise StateFileError(f"{state_path}: {key!r} must name a file in {state_path.parent}")
+                wire[key] = self.path / "checkpoint" / meta[key]
+        reference = load_tensors(wire["reference"]) if "reference" in wire else None
+        download = None
+        if "download" in wire:
+            if not wire["download"].is_file():
+                raise StateFileError(f"{wire['download']} does not exist")
+            download = wire["download"].read_bytes()
         return Checkpoint(round=meta["round"], global_state=tensors, history=meta["history"],
-                          elapsed=float(meta["elapsed"]), config=meta.get("config"))
+                          elapsed=float(meta["elapsed"]), config=meta.get("config"), reference=reference,
+                          download=download)
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / "summary.json", summary)

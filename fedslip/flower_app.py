@@ -29,15 +29,14 @@ from . import api
 from .client import Client
 from .config import FIELDS, PRESET_KEYS, ConfigError, ExperimentConfig, make_config
 from .engines.flower import (
-    ARRAYS,
     CONFIG,
     IDENTIFY,
     KSTEP,
     RESULT,
     FlowerEngine,
-    arrays_of,
     decode_views,
     payload_of,
+    payload_records,
     result_record,
 )
 from .experiment import Setup, prepare
@@ -140,7 +139,7 @@ def make_client_app(cfg: ExperimentConfig | None = None, state_root: Path | None
     def train(msg: Message, context: Context) -> Message:
         reply = client(msg, context).fit(payload_of(msg.content), int(config(msg)["round"]))
         result = {"num_examples": reply.num_examples, "metrics": reply.metrics}
-        return Message(RecordDict({ARRAYS: arrays_of(reply.payload), RESULT: result_record(result)}), reply_to=msg)
+        return Message(RecordDict({**payload_records(reply.payload), RESULT: result_record(result)}), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

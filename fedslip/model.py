@@ -283,6 +283,10 @@ class TrackedModel:
     def global_state(self) -> dict[str, torch.Tensor]:
         return self._read(self.global_params)
 
+    def global_shapes(self) -> dict[str, torch.Size]:
+        """Names and shapes of the global track's tensors, sorted by name (the wire layout, ``codecs``)."""
+        return {n: self.global_params[n].shape for n in sorted(self.global_params)}
+
     def load_global_state(self, state: dict[str, torch.Tensor]) -> None:
         self._write(self.global_params, state, "global track")
 

@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricR
 from flwr.server.strategy.aggregate import aggregate
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
-from . import comm
+from . import codecs, comm
 from .config import ExperimentConfig
 
 log = logging.getLogger("fedslip")
@@ -117,18 +117,59 @@ class RoundUpdates:
 
 class Server:
     """Holds the global track between rounds; validates the clients' serialized replies (from any engine)
-    and aggregates the valid ones with ``strategy`` (a Flower strategy, ``make_strategy``)."""
+    and aggregates the valid ones with ``strategy`` (a Flower strategy, ``make_strategy``).
 
-    def __init__(self, cfg: ExperimentConfig, initial_state: dict[str, torch.Tensor]):
-        self.cfg = cfg
+    ``state`` is the server's exact global track, ``reference`` what the clients hold: the same tensors
+    with the fp32 download codec; with a lossy one, the sum of every decoded download so far
+    (``codecs``), and ``state - reference`` is what later downloads still have to send. Clients train
+    from ``reference``, so a lossy upload is decoded on top of it, and the aggregate moves ``state`` by
+    the clients' mean change: ``state <- aggregate(reference + u_i) + (state - reference)``.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, initial_state: dict[str, torch.Tensor], round_idx: int = 0,
+                 reference: dict[str, torch.Tensor] | None = None, download: bytes | None = None):
+        self.cfg, self.round = cfg, round_idx
         self.state = initial_state
         self.strategy = make_strategy(cfg)
+        self.upload, self.download = codecs.of(cfg, "upload"), codecs.of(cfg, "download")
+        self.layout = codecs.layout_of(initial_state)
+        self.full_payload_bytes = len(comm.encode(initial_state))
+        if self.download.lossless:
+            self.reference, self.payload = self.state, comm.encode(self.state)
+        elif reference is not None and download is not None:  # resumed: what the clients hold and were sent
+            self.reference, self.payload = reference, download
+        else:  # a fresh run: the clients hold nothing yet (zeros)
+            self.reference = {n: torch.zeros_like(t) for n, t in initial_state.items()}
+            self._publish(base_round=-1)
+
+    def _publish(self, base_round: int) -> None:
+        """Encode ``state - reference`` as this round's download, and add what it carries to ``reference``."""
+        change = {n: self.state[n] - self.reference[n] for n in self.state}
+        self.payload = codecs.pack(self.download, change, base_round, self.round)
+        update, _, _ = codecs.unpack(self.payload, self.download, self.layout)
+        self.reference = codecs.apply(self.reference, update)
+
+    def resume_state(self) -> tuple[dict[str, torch.Tensor] | None, bytes | None]:
+        """What a checkpoint keeps besides ``state`` to resume exactly: with a lossy download codec the
+        clients' reference and the download they were last sent; nothing with fp32."""
+        return (None, None) if self.download.lossless else (self.reference, self.payload)
 
     def broadcast(self) -> bytes:
-        return comm.encode(self.state)
+        """This round's download: the weights (fp32) or the change since the clients' reference."""
+        return self.payload
 
     def payload_limit(self) -> int:
-        return self.cfg.max_payload_bytes or 2 * len(self.broadcast())
+        return self.cfg.max_payload_bytes or 2 * self.full_payload_bytes
+
+    def received_weights(self, payload: bytes) -> dict[str, torch.Tensor]:
+        """A client's global track as its reply carries it: the weights (fp32), or the reference of this
+        round plus the decoded update. An update of another round's reference is refused."""
+        if self.upload.lossless:
+            return comm.decode(payload)
+        update, base, _ = codecs.unpack(payload, self.upload, self.layout)
+        if base != self.round:
+            raise UpdateError(f"update of the global track of round {base}; this round's is {self.round}")
+        return codecs.apply(self.reference, update)
 
     def aggregate(self, replies: dict[int, tuple[bytes, int]], failed: dict[int, str] | None = None,
                   round_idx: int = 0) -> RoundUpdates:
@@ -143,8 +184,8 @@ class Server:
             try:
                 if len(payload) > limit:
                     raise UpdateError(f"payload of {len(payload)} bytes exceeds the limit of {limit}")
-                update = comm.decode(payload)
-                validate_update(update, self.state, self.cfg.max_update_norm)
+                update = self.received_weights(payload)
+                validate_update(update, self.reference, self.cfg.max_update_norm)
                 if num_examples <= 0:
                     raise UpdateError(f"num_examples={num_examples} must be > 0")
             except (UpdateError, comm.PayloadError) as e:
@@ -157,5 +198,13 @@ class Server:
             raise RoundFailed(f"only {len(valid)} valid client update(s), min_fit_clients={self.cfg.min_fit_clients}"
                               f" (rejected or failed: {outcome.rejected})")
         arrays, _ = self.strategy.aggregate_train(round_idx, valid)
-        self.state = {n: t.to(self.state[n].dtype) for n, t in arrays.to_torch_state_dict().items()}
+        aggregated = {n: t.to(self.state[n].dtype) for n, t in arrays.to_torch_state_dict().items()}
+        previous = self.round
+        self.round = round_idx
+        if self.download.lossless:
+            self.state = self.reference = aggregated
+            self.payload = comm.encode(self.state)
+        else:
+            self.state = {n: aggregated[n] + (self.state[n] - self.reference[n]) for n in aggregated}
+            self._publish(base_round=previous)
         return outcome

@@ -16,8 +16,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from safetensors.torch import load_file
 
 import fedslip
+from fedslip import codecs
 from fedslip.config import ConfigError
-from fedslip.engines.flower import arrays_of, message_bytes, payload_of, result_of, result_record
+from fedslip.engines.flower import message_bytes, payload_of, payload_records, result_of, result_record
 from fedslip.flower_app import (
     PrivateTrackLeak,
     config_from_run_config,
@@ -92,10 +93,15 @@ def in_a_run(monkeypatch):
 
 def test_message_codec_round_trips_and_counts_bytes(in_a_run):
     tensors = {"a.lora_A.global.weight": torch.randn(3, 4), "classifier.weight": torch.randn(2, 4)}
-    content = RecordDict({"arrays": arrays_of(fedslip.comm.encode(tensors)),
+    content = RecordDict({**payload_records(fedslip.comm.encode(tensors)),
                           "result": result_record({"loss": 0.5, "none": None, "flag": True})})
     back = fedslip.comm.decode(payload_of(content))
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    packed = codecs.pack(codecs.Codec("topk+int4"), tensors, 2, 3)  # a compressed payload
+    (wire, meta), (sent, sent_meta) = fedslip.comm.read(payload_of(RecordDict(payload_records(packed)))), \
+        fedslip.comm.read(packed)
+    assert meta == sent_meta and wire.keys() == sent.keys()  # tensors and metadata arrive intact
+    assert all(wire[k].dtype == sent[k].dtype and torch.equal(wire[k], sent[k]) for k in sent)
     assert result_of(content) == {"loss": 0.5, "none": None, "flag": True}
     message = Message(content, dst_node_id=1, message_type="train")
     assert message_bytes(message) >= (12 + 8) * 4  # at least the tensor bytes
@@ -116,20 +122,24 @@ def test_private_guard_refuses_replies_with_private_tensors(in_a_run):
 
 # --- simulation ------------------------------------------------------------------------------------
 @pytest.mark.flower
-@pytest.mark.parametrize("method", ["fedavg_lora", "fedslip"])
-def test_flower_simulation_equals_embedded_engine(tmp_path, data_dir, method):
-    cfg = tiny(data_dir, method=method, kstep=2)
+@pytest.mark.parametrize("method, codecs_used", [
+    ("fedavg_lora", {}), ("fedslip", {}), ("fedslip", {"upload_codec": "topk+int8", "download_codec": "int4"})],
+    ids=["fedavg_lora", "fedslip", "fedslip-compressed"])
+def test_flower_simulation_equals_embedded_engine(tmp_path, data_dir, method, codecs_used):
+    cfg = tiny(data_dir, method=method, kstep=2, **codecs_used)
     fedslip.run(fedslip.make_config(cfg), tmp_path / "embedded", progress=False)
     summary = fedslip.run(fedslip.make_config({**cfg, "engine": "flower-sim"}), tmp_path / "sim", progress=False)
     assert_same_run(tmp_path / "embedded", tmp_path / "sim")
     assert summary["kstep_accuracy"] is not None
     # Ray's temp dir (its session logs and sockets) is inside the run directory
     assert list((tmp_path / "sim" / ".ray").glob("**/session_*/logs"))
-    # bytes come from Flower's messages: the tensors plus Flower's framing, never less
+    # bytes come from Flower's messages: the tensors plus Flower's framing (a few hundred bytes per
+    # message, which matters for compressed payloads), never less
     emb, sim = rows(tmp_path / "embedded"), rows(tmp_path / "sim")
     for e, s in zip(emb, sim):
-        assert e["upload_bytes"] * 0.9 < s["upload_bytes"] < e["upload_bytes"] * 1.2
-        assert e["download_bytes"] * 0.9 < s["download_bytes"] < e["download_bytes"] * 1.2
+        framing = 512 * len(e["participants"])
+        assert e["upload_bytes"] * 0.9 < s["upload_bytes"] < e["upload_bytes"] * 1.2 + framing
+        assert e["download_bytes"] * 0.9 < s["download_bytes"] < e["download_bytes"] * 1.2 + framing
 
 
 

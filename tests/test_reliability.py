@@ -51,9 +51,29 @@ def uninterrupted(tmp_path_factory, data_dir):
 
 
 def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(uninterrupted, data_dir, tmp_path):
+    kill_in_round_3_resume_and_compare(uninterrupted, RUN_ARGS, data_dir, tmp_path)
+
+
+def test_resume_with_error_feedback_residuals_in_play_equals_an_uninterrupted_run(tmp_path_factory, data_dir,
+                                                                                  tmp_path):
+    """Lossy codecs both ways: each client's reference and residual, and the server's reference and last
+    download, must come back exactly after a SIGKILL."""
+    args = {**RUN_ARGS, "upload_codec": "topk+int8", "download_codec": "int4"}
+    full = tmp_path_factory.mktemp("runs") / "full-compressed"
+    summary = fedslip.run(fedslip.make_config({**args, "data_dir": str(data_dir)}), full, progress=False)
+    out = kill_in_round_3_resume_and_compare((full, summary), args, data_dir, tmp_path)
+    for c in range(4):
+        for kind in ("reference", "residual"):
+            assert same_tensors(load_file(out / "clients" / str(c) / f"{kind}.safetensors"),
+                                load_file(full / "clients" / str(c) / f"{kind}.safetensors")), (c, kind)
+
+
+def kill_in_round_3_resume_and_compare(uninterrupted, args, data_dir, tmp_path):
+    """Run ``args`` in a subprocess, SIGKILL it inside round 3, resume, and compare with the uninterrupted
+    run: metrics, summary, global track and private tracks. Returns the resumed run's directory."""
     full, full_summary = uninterrupted
     out = tmp_path / "killed"
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**RUN_ARGS, "data_dir": str(data_dir)}.items()]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**args, "data_dir": str(data_dir)}.items()]
     proc = subprocess.Popen([sys.executable, "-m", "fedslip.cli", "run", "--out", str(out), "--quiet", *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -81,6 +101,7 @@ def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(uninterrupted
     assert all(torch.allclose(a[k], b[k]) for k in a)
     for mine, theirs in zip(client_states(out, 4), client_states(full, 4)):
         assert same_tensors(mine, theirs)
+    return out
 
 
 def unfinished_copy(full, tmp_path):

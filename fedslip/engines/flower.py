@@ -40,7 +40,8 @@ from . import View
 
 log = logging.getLogger("fedslip")
 
-CONFIG, RESULT = "config", "result"  # record keys; ARRAYS is the strategies' (fedslip.server)
+CONFIG, RESULT, PAYLOAD_META = "config", "result", "payload-meta"  # record keys; ARRAYS is the strategies'
+
 IDENTIFY, KSTEP = "identify", "kstep"
 INFERENCE = "inference"  # evaluate the client's inference tracks (flwr cannot count an empty string's bytes)
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
@@ -49,18 +50,21 @@ REPLY_POLL_S = 0.2
 
 
 # --- message codec (shared with the ClientApp) -----------------------------------------------------
-def arrays_of(payload: bytes) -> ArrayRecord:
-    """A safetensors payload as Flower's ArrayRecord (what travels)."""
-    return ArrayRecord(comm.decode(payload))
+def payload_records(payload: bytes) -> dict[str, ArrayRecord | ConfigRecord]:
+    """A safetensors payload as Flower records (what travels): its tensors as an ArrayRecord, and a
+    compressed payload's metadata (``codecs.pack``) as a ConfigRecord."""
+    tensors, meta = comm.read(payload)
+    return {ARRAYS: ArrayRecord(tensors), **({PAYLOAD_META: ConfigRecord(meta)} if meta else {})}
 
 
 def payload_of(content: RecordDict) -> bytes:
-    """Every array of every ArrayRecord in a message, re-serialized as one safetensors payload, so the
-    server validates, aggregates and audits (private bytes) exactly what arrived."""
+    """Every array of every ArrayRecord in a message (and the payload metadata), re-serialized as one
+    safetensors payload, so the server validates, aggregates and audits exactly what arrived."""
     tensors = {}
     for record in content.array_records.values():
         tensors.update(record.to_torch_state_dict())
-    return comm.encode(tensors)
+    meta = content.config_records.get(PAYLOAD_META)
+    return comm.encode(tensors, {k: str(v) for k, v in meta.items()} if meta is not None else None)
 
 
 def result_record(result: dict) -> ConfigRecord:
@@ -182,8 +186,8 @@ class FlowerEngine:
 
     @staticmethod
     def _content(payload: bytes, **config) -> Callable[[int], RecordDict]:
-        arrays = arrays_of(payload)
-        return lambda cid: RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({"client-id": int(cid), **config})})
+        records = payload_records(payload)
+        return lambda cid: RecordDict({**records, CONFIG: ConfigRecord({"client-id": int(cid), **config})})
 
     # --- the engine interface ------------------------------------------------------------------
     def fit(self, payload: bytes, cids: list[int], round_idx: int
