@@ -14,26 +14,29 @@ inference model on its own test rows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar: tqdm.auto wants ipywidgets in a notebook and warns without them
 
-from . import __version__, codecs, comm
+from . import __version__, codecs, comm, tracking
 from .client import evaluate
 from .config import RUN_ONLY_KEYS, ConfigError, ExperimentConfig, load_config
 from .engines import GLOBAL_TEST_VIEW, Engine
 from .engines.embedded import CentralizedEngine, EmbeddedEngine, ParallelEngine
 from .experiment import Checkpoint, RunDir, RunDirError, Setup, build_clients, build_pooled_trainer, prepare
+from .inference import save_adapters
 from .model import GLOBAL
 from .partition import Partition
 from .server import RoundFailed, Server, UpdateError, sample_clients, validate_update
 from .storage import StateFileError, load_tensors, write_json
+from .tracking import Callback
 
 log = logging.getLogger("fedslip")
 MIB = 1024 * 1024
@@ -95,27 +98,56 @@ def evaluate_round(setup: Setup, engine: Engine, server: Server, round_idx: int)
     }
 
 
-def run(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, progress: bool = True) -> dict:
+def run(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
+        callbacks: Iterable[Callback] = (), log: bool = True) -> dict:
     """Run one federated experiment into ``out`` and return its summary (also ``out/summary.json``).
 
     ``cfg.engine`` picks who carries the messages: ``embedded`` (this process, or ``parallel_clients``
     worker processes) or ``flower-sim`` (Flower's simulation runtime). The rounds are the same code.
+    ``callbacks``: callables given each round's metrics row (as in ``metrics.jsonl``) after the round is
+    checkpointed; ``cfg.report_to`` names trackers fed the same rows (``fedslip.tracking``). ``log``:
+    the round lines reach the console (a notebook's output) even where logging is not configured.
     """
-    if cfg.engine == "flower-sim":
-        from .engines.flower import simulate
+    with console_log(log):
+        if cfg.engine == "flower-sim":
+            from .engines.flower import simulate
 
-        return simulate(cfg, out, overwrite=overwrite, progress=progress)
-    return start(cfg, out, overwrite, progress)
+            return simulate(cfg, out, overwrite=overwrite, progress=progress, callbacks=callbacks)
+        return start(cfg, out, overwrite, progress, callbacks=callbacks)
 
 
-def resume(out: str | Path, progress: bool = True) -> dict:
+def resume(out: str | Path, progress: bool = True, callbacks: Iterable[Callback] = (), log: bool = True) -> dict:
     """Continue an interrupted run from its last completed round; the result equals an uninterrupted run."""
-    cfg = _resumable_config(Path(out))
-    if cfg.engine == "flower-sim":
-        from .engines.flower import simulate
+    with console_log(log):
+        cfg = _resumable_config(Path(out))
+        if cfg.engine == "flower-sim":
+            from .engines.flower import simulate
 
-        return simulate(cfg, out, resume=True, progress=progress)
-    return start_resumed(out, progress)
+            return simulate(cfg, out, resume=True, progress=progress, callbacks=callbacks)
+        return start_resumed(out, progress, callbacks=callbacks)
+
+
+LOG_FORMAT, LOG_DATE_FORMAT = "%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"
+
+
+@contextlib.contextmanager
+def console_log(enabled: bool) -> Iterator[None]:
+    """Round lines at INFO with timestamps on stderr for the duration of a call, when nothing else shows
+    them (no handler on the ``fedslip`` logger or the root logger: a notebook, a plain script). A program
+    that configures logging itself (the CLI does) keeps its own handlers."""
+    if not enabled or log.handlers or logging.getLogger().handlers:
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def kstep(out: str | Path, steps: int, lr: float | None = None) -> dict:
@@ -169,18 +201,19 @@ def _default_engine(setup: Setup, run_dir: RunDir) -> Engine:
 
 
 def start(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
-          make_engine: MakeEngine = _default_engine) -> dict:
+          make_engine: MakeEngine = _default_engine, callbacks: Iterable[Callback] = ()) -> dict:
     """A new run with the engine ``make_engine`` builds (the Flower ServerApp passes its grid's engine)."""
     started = time.perf_counter()
     run_dir = RunDir(Path(out))
     run_dir.check_writable(overwrite)  # refuse early, before minutes of loading
+    tracking.check_available(cfg)
     setup = prepare(cfg)
     run_dir.create(overwrite)
     # the data path as resolved now (FEDSLIP_DATA_DIR included), so a resume reads the same files
     dataclasses.replace(cfg, data_dir=cfg.resolved_data_dir()).save(run_dir.path / "config.toml")
     setup.partition.save(run_dir.path / "partition.json")
     start_point = Checkpoint(0, setup.model.global_state(), [], 0.0)
-    return _federate(setup, run_dir, start_point, started, progress, make_engine)
+    return _federate(setup, run_dir, start_point, started, progress, make_engine, callbacks)
 
 
 def _resumable_config(path: Path) -> ExperimentConfig:
@@ -202,11 +235,13 @@ def resume_point(run_dir: RunDir) -> tuple[ExperimentConfig, Checkpoint | None]:
     return cfg, checkpoint
 
 
-def start_resumed(out: str | Path, progress: bool = True, make_engine: MakeEngine = _default_engine) -> dict:
+def start_resumed(out: str | Path, progress: bool = True, make_engine: MakeEngine = _default_engine,
+                  callbacks: Iterable[Callback] = ()) -> dict:
     """Continue the run in ``out`` after its last checkpoint with the engine ``make_engine`` builds."""
     started = time.perf_counter()
     run_dir = RunDir(Path(out))
     cfg, checkpoint = resume_point(run_dir)
+    tracking.check_available(cfg)
     setup = _prepare_for(run_dir, cfg)
     if checkpoint is None:
         checkpoint = Checkpoint(0, setup.model.global_state(), [], 0.0)
@@ -222,17 +257,21 @@ def start_resumed(out: str | Path, progress: bool = True, make_engine: MakeEngin
             raise StateFileError(f"{run_dir.path / 'checkpoint'} does not match the model: {e}") from None
     log.info("resuming %s after round %d", run_dir.path, checkpoint.round)
     run_dir.rewrite_metrics(checkpoint.history)
-    return _federate(setup, run_dir, checkpoint, started - checkpoint.elapsed, progress, make_engine)
+    return _federate(setup, run_dir, checkpoint, started - checkpoint.elapsed, progress, make_engine, callbacks)
 
 
 def _federate(setup: Setup, run_dir: RunDir, start_point: Checkpoint, started: float, progress: bool,
-              make_engine: MakeEngine) -> dict:
+              make_engine: MakeEngine, callbacks: Iterable[Callback] = ()) -> dict:
     """Rounds ``start_point.round + 1 .. cfg.rounds``, checkpointing after each; then K-step and the summary."""
-    engine = make_engine(setup, run_dir)
+    trackers = tracking.Trackers(setup.cfg, run_dir.path, start_point.history, callbacks)
     try:
-        return _rounds(setup, run_dir, engine, start_point, started, progress)
+        engine = make_engine(setup, run_dir)
+        try:
+            return _rounds(setup, run_dir, engine, start_point, started, progress, trackers)
+        finally:
+            engine.close()
     finally:
-        engine.close()
+        trackers.close()
 
 
 def check_same_experiment(cfg: ExperimentConfig, checkpoint: Checkpoint, config_path: Path) -> None:
@@ -248,7 +287,7 @@ def check_same_experiment(cfg: ExperimentConfig, checkpoint: Checkpoint, config_
 
 
 def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, started: float,
-            progress: bool) -> dict:
+            progress: bool, trackers: tracking.Trackers) -> dict:
     cfg = setup.cfg
     server = Server(cfg, start.global_state, start.round, start.reference, start.download)
     history = list(start.history)
@@ -288,6 +327,7 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
         run_dir.save_checkpoint(Checkpoint(round_idx, server.state, history, time.perf_counter() - started,
                                            cfg.experiment_dict(), *server.resume_state()))
         run_dir.append_metrics(row)
+        trackers.log_round(row)
         log.info("round %d/%d | global %s | personalized %s | loss %.4f | up %.2f MiB down %.2f MiB | %.1fs",
                  round_idx, cfg.rounds, _pct(row["global_accuracy"]), _pct(row["personalized_accuracy"]),
                  row["train_loss"], row["upload_bytes"] / MIB, row["download_bytes"] / MIB, row["seconds"])
@@ -311,7 +351,9 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
         log.warning("incomplete run: the final accuracies average over the clients that answered only; "
                     "see client_failures in %s", run_dir.path / "summary.json")
     summary["wall_seconds"] = time.perf_counter() - started
-    run_dir.write_summary(summary)
+    save_adapters(run_dir.path)  # the tracks as peft adapters, loadable without FedSLIP (docs/usage.md)
+    run_dir.write_summary(summary)  # the commit point of a finished run: last
+    trackers.log_summary(summary)
     return summary
 
 

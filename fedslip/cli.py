@@ -2,11 +2,11 @@
 
     fedslip run --method fedavg_lora --out runs/x [--config cfg.toml] [--rounds 3 ...]
     fedslip predict --run runs/x --client 0 "some text" ...
-    fedslip export --run runs/x --client 0 --out exported/
+    fedslip export --run runs/x --client 0 --out exported/ [--format peft]
     fedslip kstep --run runs/x --steps 100 --lr 1e-3   # K-step again on a finished run
     fedslip bench-engines --out DIR   # per-round time on embedded / Flower simulation / deployment
     fedslip deploy-local --workdir runs/deploy [config flags]   # SuperLink + SuperNodes on 127.0.0.1
-    fedslip config-reference          # the config table that README.md embeds
+    fedslip config-reference          # the config table of docs/configuration.md
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _flag(name: str) -> str:
 
 
 def _default(name: str) -> str:
-    """The field's default as shown in --help and the README table; preset-controlled fields say so."""
+    """The field's default as shown in --help and docs/configuration.md; preset-controlled fields say so."""
     if name in PRESET_KEYS:
         return f"method preset, else {json.dumps(PRESET_BASE[name])}"
     f = FIELDS[name]
@@ -56,7 +56,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_reference() -> str:
-    """Markdown table of every config key (README.md embeds this output; a test keeps them in sync)."""
+    """Markdown table of every config key (docs/configuration.md embeds this output; a test keeps them in sync)."""
     lines = ["| key | flag | default | meaning |", "|---|---|---|---|"]
     for name, f in FIELDS.items():
         lines.append(f"| `{name}` | `{_flag(name)}` | `{_default(name)}` | {f.metadata['help']} |")
@@ -88,11 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--global", dest="global_only", action="store_true", help="global track only")
     predict.add_argument("--json", action="store_true", help="print JSON lines with probabilities")
     predict.add_argument("texts", nargs="+", help="texts to classify")
-    export = sub.add_parser("export", help="merge a client's tracks into a plain transformers model directory")
+    export = sub.add_parser("export", help="save a client's model for plain transformers (merged) or peft (adapters)")
     export.add_argument("--run", required=True, help="finished run directory")
     export.add_argument("--client", type=int, required=True, help="client id (0-based)")
     export.add_argument("--global", dest="global_only", action="store_true", help="global track only")
     export.add_argument("--out", required=True, help="new or empty directory")
+    export.add_argument("--format", choices=("merged", "peft"), default="merged",
+                        help="merged: tracks folded into the backbone, one transformers model directory; peft: the "
+                        "global and private adapters and how to load them on the base model (default: merged)")
     compare = sub.add_parser("compare", help="run methods x seeds on identical partitions, then report")
     compare.add_argument("--methods", default="fedavg_lora,dual_naive,fedslip", help="comma-separated presets")
     compare.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated seeds")
@@ -162,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from . import api  # heavy imports only when needed (flwr's logger sets its level on import: first)
     level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s")
+    logging.basicConfig(level=level, format=api.LOG_FORMAT, datefmt=api.LOG_DATE_FORMAT)  # timestamps
     flower_log = logging.getLogger("flwr")  # Flower prints its records with its own handler: not twice
     flower_log.propagate = False
     flower_log.setLevel(level)
@@ -182,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_texts(args.texts)
             run_model = RunModel(args.run, args.client, use_private=not args.global_only)
             if args.command == "export":
-                print(run_model.export(args.out))
+                print(run_model.export(args.out, format=args.format))
                 return 0
             for p in run_model.predict(args.texts):
                 if args.json:

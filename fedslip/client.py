@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar: tqdm.auto wants ipywidgets in a notebook and warns without them
 
 from . import codecs, comm, masking
 from .config import ExperimentConfig

@@ -1,7 +1,7 @@
 """Experiment configuration: one dataclass, its defaults, method presets, validation, TOML load/dump.
 
 Every field documents itself in ``metadata["help"]``; the CLI flags (``--num-clients`` for
-``num_clients``) and the README's config reference are generated from these fields, so the three
+``num_clients``) and the config reference (docs/configuration.md) are generated from these fields, so the three
 cannot drift apart.
 
 Resolution order (later wins): dataclass defaults -> the method's preset (``PRESETS``) -> TOML file
@@ -33,6 +33,7 @@ ENGINES = ("embedded", "flower-sim")
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "topk", "topk+fp16", "topk+bf16", "topk+int8", "topk+int4")
 GRANULARITIES = ("tensor", "row")
+TRACKERS = ("csv", "tensorboard", "mlflow", "wandb")
 # the allowed values of every string field with a fixed set of them (validation and the CLI's choices)
 CHOICES = {"method": METHODS, "engine": ENGINES, "partition": PARTITIONS, "head": HEADS, "objective": OBJECTIVES,
            "precision": PRECISIONS, "private_prune_scope": PRUNE_SCOPES, "eval_split": EVAL_SPLITS,
@@ -57,15 +58,17 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ExperimentConfig:
     # --- experiment ---------------------------------------------------------------------------
-    method: str = _f("fedavg_lora", f"Method preset: {', '.join(METHODS)}. Presets set the method fields "
+    method: str = _f("fedslip", f"Method preset: {', '.join(METHODS)}. Presets set the method fields "
                      "below unless you set them yourself.")
     engine: str = _f("embedded", "Where `fedslip run` federates: `embedded` (in-process, one backbone) or "
                      "`flower-sim` (Flower's Ray simulation runtime, one ClientApp per client). Deployments "
-                     "run the same app through `flwr run` (README, Scaling out with Flower).")
+                     "run the same app through `flwr run` (docs/flower.md).")
     rounds: int = _f(5, "Federated rounds.")
     num_clients: int = _f(4, "Number of clients.")
     fraction_fit: float = _f(1.0, "Fraction of clients sampled to train each round (at least one).")
     seed: int = _f(0, "Seed for partitions, initialization, client sampling and batch order.")
+    report_to: list[str] = _f([], f"Experiment trackers fed with every round's metrics: any of {', '.join(TRACKERS)} "
+                              "(docs/usage.md, Experiment tracking; tensorboard/mlflow/wandb are optional extras).")
     # --- data -------------------------------------------------------------------------------
     data_dir: str = _f("", "Directory with train/test CSV(.gz) files. Empty: env FEDSLIP_DATA_DIR, else the "
                        "hub dataset `fancyzhx/ag_news`.")
@@ -106,8 +109,8 @@ class ExperimentConfig:
     batch_size: int = _f(32, "Training batch size.")
     eval_batch_size: int = _f(128, "Evaluation batch size.")
     group_by_length: bool = _f(False, "Training batches of rows with similar length (sorted within shuffled "
-                               "chunks of 16 batches): less padding, different batch composition (README, "
-                               "Performance).")
+                               "chunks of 16 batches): less padding, different batch composition "
+                               "(docs/performance.md).")
     lr: float = _f(8e-3, "AdamW learning rate of the global track.")
     weight_decay: float = _f(0.0, "AdamW weight decay (both tracks).")
     precision: str = _f("auto", "`bf16` autocast for forward passes (weights and optimizer stay fp32), "
@@ -204,7 +207,10 @@ class ExperimentConfig:
         return len(self.class_names)
 
     def resolved_data_dir(self) -> str:
-        return self.data_dir or os.environ.get("FEDSLIP_DATA_DIR", "")
+        """The data directory as an absolute path (``data_dir``, else FEDSLIP_DATA_DIR; "" = the hub), so
+        a run's config.toml still names it when read from another working directory."""
+        path = self.data_dir or os.environ.get("FEDSLIP_DATA_DIR", "")
+        return str(Path(path).resolve()) if path else ""
 
     def validate(self) -> None:
         """Check every field once, here, so that the rest of the code can trust the config."""
@@ -259,6 +265,9 @@ class ExperimentConfig:
             raise ConfigError(f"lora_dropout must be < 1, got {self.lora_dropout!r}")
         if len(self.class_names) < 2:
             raise ConfigError(f"class_names needs at least 2 classes, got {self.class_names!r}")
+        unknown_trackers = [t for t in self.report_to if t not in TRACKERS]
+        if unknown_trackers:
+            raise ConfigError(f"report_to: {', '.join(map(repr, unknown_trackers))} not among {', '.join(TRACKERS)}")
         if not self.text_columns:
             raise ConfigError("text_columns must name at least one column")
         if self.eval_split == "val" and self.val_samples_per_client == 0:
@@ -323,7 +332,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # rows and steps per round as fedavg_lora; the upper bound for the global track.
     "centralized": dict(private_track=False, objective="global_only", fedprox_mu=0.0, head="shared"),
     # FedSLIP: clean separation, FedProx, warmup, sparse private track trained first in each round
-    # against the global track as received. Values chosen on validation data (README, "Choosing
+    # against the global track as received. Values chosen on validation data (docs/results.md, "Choosing
     # FedSLIP's defaults"; docs/results/tuning.md).
     "fedslip": dict(private_track=True, objective="separated", detach=True, fedprox_mu=0.01,
                     head="shared", private_warmup_rounds=1, private_freeze_round=0,
@@ -334,7 +343,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
 # Where and how fast a run executes, not what it computes: these may change when a run is resumed.
 RUN_ONLY_KEYS = frozenset({"engine", "data_dir", "eval_batch_size", "parallel_clients", "client_cpus",
-                           "reply_timeout", "rejoin_timeout", "max_payload_bytes"})
+                           "reply_timeout", "rejoin_timeout", "max_payload_bytes", "report_to"})
 FLOAT_FIELDS = tuple(n for n, f in FIELDS.items() if f.type in ("float", float))
 
 

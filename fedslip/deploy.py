@@ -1,6 +1,6 @@
 """A real Flower deployment on this machine: one ``flower-superlink`` and N ``flower-supernode`` processes
 on 127.0.0.1, and ``flwr run`` of the FedSLIP app on it. For demos, tests and as the template of a
-multi-machine deployment (README, "Scaling out with Flower" has the commands).
+multi-machine deployment (docs/flower.md has the commands).
 
 ``tls=True``: a throwaway CA and a certificate for 127.0.0.1 are made in ``workdir/certs`` (the
 ``cryptography`` package); the SuperLink serves TLS, SuperNodes and the ``flwr`` CLI trust that CA.

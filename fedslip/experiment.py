@@ -27,8 +27,12 @@ class RunDirError(ValueError):
     """The output directory already holds a run (and --overwrite was not given), or is not usable."""
 
 
-RUN_FILES = ("config.toml", "partition.json", "metrics.jsonl", "summary.json", "global.safetensors")
+RUN_FILES = ("config.toml", "partition.json", "metrics.jsonl", "metrics.csv", "summary.json", "global.safetensors")
 RUN_DIRS = ("clients", "checkpoint")
+ADAPTER_DIR = "adapter"  # <run>/adapter (global track), <run>/clients/<id>/adapter (private track): peft adapters
+BASE_DIR = "base"  # the backbone beside the adapters, where its name alone cannot rebuild it (inference.py)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+BASE_FILES = ("config.json", "model.safetensors")
 
 
 @dataclass
@@ -101,7 +105,7 @@ class RunDir:
         self.path = Path(path)
 
     def holds_run(self) -> bool:
-        return any((self.path / f).exists() for f in RUN_FILES + RUN_DIRS)
+        return any((self.path / f).exists() for f in RUN_FILES + RUN_DIRS + (ADAPTER_DIR, BASE_DIR))
 
     def check_writable(self, overwrite: bool) -> None:
         """Refuse an output path that cannot take a run, before minutes of loading."""
@@ -124,10 +128,13 @@ class RunDir:
         files = [self.path / f for f in RUN_FILES]
         files += [self.path / "checkpoint" / "state.json", *self._checkpoint_tensor_files()]
         files += (self.path / "kstep").glob("steps*-lr*.json")
+        files += (self.path / "tensorboard").glob("events.out.tfevents.*")
+        files += [self.path / ADAPTER_DIR / f for f in ADAPTER_FILES] + [self.path / BASE_DIR / f for f in BASE_FILES]
         for client in (self.path / "clients").glob("*"):
             if client.name.isdigit():
                 store = PrivateStore(client)
                 files += [store.path(kind, previous) for kind in store.KINDS for previous in (False, True)]
+                files += [client / ADAPTER_DIR / f for f in ADAPTER_FILES]
         return [f for f in files if f.is_file()]
 
     def create(self, overwrite: bool) -> None:
@@ -135,7 +142,8 @@ class RunDir:
         if overwrite:
             for f in self.written_files():
                 f.unlink()
-            folders = [*(self.path / "clients").glob("*"), *(self.path / d for d in (*RUN_DIRS, "kstep"))]
+            folders = [*(self.path / "clients").glob(f"*/{ADAPTER_DIR}"), *(self.path / "clients").glob("*"),
+                       *(self.path / d for d in (*RUN_DIRS, "kstep", "tensorboard", ADAPTER_DIR, BASE_DIR))]
             for folder in folders:  # emptied folders go; one holding a user's file stays
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()

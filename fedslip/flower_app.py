@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from .engines.flower import (
 )
 from .experiment import Setup, prepare
 from .model import PRIVATE
+from .tracking import Callback
 
 log = logging.getLogger("fedslip")
 PRESET = "preset"
@@ -63,7 +65,7 @@ def default_run_config() -> dict[str, Any]:
     ``"preset"``, then the app keys."""
     defaults = ExperimentConfig().to_dict()
     values = as_run_config({name: PRESET if name in PRESET_KEYS else defaults[name] for name in FIELDS})
-    return {**values, "method": "fedslip", **APP_KEYS}
+    return {**values, **APP_KEYS}
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig, dict[str, Any]]:
@@ -164,8 +166,9 @@ def make_client_app(cfg: ExperimentConfig | None = None, state_root: Path | None
 
 # --- ServerApp -------------------------------------------------------------------------------------
 def make_server_app(cfg: ExperimentConfig | None = None, out: Path | None = None, overwrite: bool = False,
-                    resume: bool = False, progress: bool = False) -> ServerApp:
-    """The ServerApp: ``fedslip.api``'s rounds with a FlowerEngine on the run's grid."""
+                    resume: bool = False, progress: bool = False, callbacks: Iterable[Callback] = ()) -> ServerApp:
+    """The ServerApp: ``fedslip.api``'s rounds with a FlowerEngine on the run's grid. ``callbacks`` (per-round
+    rows, ``fedslip.run``) reach it in the simulation, where the ServerApp runs in the caller's process."""
     app = ServerApp()
 
     @app.main()
@@ -184,9 +187,9 @@ def make_server_app(cfg: ExperimentConfig | None = None, out: Path | None = None
             return FlowerEngine(grid, setup.cfg)
 
         if run_resume:
-            api.start_resumed(run_out, progress, make_engine)
+            api.start_resumed(run_out, progress, make_engine, callbacks)
         else:
-            api.start(run_cfg, run_out, run_overwrite, progress, make_engine)
+            api.start(run_cfg, run_out, run_overwrite, progress, make_engine, callbacks)
 
     return app
 

@@ -1,26 +1,47 @@
-"""Using a finished run: a client's personalized predictions, and export to a plain transformers model.
+"""Using a finished run: a client's personalized predictions, and export for plain transformers / peft.
 
     fedslip predict --run runs/fedslip --client 2 "Stocks rally as rates fall"
-    fedslip export  --run runs/fedslip --client 2 --out exported/client2
+    fedslip export  --run runs/fedslip --client 2 --out exported/client2                 # merged
+    fedslip export  --run runs/fedslip --client 2 --out exported/client2 --format peft   # adapters
 
-``export`` merges the global track (LoRA + head) and the client's private track into the backbone's
+``--format merged`` folds the global track (LoRA + head) and the client's private track into the backbone's
 weights, so ``AutoModelForSequenceClassification.from_pretrained(out)`` needs neither peft nor FedSLIP.
+``--format peft`` keeps the tracks as the peft adapters they are in training (``global``: LoRA + the classifier
+head as ``modules_to_save``; ``private``: LoRA) on an unchanged backbone; ``save_adapters`` writes the same
+adapters into every finished run directory.
+
+Where an adapter's ``base_model_name_or_path`` points: the name ``from_pretrained`` rebuilds the frozen backbone
+from, i.e. the hub id, or the absolute path of a local backbone directory or of the packaged MiniLM files. When
+a fresh load of that name does not give the backbone's weights back (``tiny``, whose weights are seeded random
+numbers, or a checkpoint missing weights that then load at random), the backbone is saved to ``base/`` next to
+the adapters and the name is that folder's absolute path.
 """
 
 from __future__ import annotations
 
+import copy
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft.utils import ModulesToSaveWrapper
 
 from .client import PrivateStore
 from .config import ExperimentConfig, load_config
 from .data import Encoded, eval_batches
-from .experiment import RunDir
-from .model import GLOBAL, PRIVATE, TrackedModel, load_tokenizer
-from .storage import StateFileError, load_tensors
+from .experiment import ADAPTER_DIR, BASE_DIR, RunDir
+from .model import GLOBAL, PRIVATE, TrackedModel, load_backbone, load_tokenizer, resolve_backbone
+from .storage import StateFileError, load_tensors, umask, write_json
+
+EXPORT_FORMATS = ("merged", "peft")
+EXPORT_META = "fedslip_export.json"
+
+
+class ExportError(ValueError):
+    """The run cannot be written in the requested format; the message says why and what works instead."""
 
 
 @dataclass
@@ -41,26 +62,49 @@ def check_export_target(out: str | Path) -> Path:
     return out
 
 
+def plain_mode(files: Sequence[Path]) -> list[Path]:
+    """Give ``files`` the mode a plain ``open()`` gives (0644 under the usual umask), like every other file of a
+    run: safetensors writes 0600."""
+    for file in files:
+        os.chmod(file, 0o666 & ~umask())
+    return list(files)
+
+
+def same_backbone(a: torch.nn.Module, b: torch.nn.Module, heads: Sequence[str]) -> bool:
+    """Whether two models hold the same tensors outside the ``heads`` modules (which an adapter replaces)."""
+    def outside(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: t for n, t in state.items() if not any(n == h or n.startswith(h + ".") for h in heads)}
+
+    sa, sb = outside(a.state_dict()), outside(b.state_dict())
+    return sa.keys() == sb.keys() and all(torch.equal(sa[n].cpu(), sb[n].cpu()) for n in sa)
+
+
 class RunModel:
     """The inference model of one client of a finished run (global track, plus its private track)."""
 
     def __init__(self, run_dir: str | Path, client: int, use_private: bool = True):
-        run = RunDir(Path(run_dir))
-        if not (run.path / "config.toml").is_file():
-            raise StateFileError(f"{run.path} is not a run directory (no config.toml)")
-        self.cfg: ExperimentConfig = load_config(run.path / "config.toml")
+        self.run = RunDir(Path(run_dir))
+        if not (self.run.path / "config.toml").is_file():
+            raise StateFileError(f"{self.run.path} is not a run directory (no config.toml)")
+        self.cfg: ExperimentConfig = load_config(self.run.path / "config.toml")
         if not 0 <= client < self.cfg.num_clients:
             raise ValueError(f"client {client} does not exist; this run has clients 0..{self.cfg.num_clients - 1}")
+        self.client = client
         self.tokenizer = load_tokenizer(self.cfg.backbone)
+        # what training truncated to: an exported tokenizer called with truncation=True does the same
+        self.tokenizer.model_max_length = self.cfg.max_seq_len
         self.model = TrackedModel(self.cfg, self.tokenizer)
-        self.model.load_global_state(load_tensors(run.path / "global.safetensors"))
+        self.model.load_global_state(load_tensors(self.run.path / "global.safetensors"))
         self.tracks: tuple[str, ...] = (GLOBAL,)
         if use_private and self.model.has_private:
-            private = PrivateStore(run.client_dir(client)).load("private", expected=self.model.private_shapes())
+            private = self._private_state(client)
             if private is None:
-                raise StateFileError(f"{run.client_dir(client)} holds no private state for client {client}")
+                raise StateFileError(f"{self.run.client_dir(client)} holds no private state for client {client}")
             self.model.load_private_state(private)
             self.tracks = (GLOBAL, PRIVATE)
+
+    def _private_state(self, client: int) -> dict[str, torch.Tensor] | None:
+        return PrivateStore(self.run.client_dir(client)).load("private", expected=self.model.private_shapes())
 
     @torch.inference_mode()
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
@@ -77,9 +121,37 @@ class RunModel:
         return [Prediction(t, int(p.argmax()), self.cfg.class_names[int(p.argmax())], p.tolist())
                 for t, p in zip(texts, probs)]
 
-    def export(self, out: str | Path) -> Path:
-        """Merge the active tracks into the backbone and save a plain transformers model directory."""
+    def export(self, out: str | Path, format: str = "merged") -> Path:
+        """Save the active tracks to ``out`` (a new or empty directory) with the tokenizer.
+
+        ``merged``: one plain transformers model directory. ``peft``: the adapters ``out/global`` (and
+        ``out/private``) plus ``fedslip_export.json`` and ``README.md`` saying how to load them. Every refusal
+        comes before anything is written."""
+        if format not in EXPORT_FORMATS:
+            raise ExportError(f"export format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+        if format == "peft":
+            self.check_peft_format()
         out = check_export_target(out)
+        if format == "merged":
+            self._export_merged(out)
+        else:
+            self._export_peft(out)
+        self.tokenizer.save_pretrained(out)
+        plain_mode([f for f in out.rglob("*") if f.is_file()])
+        return out
+
+    def check_peft_format(self) -> None:
+        """A private head (``private_head`` = bias/classifier) adds a per-client term to the output of the
+        classifier, which the global adapter owns as ``modules_to_save``. peft can neither put a LoRA layer on
+        a modules_to_save module nor run two adapters' copies of one module at once, so a private track with a
+        head is no peft adapter; the merged format folds the head into the classifier instead."""
+        if PRIVATE in self.tracks and self.cfg.private_head != "none":
+            raise ExportError(f"--format peft cannot express this run's private head (private_head="
+                              f"{self.cfg.private_head!r}): it corrects the classifier that the global adapter "
+                              "holds as modules_to_save, and peft runs one adapter's copy of such a module at a "
+                              "time; use --format merged (or --global for the global track alone)")
+
+    def _export_merged(self, out: Path) -> None:
         self.model.run_through(self.tracks)
         head = self.model.merged_head(self.tracks)  # the private head folds into the classifier layer
         merged = self.model.model.merge_and_unload(adapter_names=list(self.tracks))
@@ -91,5 +163,78 @@ class RunModel:
         merged.config.id2label = dict(enumerate(self.cfg.class_names))
         merged.config.label2id = {n: i for i, n in enumerate(self.cfg.class_names)}
         merged.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
-        return out
+
+    def _export_peft(self, out: Path) -> None:
+        base_model, _ = self._save_base(out / BASE_DIR)
+        for track in self.tracks:
+            self._save_adapter(track, out / track, base_model)
+        id2label = dict(enumerate(self.cfg.class_names))
+        write_json(out / EXPORT_META, {
+            "format": "peft", "base_model": base_model, "num_labels": self.cfg.num_labels, "id2label": id2label,
+            "adapters": list(self.tracks), "max_seq_len": self.cfg.max_seq_len,
+            "run": str(self.run.path.resolve()), "client": self.client if PRIVATE in self.tracks else None})
+        where = out.resolve()
+        lines = ["from peft import PeftModel",
+                 "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+                 "",
+                 f"base = AutoModelForSequenceClassification.from_pretrained({base_model!r}, "
+                 f"num_labels={self.cfg.num_labels}, id2label={id2label!r})",
+                 f"model = PeftModel.from_pretrained(base, {str(where / GLOBAL)!r}, adapter_name={GLOBAL!r})"]
+        if PRIVATE in self.tracks:
+            lines += [f"model.load_adapter({str(where / PRIVATE)!r}, adapter_name={PRIVATE!r})",
+                      f"model.base_model.set_adapter({list(self.tracks)!r})  # both adapters run"]
+        lines += ["model.eval()", f"tokenizer = AutoTokenizer.from_pretrained({str(where)!r})  "
+                  f"# truncation=True cuts at {self.cfg.max_seq_len} tokens, as in training"]
+        whose = f"client {self.client}'s personalized model" if PRIVATE in self.tracks else "the global track"
+        (out / "README.md").write_text(f"# FedSLIP export: {whose} (peft adapters)\n\nRun: `{self.run.path}`. "
+                                       "Load with transformers and peft:\n\n```python\n" + "\n".join(lines)
+                                       + "\n```\n")
+
+    def _save_base(self, folder: Path) -> tuple[str, list[Path]]:
+        """The name ``from_pretrained`` rebuilds this run's frozen backbone from, and the files written for it:
+        the backbone's own name when a fresh load gives every weight outside the head back (the global adapter
+        brings the head), else the backbone saved to ``folder`` and that folder's absolute path."""
+        source, local_only = resolve_backbone(self.cfg.backbone)
+        backbone = copy.deepcopy(self.model.model).unload()  # this run's frozen backbone, without peft's layers
+        heads = [n for n, m in self.model.model.get_base_model().named_modules() if isinstance(m, ModulesToSaveWrapper)]
+        if self.cfg.backbone != "tiny":  # tiny has no files: seeded random weights
+            with torch.random.fork_rng(devices=[]):  # weights missing from a checkpoint load at random
+                fresh = load_backbone(self.cfg.backbone, self.cfg.num_labels, len(self.tokenizer))
+            if same_backbone(fresh, backbone, heads):
+                return (str(Path(source).resolve()) if local_only else source), []
+        backbone.save_pretrained(folder)
+        return str(folder.resolve()), sorted(folder.iterdir())
+
+    def _save_adapter(self, track: str, folder: Path, base_model: str) -> list[Path]:
+        """peft's ``save_pretrained`` of one adapter: ``adapter_config.json`` and ``adapter_model.safetensors`` in
+        ``folder``. peft puts a named adapter in a subfolder of its target, next to a generated model card, so
+        it saves into a temporary folder beside ``folder`` and the adapter's files move in."""
+        self.model.model.peft_config[track].base_model_name_or_path = base_model
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-") as tmp:
+            self.model.model.save_pretrained(tmp, selected_adapters=[track], safe_serialization=True)
+            written = []
+            for file in sorted((Path(tmp) / track).iterdir()):
+                os.replace(file, folder / file.name)
+                written.append(folder / file.name)
+        return written
+
+
+def save_adapters(run_dir: str | Path) -> list[Path]:
+    """Write a finished run's tracks as peft adapters (what ``export --format peft`` writes, for every client):
+    ``<run>/adapter/`` the global track (LoRA + classifier head), ``<run>/clients/<id>/adapter/`` each client's
+    private track, and ``<run>/base/`` where the backbone's name cannot rebuild it (``tiny``). Private adapters
+    are written for dual-track runs without a private head (which no peft adapter can express, see
+    ``RunModel.check_peft_format``), for the clients whose private state is in the run directory (on a Flower
+    deployment it is in each SuperNode's state dir). Returns the files written."""
+    run_model = RunModel(run_dir, client=0, use_private=False)
+    run = run_model.run
+    base_model, written = run_model._save_base(run.path / BASE_DIR)
+    written += run_model._save_adapter(GLOBAL, run.path / ADAPTER_DIR, base_model)
+    if run_model.model.has_private and run_model.cfg.private_head == "none":
+        for cid in range(run_model.cfg.num_clients):
+            private = run_model._private_state(cid)
+            if private is not None:
+                run_model.model.load_private_state(private)
+                written += run_model._save_adapter(PRIVATE, run.client_dir(cid) / ADAPTER_DIR, base_model)
+    return plain_mode(written)

@@ -9,6 +9,7 @@ Every number comes from the runs' own ``summary.json`` / ``metrics.jsonl``; noth
 from __future__ import annotations
 
 import json
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,28 +118,61 @@ def _verdict(agg: dict) -> list[str]:
     return lines
 
 
-def plot(runs: list[RunRecord], out: Path) -> list[str]:
-    import matplotlib
+# One colour per method in every plot of every report (scripts that plot methods can use it too), so a method
+# is recognised at a glance across reports; fedavg_lora and fedslip keep the C0 / C1 that the scaling and
+# compression plots (scripts/) give them.
+METHOD_COLORS = {"fedavg_lora": "tab:blue", "fedslip": "tab:orange", "dual_naive": "tab:green",
+                 "centralized": "tab:purple"}
+OTHER_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:red")
+FLOOR_COLOR = "lightgray"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def method_color(method: str) -> str:
+    """The colour of ``method`` in every plot: ``METHOD_COLORS``, else one of ``OTHER_COLORS`` chosen by a
+    stable hash of the name (the same in every process and report)."""
+    return METHOD_COLORS.get(method) or OTHER_COLORS[zlib.crc32(method.encode()) % len(OTHER_COLORS)]
+
+
+def per_client_stats(runs: list[RunRecord], key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Mean and sample std over ``runs`` (the seeds of one method) of the per-client list ``summary[key]``
+    (None entries, failed evaluations, are left out); std 0 where fewer than two seeds have a value.
+    None when a run lacks ``key`` (e.g. no K-step)."""
+    values = [r.summary.get(key) for r in runs]
+    if not all(values):
+        return None
+    per = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+    count = np.sum(~np.isnan(per), axis=0)
+    mean = np.nanmean(per, axis=0)
+    std = np.zeros_like(mean)
+    several = count > 1
+    std[several] = np.nanstd(per[:, several], axis=0, ddof=1)
+    return mean, std
+
+
+def _subplots(figsize: tuple[float, float], *grid: int, **kw):
+    """A figure and its axes without pyplot: no backend switch and no global figure state, so a report
+    is written on a machine without a display and a notebook keeps its inline plots."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kw)
+
+
+def accuracy_per_round_figure(runs: list[RunRecord]):
     from matplotlib.ticker import MaxNLocator
 
     methods = sorted({r.method for r in runs})
-    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    files = []
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = _subplots((11, 4), 1, 2, sharey=True)
     for ax, key, title in ((axes[0], "global_accuracy", "Global accuracy (global track, global test set)"),
                            (axes[1], "personalized_accuracy", "Personalized accuracy (zero-shot, own test rows)")):
         for m in methods:
             curves = np.array([[row[key] for row in r.rounds] for r in runs if r.method == m], dtype=float)
             x = np.arange(1, curves.shape[1] + 1)
             mean = 100 * curves.mean(0)
-            ax.plot(x, mean, marker="o", color=colors[m], label=f"{m} (n={len(curves)})")
+            ax.plot(x, mean, marker="o", color=method_color(m), label=f"{m} (n={len(curves)})")
             if len(curves) > 1:
                 std = 100 * curves.std(0, ddof=1)
-                ax.fill_between(x, mean - std, mean + std, color=colors[m], alpha=0.2)
+                ax.fill_between(x, mean - std, mean + std, color=method_color(m), alpha=0.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -146,41 +180,70 @@ def plot(runs: list[RunRecord], out: Path) -> list[str]:
     axes[0].set_ylabel("accuracy (%), mean ± std over seeds")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_per_round.png", dpi=110)
-    files.append("accuracy_per_round.png")
-    plt.close(fig)
+    return fig
 
+
+def per_client_figure(runs: list[RunRecord]):
+    """Per client: each method's zero-shot personalized accuracy and, next to it (hatched), its accuracy after
+    K-step, mean over seeds with ± std error bars, and the client's majority-class floor. The y-axis starts a
+    little below the lowest bar or error bar (not at 0), so that differences of a point or two in the 80-100
+    range stay visible. Bar containers are labelled ``<method> zero-shot``, ``<method> + K-step`` and
+    ``majority-class floor``."""
+    methods = sorted({r.method for r in runs})
     num_clients = runs[0].cfg.num_clients
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / (len(methods) + 1)
-    for i, m in enumerate(methods):
-        per = np.array([[v if v is not None else np.nan for v in r.summary["personalized_accuracy_per_client"]]
-                        for r in runs if r.method == m], dtype=float)
-        ax.bar(np.arange(num_clients) + i * width, 100 * np.nanmean(per, 0), width, color=colors[m], label=m)
-    floors = np.mean([r.summary["majority_floor_per_client"] for r in runs], axis=0)
-    ax.bar(np.arange(num_clients) + len(methods) * width, 100 * floors, width, color="lightgray",
-           label="majority-class floor")
-    ax.set_xticks(np.arange(num_clients) + width * len(methods) / 2, [f"client {c}" for c in range(num_clients)])
-    ax.set_ylabel("personalized accuracy (%), mean over seeds")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(methods) + 1)
-    ax.set_title("Per-client personalized accuracy (zero-shot) vs. the majority-class floor", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "per_client_accuracy.png", dpi=110)
-    files.append("per_client_accuracy.png")
-    plt.close(fig)
+    bars = []  # (label, mean, std or None (one seed: no error bar), colour, hatch)
+    for m in methods:
+        mine = [r for r in runs if r.method == m]
+        for key, label, hatch in (("personalized_accuracy_per_client", f"{m} zero-shot", None),
+                                  ("kstep_accuracy_per_client", f"{m} + K-step", "//")):
+            stats = per_client_stats(mine, key)
+            if stats is not None:
+                bars.append((label, 100 * stats[0], 100 * stats[1] if len(mine) > 1 else None, method_color(m),
+                             hatch))
+    floors = 100 * np.mean([r.summary["majority_floor_per_client"] for r in runs], axis=0)
+    bars.append(("majority-class floor", floors, None, FLOOR_COLOR, None))
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    mib = [np.mean([r.summary["comm_mib_per_round"] for r in runs if r.method == m]) for m in methods]
-    bars = ax.bar(methods, mib, color=[colors[m] for m in methods])
-    ax.bar_label(bars, fmt="%.3f MiB")
+    fig, ax = _subplots((max(8, 1.0 + 0.35 * len(bars) * num_clients), 4.5))
+    width = 0.85 / len(bars)
+    clients = np.arange(num_clients)
+    for i, (label, mean, std, color, hatch) in enumerate(bars):
+        ax.bar(clients + (i - (len(bars) - 1) / 2) * width, mean, width, yerr=std,
+               color=color, hatch=hatch, edgecolor="white" if hatch else None, linewidth=0, label=label,
+               error_kw={"elinewidth": 1, "capsize": 2, "ecolor": "black"})
+    low = min(np.nanmin(mean - (0 if std is None else std)) for _, mean, std, *_ in bars)
+    high = max(np.nanmax(mean + (0 if std is None else std)) for _, mean, std, *_ in bars)
+    ax.set_ylim(max(0.0, 5 * np.floor((low - 3) / 5)), max(100.0, high + 1))
+    ax.set_xticks(clients, [f"client {c}" for c in clients])
+    ax.set_ylabel("accuracy on own test rows (%), mean ± std over seeds")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(len(bars), 5))
+    ax.set_title("Per-client personalized accuracy: zero-shot and after K-step, vs. the majority-class floor",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def bytes_per_round_figure(runs: list[RunRecord]):
+    methods = sorted({r.method for r in runs})
+    fig, ax = _subplots((6, 3.5))
+    for m in methods:  # one labelled bar per method
+        mib = np.mean([r.summary["comm_mib_per_round"] for r in runs if r.method == m])
+        ax.bar_label(ax.bar(m, mib, color=method_color(m), label=m), fmt="%.3f MiB")
     ax.set_ylabel("MiB per round (upload + download, all clients)")
     ax.set_title("Communication per round", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "bytes_per_round.png", dpi=110)
-    files.append("bytes_per_round.png")
-    plt.close(fig)
-    return files
+    return fig
+
+
+FIGURES = {"accuracy_per_round.png": accuracy_per_round_figure, "per_client_accuracy.png": per_client_figure,
+           "bytes_per_round.png": bytes_per_round_figure}
+
+
+def plot(runs: list[RunRecord], out: Path) -> list[str]:
+    """Write ``FIGURES`` into ``out``; return their file names."""
+    for name, make in FIGURES.items():
+        make(runs).savefig(out / name, dpi=110)
+    return list(FIGURES)
 
 
 def _default_targets(backbone: str) -> str:
@@ -238,15 +301,14 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "") -> dict:
               "| method | " + " | ".join(f"client {i}" for i in range(c.num_clients)) + " |",
               "|---|" + "---|" * c.num_clients]
     for m in sorted(agg):
-        per = np.array([[np.nan if v is None else v for v in r.summary["personalized_accuracy_per_client"]]
-                        for r in runs if r.method == m], dtype=float)
-        lines.append(f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in np.nanmean(per, 0)) + " |")
+        mine = [r for r in runs if r.method == m]
+        zero_shot, _ = per_client_stats(mine, "personalized_accuracy_per_client")
+        lines.append(f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in zero_shot) + " |")
         for key, label in (("kstep_accuracy_per_client", "+ K-step"),
                            ("personalized_global_test_accuracy_per_client", "on the global test set")):
-            values = [r.summary.get(key) for r in runs if r.method == m]
-            if all(values) and (key.startswith("kstep") or any(r.cfg.private_track for r in runs if r.method == m)):
-                k = np.array(values, dtype=float).mean(0)
-                lines.append(f"| {m} {label} | " + " | ".join(f"{100 * v:.1f}" for v in k) + " |")
+            stats = per_client_stats(mine, key)
+            if stats is not None and (key.startswith("kstep") or any(r.cfg.private_track for r in mine)):
+                lines.append(f"| {m} {label} | " + " | ".join(f"{100 * v:.1f}" for v in stats[0]) + " |")
     floors = np.mean([r.summary["majority_floor_per_client"] for r in runs], axis=0)
     lines.append("| majority floor | " + " | ".join(f"{100 * v:.1f}" for v in floors) + " |")
     lines += ["", "## Per class (global test set, global track)", "",

@@ -10,9 +10,10 @@ a rejected one is logged with its reason and left out. The valid ones reach the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +63,18 @@ def validate_update(update: dict[str, torch.Tensor], reference: dict[str, torch.
         norm = float(torch.sqrt(sum(((update[n].double() - r.double()) ** 2).sum() for n, r in reference.items())))
         if norm > max_update_norm:
             raise UpdateError(f"update norm {norm:.4g} exceeds max_update_norm={max_update_norm:g}")
+
+
+@contextlib.contextmanager
+def quiet_flower_log() -> Iterator[None]:
+    """Flower's logger at WARNING for the duration (its INFO lines describe Flower's own round loop)."""
+    flower_log = logging.getLogger("flwr")
+    level = flower_log.level
+    flower_log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        flower_log.setLevel(level)
 
 
 ARRAYS, METRICS, NUM_EXAMPLES = "arrays", "metrics", "num-examples"  # Flower strategies' record keys
@@ -197,7 +210,8 @@ class Server:
         if len(valid) < self.cfg.min_fit_clients:
             raise RoundFailed(f"only {len(valid)} valid client update(s), min_fit_clients={self.cfg.min_fit_clients}"
                               f" (rejected or failed: {outcome.rejected})")
-        arrays, _ = self.strategy.aggregate_train(round_idx, valid)
+        with quiet_flower_log():  # the strategy's "aggregate_train: Received ..." line each round is noise here
+            arrays, _ = self.strategy.aggregate_train(round_idx, valid)
         aggregated = {n: t.to(self.state[n].dtype) for n, t in arrays.to_torch_state_dict().items()}
         previous = self.round
         self.round = round_idx

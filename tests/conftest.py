@@ -44,7 +44,7 @@ def data_dir(tmp_path_factory) -> Path:
 def tiny_cfg(data_dir):
     """Factory for a fast tiny-backbone config on the synthetic data."""
     def make(**overrides):
-        base = dict(backbone="tiny", data_dir=str(data_dir), rounds=2, samples_per_client=32,
+        base = dict(method="fedavg_lora", backbone="tiny", data_dir=str(data_dir), rounds=2, samples_per_client=32,
                     test_samples_per_client=16, global_test_samples=64, batch_size=16, kstep=0,
                     precision="fp32")
         return make_config({**base, **overrides})

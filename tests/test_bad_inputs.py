@@ -119,3 +119,13 @@ def test_config_toml_records_the_data_directory_it_read(tiny_cfg, data_dir, tmp_
     fedslip.run(cfg, tmp_path / "run", progress=False)
     monkeypatch.delenv("FEDSLIP_DATA_DIR")
     assert fedslip.load_config(tmp_path / "run" / "config.toml").data_dir == str(data_dir)
+
+
+def test_a_relative_data_directory_is_recorded_as_an_absolute_path(tiny_cfg, data_dir, tmp_path, monkeypatch):
+    """A run started with data_dir relative to the working directory resumes from anywhere."""
+    import fedslip
+
+    monkeypatch.chdir(data_dir.parent)
+    fedslip.run(tiny_cfg(rounds=1, data_dir=data_dir.name, num_clients=2), tmp_path / "run", progress=False)
+    monkeypatch.chdir(tmp_path)
+    assert fedslip.load_config(tmp_path / "run" / "config.toml").data_dir == str(data_dir.resolve())

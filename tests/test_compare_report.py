@@ -110,3 +110,101 @@ def test_report_keeps_hand_written_notes(compared):
     build_report(find_runs([out]), out)
     report = (out / "report.md").read_text()
     assert "## Notes" in report and "Ablation X explains the gap." in report
+
+
+# --- plots -----------------------------------------------------------------------------------------------
+def fake_run(method, seed, zero_shot, kstep, floors=(0.8, 0.8, 0.8)):
+    """A finished run as the report reads it, with the per-client accuracies given."""
+    from pathlib import Path
+
+    from fedslip import make_config
+    from fedslip.report import RunRecord
+
+    cfg = make_config(dict(method=method, seed=seed, backbone="tiny", num_clients=len(zero_shot)))
+    summary = {"personalized_accuracy_per_client": list(zero_shot), "kstep_accuracy_per_client": kstep,
+               "majority_floor_per_client": list(floors), "comm_mib_per_round": 2.325}
+    rounds = [{"global_accuracy": 0.80, "personalized_accuracy": 0.85}, {"global_accuracy": 0.85,
+                                                                          "personalized_accuracy": 0.90}]
+    return RunRecord(Path(f"{method}-seed{seed}"), cfg, summary, rounds)
+
+
+RUNS = [fake_run("fedslip", 0, [0.90, 0.94, 0.88], [0.91, 0.95, 0.86]),
+        fake_run("fedslip", 1, [0.92, 0.96, None], [0.93, 0.97, 0.90]),  # client 2 failed its evaluation
+        fake_run("fedavg_lora", 0, [0.84, 0.86, 0.83], [0.93, 0.95, 0.92]),
+        fake_run("fedavg_lora", 1, [0.86, 0.90, 0.85], [0.92, 0.96, 0.94]),
+        fake_run("dual_naive", 0, [0.88, 0.90, 0.86], None),  # no K-step
+        fake_run("centralized", 0, [0.87, 0.91, 0.89], [0.90, 0.92, 0.91])]
+
+
+def bar_containers(fig):
+    from matplotlib.container import BarContainer
+
+    return {c.get_label(): c for ax in fig.axes for c in ax.containers if isinstance(c, BarContainer)}
+
+
+def colours_of(fig, method):
+    """The colours of the lines and bars a figure labels as ``method`` (labels start with the method name)."""
+    from matplotlib.colors import to_rgba
+
+    found = {to_rgba(line.get_color()) for ax in fig.axes for line in ax.get_lines()
+             if line.get_label().split(" ")[0] == method}
+    return found | {to_rgba(p.get_facecolor()) for label, c in bar_containers(fig).items()
+                    if label.split(" ")[0] == method for p in c.patches}
+
+
+def test_each_method_has_one_colour_in_every_plot_of_every_report():
+    import os
+
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    from fedslip.report import FIGURES, method_color
+
+    known = {m: method_color(m) for m in ("fedavg_lora", "dual_naive", "fedslip", "centralized")}
+    assert len({to_rgba(c) for c in known.values()}) == 4
+    # a method outside the map gets a colour of its own, the same in every process (not Python's salted hash)
+    code = "from fedslip.report import method_color; print(method_color('fedbn'))"
+    elsewhere = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
+    assert elsewhere == {method_color("fedbn")} and method_color("fedbn") not in known.values()
+    for name, make in FIGURES.items():
+        together, alone = make(RUNS), make([r for r in RUNS if r.method == "fedslip"])
+        for m, colour in known.items():
+            assert colours_of(together, m) == {to_rgba(colour)}, (name, m)
+        assert colours_of(alone, "fedslip") == {to_rgba(known["fedslip"])}, name
+        plt.close(together)
+        plt.close(alone)
+
+
+def test_per_client_plot_shows_kstep_next_to_zero_shot_with_std_error_bars_on_a_readable_axis():
+    import matplotlib.pyplot as plt
+
+    from fedslip.report import per_client_figure
+
+    fig = per_client_figure(RUNS)
+    bars = bar_containers(fig)
+    assert set(bars) == {f"{m} {kind}" for m in ("fedavg_lora", "fedslip", "centralized")
+                         for kind in ("zero-shot", "+ K-step")} | {"dual_naive zero-shot", "majority-class floor"}
+    root2 = 2 ** 0.5  # sample std (ddof=1) of two values 2 points apart
+    expected = {  # mean and std over the seeds, in %, per client, by hand from RUNS
+        "fedslip zero-shot": ([91, 95, 88], [root2, root2, 0.0]),  # client 2: one seed left
+        "fedslip + K-step": ([92, 96, 88], [root2, root2, 2 * root2]),
+        "fedavg_lora zero-shot": ([85, 88, 84], [root2, 2 * root2, root2]),
+        "fedavg_lora + K-step": ([92.5, 95.5, 93], [root2 / 2, root2 / 2, root2]),
+    }
+    for label, (mean, std) in expected.items():
+        heights = [p.get_height() for p in bars[label].patches]
+        assert heights == pytest.approx(mean), label
+        assert bars[label].errorbar is not None, label
+        segments = bars[label].errorbar.lines[2][0].get_segments()  # one [[x, low], [x, high]] per client
+        assert [s[0][1] for s in segments] == pytest.approx([m - s for m, s in zip(mean, std)]), label
+        assert [s[1][1] for s in segments] == pytest.approx([m + s for m, s in zip(mean, std)]), label
+    assert bars["dual_naive zero-shot"].errorbar is None  # one seed: no spread to show
+    for m in ("fedavg_lora", "fedslip", "centralized"):  # K-step bar right beside the zero-shot bar, hatched
+        zero_shot, kstep = bars[f"{m} zero-shot"].patches, bars[f"{m} + K-step"].patches
+        for z, k in zip(zero_shot, kstep):
+            assert k.get_x() == pytest.approx(z.get_x() + z.get_width()) and k.get_hatch() and not z.get_hatch()
+    bottom, top = fig.axes[0].get_ylim()
+    lowest = 80.0  # the majority floor; the methods' lowest bar or error bar is 84 - 1.41
+    assert lowest - 10 <= bottom < lowest and top >= 96 + root2
+    plt.close(fig)

@@ -1,4 +1,4 @@
-"""Config: presets, precedence (defaults < preset < TOML < flags), validation, reference in README."""
+"""Config: presets, precedence (defaults < preset < TOML < flags), validation, reference in docs/configuration.md."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fedslip.config import FIELDS, PRESET_KEYS, PRESETS, ConfigError, Experiment
 
 def test_defaults_are_the_seed_protocol():
     cfg = make_config()
-    assert (cfg.method, cfg.num_clients, cfg.dominant_fraction, cfg.partition) == ("fedavg_lora", 4, 0.8, "dominant")
+    assert (cfg.method, cfg.num_clients, cfg.dominant_fraction, cfg.partition) == ("fedslip", 4, 0.8, "dominant")
     assert (cfg.backbone, cfg.lora_rank, cfg.head) == ("minilm", 8, "shared")
 
 
@@ -89,9 +89,9 @@ def test_direct_construction_validates_too():
         ExperimentConfig(rounds=0)
 
 
-def test_readme_config_reference_is_in_sync():
-    readme = (REPO / "README.md").read_text()
-    assert config_reference() in readme, "regenerate the README table with `fedslip config-reference`"
+def test_docs_config_reference_is_in_sync():
+    page = (REPO / "docs" / "configuration.md").read_text()
+    assert config_reference() in page, "regenerate the table with `python scripts/docs_config.py`"
 
 
 def test_shipped_configs_load():

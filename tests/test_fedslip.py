@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertConfig
 
 import fedslip
 from fedslip import comm, masking
@@ -16,7 +16,7 @@ from fedslip.client import backward_step, evaluate, proximal_term, run_seed, ste
 from fedslip.data import eval_batches, train_batches
 from fedslip.experiment import RunDir, build_clients, prepare
 from fedslip.inference import RunModel
-from fedslip.model import GLOBAL, PRIVATE
+from fedslip.model import GLOBAL, PRIVATE, TINY_BERT
 from fedslip.server import Server
 
 
@@ -67,9 +67,13 @@ def test_fedslip_sends_exactly_the_baseline_bytes(fedslip_run, tmp_path):
 def test_private_state_stays_in_the_client_directories(fedslip_run):
     out, cfg, *_ = fedslip_run
     server_side = [p for p in out.rglob("*.safetensors") if "clients" not in p.parts]
-    assert sorted(p.name for p in server_side) == ["global-00003.safetensors", "global.safetensors"]
+    # the global track (checkpoint, final, as a peft adapter) and the tiny backbone the adapter names
+    assert sorted(str(p.relative_to(out)) for p in server_side) == [
+        "adapter/adapter_model.safetensors", "base/model.safetensors", "checkpoint/global-00003.safetensors",
+        "global.safetensors"]
     for path in server_side:
         assert not any(f".{PRIVATE}." in k for k in load_file(path))
+    # a private head cannot be a peft adapter: no client adapter here (tests/test_export.py has them)
     for c in range(cfg.num_clients):
         names = sorted(p.name for p in (out / "clients" / str(c)).iterdir())
         assert names == ["mask.prev.safetensors", "mask.safetensors", "private.prev.safetensors",
@@ -350,11 +354,47 @@ def test_predict_cli(fedslip_run):
 
 
 def test_dual_naive_transmits_lora_plus_whole_head_and_trains_jointly(tiny_cfg, tmp_path):
-    cfg = tiny_cfg(method="dual_naive")
-    assert (cfg.objective, cfg.detach, cfg.fedprox_mu, cfg.private_target_sparsity) == ("joint", False, 0.0, 0.0)
-    summary = fedslip.run(cfg, tmp_path / "naive", progress=False)
-    assert summary["private_bytes_transmitted"] == 0
-    assert summary["private_track_params"] > 0
+    """dual_naive's upload is its global LoRA plus the whole classifier head (head="shared_full": every
+    parameter of the classification model outside the encoder; for BERT the one ``classifier`` layer),
+    as trained this round, and nothing private; both tracks learn from one loss on the combined logits,
+    L = CE(f(x; g + p), y): the private track's gradient and the global track's come from that one loss."""
+    cfg = tiny_cfg(method="dual_naive", num_clients=1)
+    assert cfg.head == "shared_full"
+    setup, client = single_client(cfg, tmp_path)
+    model = setup.model
+    sent = model.global_state()
+    upload = comm.decode(client.fit(comm.encode(sent), 1).payload)
+
+    plain = AutoModelForSequenceClassification.from_config(
+        BertConfig(vocab_size=len(setup.tokenizer), num_labels=cfg.num_labels, **TINY_BERT))
+    whole_head = {n: p.shape for n, p in plain.named_parameters() if not n.startswith("bert.")}
+    assert set(whole_head) == {"classifier.weight", "classifier.bias"}
+    head_in_upload = {n.replace("base_model.model.", "").replace(".modules_to_save.global", ""): t
+                      for n, t in upload.items() if "lora_" not in n}
+    assert {n: t.shape for n, t in head_in_upload.items()} == whole_head
+    lora = [n for n in upload if "lora_" in n]
+    assert len(lora) == 2 * 2 * 2 and all(".global." in n for n in lora)  # layers x (query, value) x (A, B)
+    assert not any(f".{PRIVATE}." in n for n in upload)
+    trained = model.global_state()
+    for n, t in upload.items():  # sent as trained: the client's tensors, moved away from the broadcast
+        assert torch.equal(t, trained[n]) and not torch.equal(t, sent[n]), n
+
+    torch.manual_seed(1)  # a private track that changes the logits, so that joint and separate losses differ
+    model.load_private_state({n: torch.randn_like(t) * 0.1 for n, t in model.private_state().items()})
+    batch = next(train_batches(setup.tokenizer, setup.clients[0].train, 8, torch.Generator().manual_seed(0), 1))
+    g, p = model.global_params, model.private_params
+    with model.eval_mode():
+        joint_to_global = ce_grads(model, batch, (GLOBAL, PRIVATE), g)
+        joint_to_private = ce_grads(model, batch, (GLOBAL, PRIVATE), p)
+        global_alone = ce_grads(model, batch, (GLOBAL,), g)
+        zero(model)
+        backward_step(model, batch, cfg, True, None, 0.0)
+    for n, grad in grads(g).items():
+        assert torch.allclose(grad, joint_to_global[n], atol=1e-6), n
+    assert any(not torch.allclose(grads(g)[n], global_alone[n], atol=1e-6) for n in g)
+    for n, grad in grads(p).items():
+        assert grad is not None and torch.allclose(grad, joint_to_private[n], atol=1e-6), n
+    assert not is_zero(grads(p))
 
 
 def test_prune_per_matrix_and_global_remove_the_smallest_magnitudes():

@@ -70,7 +70,10 @@ def test_pyproject_flower_config_is_in_sync():
 
 def test_run_config_maps_onto_the_config_dataclass():
     cfg, options = config_from_run_config(default_run_config())
-    assert cfg == fedslip.make_config({"method": "fedslip"})  # "preset" leaves the preset's values
+    # one default method: the Flower app's, the CLI's and the config's are the same
+    assert cfg == fedslip.make_config() and cfg.method == "fedslip"  # "preset" leaves the preset's values
+    makefile = (REPO / "Makefile").read_text()
+    assert "METHOD ?= fedslip" in makefile
     assert options == {"out": "runs/flower", "overwrite": False, "resume": False}
     cfg, _ = config_from_run_config({**default_run_config(), "method": "fedavg_lora", "fedprox-mu": 0.1,
                                      "lora_targets": "query,key"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,9 +19,11 @@ from safetensors.torch import load_file, save_file
 
 import fedslip
 from fedslip import comm
-from fedslip.client import Client, FitReply, PrivateStore
-from fedslip.experiment import RunDirError
+from fedslip.client import Client, PrivateStore
+from fedslip.data import eval_batches
+from fedslip.experiment import RunDirError, prepare
 from fedslip.inference import RunModel
+from fedslip.model import GLOBAL
 from fedslip.server import RoundFailed, Server
 from fedslip.storage import StateFileError
 
@@ -286,20 +289,48 @@ def test_robust_aggregation_resists_an_outlier(tiny_cfg):
     assert mean.state["a"][0] > 100
 
 
+def sample_weighted_mean(updates: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
+    """FedAvg computed here, in float64: sum_i n_i w_i / sum_i n_i, cast back to each tensor's dtype."""
+    total = sum(n for _, n in updates)
+    return {k: (sum(n * u[k].double() for u, n in updates) / total).to(t.dtype) for k, t in updates[0][0].items()}
+
+
 def test_a_client_sending_nan_is_excluded_end_to_end(tiny_cfg, tmp_path, monkeypatch):
+    """Every round's global track is the mean of the three valid uploads only (not NaN, not the NaN client's
+    weights in any form), and the reported global accuracy and loss are that global track's on the global
+    test set (the loss, a continuous number, tells global tracks apart where accuracies tie at chance)."""
     original = Client.fit
+    received, uploads = {}, {}  # round -> the global track the clients were sent; round -> {client: (its weights, n)}
 
     def fit(self, payload, round_idx):
+        received.setdefault(round_idx, comm.decode(payload))
         reply = original(self, payload, round_idx)
+        uploads.setdefault(round_idx, {})[self.cid] = (comm.decode(reply.payload), reply.num_examples)
         if self.cid == 2:
-            return FitReply(corrupt("nan", comm.decode(reply.payload)), reply.num_examples, reply.metrics)
+            return dataclasses.replace(reply, payload=corrupt("nan", comm.decode(reply.payload)))
         return reply
 
     monkeypatch.setattr(Client, "fit", fit)
-    summary = fedslip.run(tiny_cfg(rounds=2), tmp_path / "r", progress=False)
-    assert all(r["rejected_updates"] == 1 and "2" in r["rejected"] for r in rows(tmp_path / "r"))
-    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "r" / "global.safetensors").values())
-    assert summary["global_accuracy"] >= 0
+    cfg = tiny_cfg(rounds=2)
+    summary = fedslip.run(cfg, tmp_path / "r", progress=False)
+    # rejected for its NaN by the server's validation (a client that raised would be rejected too, for another reason)
+    assert all(r["rejected_updates"] == 1 and r["rejected"].keys() == {"2"} and "NaN" in r["rejected"]["2"]
+               for r in rows(tmp_path / "r"))
+    final = load_file(tmp_path / "r" / "global.safetensors")
+    for round_idx, global_after in ((1, received[2]), (2, final)):
+        expected = sample_weighted_mean([uploads[round_idx][c] for c in (0, 1, 3)])
+        assert expected.keys() == global_after.keys()
+        for k, t in expected.items():
+            assert torch.isfinite(t).all() and torch.allclose(global_after[k], t, rtol=1e-6, atol=1e-7), (round_idx, k)
+    setup = prepare(cfg)
+    setup.model.load_global_state(final)
+    with torch.inference_mode(), setup.model.eval_mode():
+        batches = [b for _, b in eval_batches(setup.tokenizer, setup.global_eval, 64)]
+        logits = torch.cat([setup.model.logits(b, (GLOBAL,)) for b in batches])
+    labels = torch.cat([b["labels"] for b in batches])
+    assert summary["global_accuracy"] == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
+    assert rows(tmp_path / "r")[-1]["global_loss"] == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-6)
 
 
 # --- clients that raise -----------------------------------------------------------------------------------
@@ -382,7 +413,6 @@ def test_a_client_whose_own_state_is_corrupt_stops_the_resume_naming_the_file(un
 def test_aggregation_is_flower_strategies(tiny_cfg):
     """fedavg / median / trimmed_mean aggregate with Flower's FedAvg / FedMedian / FedTrimmedAvg; fedavg's mean
     is sum(n_i w_i) / sum(n_i) and agrees with Flower FedAvg's own arithmetic up to float rounding."""
-    from flwr.server.strategy.aggregate import aggregate
     from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
     from fedslip.server import train_reply
@@ -404,10 +434,29 @@ def test_aggregation_is_flower_strategies(tiny_cfg):
         server.aggregate(replies)
         for k in reference:
             assert torch.allclose(server.state[k], expected[aggregation][k], atol=1e-6), (aggregation, k)
-        if aggregation == "fedavg":  # bit for bit the arithmetic of the published runs
-            published = aggregate([([u[k].numpy() for k in reference], n) for u, n in zip(updates, weights)])
-            assert all(torch.equal(server.state[k], torch.from_numpy(a)) for k, a in zip(reference, published))
     flower, _ = FedAvg().aggregate_train(1, [train_reply(c, u, n) for c, (u, n) in enumerate(zip(updates, weights))])
     flower = flower.to_torch_state_dict()
     for k in reference:
         assert torch.allclose(flower[k], expected["fedavg"][k], atol=1e-6)
+
+
+def test_fedavg_is_the_sample_weighted_mean_bit_for_bit_round_after_round(tiny_cfg):
+    """Over consecutive rounds (each client's upload starts from the last aggregate, the weights change
+    every round), the server's global track is sum_i n_i w_i / sum_i n_i computed here: within float32
+    rounding of the float64 mean, and bit for bit the float32 arithmetic of the published runs (the
+    products n_i w_i summed in client order, then one division by sum_i n_i)."""
+    generator = torch.Generator().manual_seed(0)
+    state = {"a": torch.randn(64, 16, generator=generator), "b": torch.randn(33, generator=generator)}
+    server = Server(tiny_cfg(aggregation="fedavg"), state)
+    for round_idx, weights in enumerate(([3, 40, 7, 50], [11, 1, 29, 6], [5, 5, 17, 2]), start=1):
+        updates = [{k: server.state[k] + torch.randn(t.shape, generator=generator) for k, t in state.items()}
+                   for _ in weights]
+        server.aggregate({c: (comm.encode(u), n) for c, (u, n) in enumerate(zip(updates, weights))},
+                         round_idx=round_idx)
+        in_float64 = sample_weighted_mean(list(zip(updates, weights)))
+        for k in state:
+            products = [n * u[k] for u, n in zip(updates, weights)]  # float32, as the published runs
+            published = (((products[0] + products[1]) + products[2]) + products[3]) / sum(weights)
+            assert server.state[k].dtype == torch.float32
+            assert torch.allclose(server.state[k], in_float64[k], rtol=1e-6, atol=1e-7), (round_idx, k)
+            assert torch.equal(server.state[k], published), (round_idx, k)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 import subprocess
 import sys
@@ -32,9 +33,9 @@ def read_metrics(run_dir):
 @pytest.fixture(scope="module")
 def baseline_run(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("runs") / "fedavg"
-    cfg = fedslip.make_config(dict(backbone="tiny", data_dir=str(data_dir), rounds=2, samples_per_client=32,
-                                   test_samples_per_client=16, global_test_samples=64, batch_size=16, kstep=3,
-                                   precision="fp32"))
+    cfg = fedslip.make_config(dict(method="fedavg_lora", backbone="tiny", data_dir=str(data_dir), rounds=2,
+                                   samples_per_client=32, test_samples_per_client=16, global_test_samples=64,
+                                   batch_size=16, kstep=3, precision="fp32"))
     return out, cfg, fedslip.run(cfg, out, progress=False)
 
 
@@ -181,11 +182,13 @@ def test_cli_run_and_errors(data_dir, tmp_path):
             "--global-test-samples", "32", "--kstep", "0", "--quiet"]
     ok = subprocess.run(base + ["--out", str(tmp_path / "cli")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["method"] == "fedavg_lora"
-    assert "aggregate_train" not in ok.stderr  # --quiet also silences Flower's strategy log
+    assert json.loads(ok.stdout)["method"] == "fedslip"  # the one default method
+    assert "round 1/1" not in ok.stderr
     loud = subprocess.run([a for a in base if a != "--quiet"] + ["--out", str(tmp_path / "loud")],
                           capture_output=True, text=True)
-    assert "aggregate_train" in loud.stderr and "\x1b[" not in loud.stderr  # no ANSI colour when redirected
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d round 1/1 \| global", loud.stderr, re.M), loud.stderr
+    assert "\x1b[" not in loud.stderr  # no ANSI colour when redirected
+    assert "aggregate_train" not in loud.stderr  # Flower's strategy line describes Flower's loop, not ours
     again = subprocess.run(base + ["--out", str(tmp_path / "cli")], capture_output=True, text=True)
     assert again.returncode == 2 and "already holds a run" in again.stderr
     bad = subprocess.run(base + ["--out", str(tmp_path / "x"), "--rounds", "0"], capture_output=True, text=True)

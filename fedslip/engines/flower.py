@@ -26,8 +26,9 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -262,7 +263,7 @@ def ray_temp_dir(target: Path) -> Iterator[str]:
 
 
 def simulate(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, resume: bool = False,
-             progress: bool = True) -> dict:
+             progress: bool = True, callbacks: Iterable[Callable[[dict], Any]] = ()) -> dict:
     """Run (or resume) the experiment on Flower's simulation runtime (Ray): ``num_clients`` virtual
     SuperNodes, ``client_cpus`` cores each; Ray's temp dir and FLWR_HOME inside ``out``."""
     from flwr.simulation import run_simulation
@@ -283,7 +284,8 @@ def simulate(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, re
     with _environment(flower_environment(run_path)), ray_temp_dir(run_path / ".ray") as ray_tmp:
         backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
                    "init_args": {"_temp_dir": ray_tmp, "num_cpus": max(os.cpu_count() or 1, cfg.client_cpus)}}
-        server_app = make_server_app(cfg, run_path, overwrite=overwrite, resume=resume, progress=progress)
+        server_app = make_server_app(cfg, run_path, overwrite=overwrite, resume=resume, progress=progress,
+                                     callbacks=callbacks)
         client_app = make_client_app(cfg, state_root=run_path / "clients")
         run_simulation(server_app, client_app, num_supernodes=cfg.num_clients, backend_config=backend)
     from ..storage import read_json

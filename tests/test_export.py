@@ -1,0 +1,208 @@
+"""A finished run, loaded with the libraries people know: the merged export in plain transformers, the peft
+export and the run's own adapters in plain peft, each giving ``predict``'s probabilities.
+
+Tolerance: atol 1e-5 on softmax probabilities (fp32 everywhere; the plain models pad a whole batch and the
+merged one adds LoRA into the weights, so the same math runs in another order).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftConfig, PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, pipeline
+
+import fedslip
+from fedslip.cli import build_parser, main
+from fedslip.inference import EXPORT_FORMATS, EXPORT_META, ExportError, RunModel, same_backbone, save_adapters
+from fedslip.model import TINY_BERT, load_tokenizer
+
+ATOL = 1e-5
+# the last text is longer than max_seq_len: an exported tokenizer must cut it where training did
+TEXTS = ["stocks profit market news", "team coach match", "war minister election today",
+         "software chip internet " * 40 + "team coach match"]
+
+
+def make_run(out: Path, data_dir: Path, backbone: str, **overrides) -> Path:
+    cfg = fedslip.make_config(dict(method="fedslip", backbone=backbone, data_dir=str(data_dir), num_clients=2,
+                                   samples_per_client=32, test_samples_per_client=16, global_test_samples=64,
+                                   batch_size=16, kstep=0, precision="fp32", private_warmup_rounds=0, max_seq_len=16,
+                                   **overrides))
+    fedslip.run(cfg, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The tiny architecture as a local model directory (a user's own backbone, like the packaged MiniLM:
+    the adapters name it, nothing else is saved)."""
+    folder = tmp_path_factory.mktemp("backbone")
+    tokenizer = load_tokenizer("tiny")
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(BertConfig(vocab_size=len(tokenizer), num_labels=4,
+                                                              **TINY_BERT)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_dir, tiny_dir):
+    """2 rounds of fedslip, no private head; ``save_adapters`` has written the adapters (returned). The private
+    track also adapts the dense layers (pooler included) and both learning rates are raised, so that it moves
+    the tiny model's probabilities by far more than the tolerance."""
+    out = make_run(tmp_path_factory.mktemp("runs") / "fedslip", data_dir, str(tiny_dir), rounds=2, lr=0.02,
+                   private_lr=0.02, private_targets=["query", "value", "dense"])
+    return out, fedslip.load_config(out / "config.toml"), save_adapters(out)
+
+
+@pytest.fixture(scope="module")
+def head_run(tmp_path_factory, data_dir):
+    """1 round of fedslip with a private classifier head, on the ``tiny`` backbone (random weights, no files)."""
+    return make_run(tmp_path_factory.mktemp("runs") / "head", data_dir, "tiny", rounds=1, private_head="classifier")
+
+
+def expected(run_dir: Path, client: int, use_private: bool) -> torch.Tensor:
+    return torch.tensor([p.probabilities for p in RunModel(run_dir, client, use_private).predict(TEXTS)])
+
+
+def probabilities(model, tokenizer) -> torch.Tensor:
+    """Softmax probabilities as a user computes them: the tokenizer's own truncation, one padded batch."""
+    with torch.inference_mode():
+        return model(**tokenizer(TEXTS, return_tensors="pt", padding=True, truncation=True)).logits.softmax(-1)
+
+
+def load_with_peft(base_model: str, num_labels: int, global_dir: Path, private_dir: Path | None):
+    """The documented recipe: plain base model, the global adapter, the private one, both active."""
+    base = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=num_labels)
+    model = PeftModel.from_pretrained(base, global_dir, adapter_name="global")
+    if private_dir is not None:
+        model.load_adapter(private_dir, adapter_name="private")
+        model.base_model.set_adapter(["global", "private"])
+    return model.eval()
+
+
+def test_the_private_track_changes_the_predictions(run):
+    """Otherwise every personalized comparison below would pass without the private adapter."""
+    out, *_ = run
+    assert (expected(out, 1, True) - expected(out, 1, False)).abs().max() > 1000 * ATOL
+
+
+@pytest.mark.parametrize("use_private", [True, False], ids=["personalized", "global"])
+def test_merged_export_gives_predicts_probabilities_in_plain_transformers(run, tmp_path, use_private):
+    out, cfg, _ = run
+    want = expected(out, 1, use_private)
+    export = RunModel(out, 1, use_private).export(tmp_path / "merged")  # merged is the default
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert tokenizer.model_max_length == cfg.max_seq_len
+    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    torch.testing.assert_close(probabilities(model, tokenizer), want, atol=ATOL, rtol=0)
+    classify = pipeline("text-classification", model=str(export), top_k=None, truncation=True, device="cpu")
+    scores = [{row["label"]: row["score"] for row in rows} for rows in classify(TEXTS)]
+    got = torch.tensor([[s[name] for name in cfg.class_names] for s in scores])
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("use_private", [True, False], ids=["personalized", "global"])
+def test_peft_export_gives_predicts_probabilities_in_plain_peft(run, tmp_path, use_private):
+    out, cfg, _ = run
+    want = expected(out, 1, use_private)
+    export = RunModel(out, 1, use_private).export(tmp_path / "peft", format="peft")
+    meta = json.loads((export / EXPORT_META).read_text())
+    assert meta["adapters"] == (["global", "private"] if use_private else ["global"])
+    assert meta["base_model"] == str(Path(cfg.backbone).resolve())
+    assert (export / "private").exists() == use_private and not (export / "base").exists()
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert tokenizer.model_max_length == cfg.max_seq_len
+    model = load_with_peft(meta["base_model"], meta["num_labels"], export / "global",
+                           export / "private" if use_private else None)
+    torch.testing.assert_close(probabilities(model, tokenizer), want, atol=ATOL, rtol=0)
+    # the README's snippet is the same recipe, runnable as written
+    snippet = re.search(r"```python\n(.*?)```", (export / "README.md").read_text(), re.S).group(1)
+    namespace: dict = {}
+    exec(snippet, namespace)
+    torch.testing.assert_close(probabilities(namespace["model"], namespace["tokenizer"]), want, atol=ATOL, rtol=0)
+
+
+def test_the_runs_own_adapters_reload_with_plain_peft(run):
+    out, cfg, written = run
+    files = ("adapter_config.json", "adapter_model.safetensors")
+    folders = [out / "adapter", *(out / "clients" / str(c) / "adapter" for c in range(cfg.num_clients))]
+    assert sorted(written) == sorted(folder / f for folder in folders for f in files)
+    assert {f.stat().st_mode for f in written} == {(out / "config.toml").stat().st_mode}, "a run's files share a mode"
+    base_model = PeftConfig.from_pretrained(out / "adapter").base_model_name_or_path
+    assert base_model == str(Path(cfg.backbone).resolve())
+    tokenizer = AutoTokenizer.from_pretrained(base_model, model_max_length=cfg.max_seq_len)
+    for client in range(cfg.num_clients):
+        model = load_with_peft(base_model, cfg.num_labels, out / "adapter", out / "clients" / str(client) / "adapter")
+        torch.testing.assert_close(probabilities(model, tokenizer), expected(out, client, True), atol=ATOL, rtol=0)
+    model = load_with_peft(base_model, cfg.num_labels, out / "adapter", None)
+    torch.testing.assert_close(probabilities(model, tokenizer), expected(out, 0, False), atol=ATOL, rtol=0)
+
+
+def test_a_private_head_is_refused_as_peft_adapters_and_nothing_is_written(head_run, tmp_path):
+    with pytest.raises(ExportError, match=r"private_head='classifier'.*use --format merged"):
+        RunModel(head_run, 0).export(tmp_path / "refused", format="peft")
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(ExportError, match="'onnx' is not one of merged, peft"):
+        RunModel(head_run, 0).export(tmp_path / "onnx", format="onnx")
+    assert not (tmp_path / "onnx").exists()
+    written = save_adapters(head_run)  # the global adapter only: no client's private track is a peft adapter
+    assert not any("clients" in f.parts for f in written) and (head_run / "adapter" / "adapter_config.json") in written
+    assert not list((head_run / "clients").rglob("adapter*"))
+
+
+def test_a_backbone_its_name_cannot_rebuild_is_saved_beside_the_adapters(head_run, tmp_path):
+    """``tiny`` has no files (seeded random weights): the export carries the backbone in ``base/``; its global
+    track has no private head, so it is a peft adapter."""
+    cfg = fedslip.load_config(head_run / "config.toml")
+    want = expected(head_run, 0, False)
+    export = RunModel(head_run, 0, use_private=False).export(tmp_path / "global", format="peft")
+    meta = json.loads((export / EXPORT_META).read_text())
+    assert meta["base_model"] == str((export / "base").resolve())
+    model = load_with_peft(meta["base_model"], cfg.num_labels, export / "global", None)
+    torch.testing.assert_close(probabilities(model, AutoTokenizer.from_pretrained(export)), want, atol=ATOL, rtol=0)
+
+
+def test_same_backbone_sees_weights_a_checkpoint_lacks(tiny_dir, tmp_path):
+    """A checkpoint without the pooler loads it at random: its name alone does not rebuild the backbone."""
+    def load(path):
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=4)
+
+    partial = tmp_path / "no-pooler"
+    partial.mkdir()
+    state = load_file(tiny_dir / "model.safetensors")
+    save_file({n: t for n, t in state.items() if ".pooler." not in n}, partial / "model.safetensors",
+              metadata={"format": "pt"})
+    shutil.copy(tiny_dir / "config.json", partial / "config.json")
+    assert same_backbone(load(tiny_dir), load(tiny_dir), ["classifier"])
+    assert not same_backbone(load(partial), load(tiny_dir), ["classifier"])
+
+
+def test_export_cli_writes_peft_adapters_and_refuses_bad_input(run, head_run, tmp_path, capsys):
+    out, *_ = run
+
+    def flags(run_dir: Path, target: Path, fmt: str) -> list[str]:
+        return ["export", "--run", str(run_dir), "--client", "1", "--out", str(target), "--format", fmt]
+
+    assert build_parser().parse_args(flags(out, tmp_path, "merged")[:-2]).format == "merged"  # the default
+    assert all(build_parser().parse_args(flags(out, tmp_path, f)).format == f for f in EXPORT_FORMATS)
+    good = subprocess.run([sys.executable, "-m", "fedslip.cli", *flags(out, tmp_path / "peft", "peft")],
+                          capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.strip() == str(tmp_path / "peft")
+    assert {p.name for p in (tmp_path / "peft").iterdir()} >= {"global", "private", EXPORT_META, "README.md",
+                                                              "tokenizer_config.json"}
+    with pytest.raises(SystemExit) as bad:
+        main(flags(out, tmp_path / "onnx", "onnx"))
+    assert bad.value.code == 2 and "invalid choice: 'onnx'" in capsys.readouterr().err
+    assert main(flags(head_run, tmp_path / "head", "peft")) == 2
+    assert capsys.readouterr().err.startswith("fedslip: error: --format peft cannot express")
+    assert not (tmp_path / "onnx").exists() and not (tmp_path / "head").exists()
