@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import tomllib  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 KEYS = (("global_accuracy", "global"), ("personalized_accuracy", "personalized (zero-shot)"),
         ("kstep_accuracy", "after K-step"))
@@ -82,6 +83,9 @@ def main(root: Path, fp32_root: Path) -> None:
             ax.annotate(r["setting"], (r["mib_per_round"], r[key]), fontsize=6, xytext=(3, 2),
                         textcoords="offset points")
         ax.set_xscale("log")
+        ticks = [0.125, 0.25, 0.5, 1, 2]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("MiB per round (upload + download, log)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
