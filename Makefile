@@ -40,9 +40,9 @@ compare: setup
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# for development: the tiny-backbone tests only (no MiniLM integration, no Flower processes)
+# for development: the tiny-backbone tests only (-m 'not slow': no MiniLM, notebooks or Flower processes)
 test-fast: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration and not flower"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check fedslip tests

@@ -56,3 +56,11 @@ def real_data_dir() -> Path | None:
     candidates = [Path(env)] if env else []
     candidates.append(REPO.parent / "shared" / "data" / "ag_news")
     return next((p for p in candidates if (p / "train.csv.gz").is_file() or (p / "train.csv").is_file()), None)
+
+
+def pytest_collection_modifyitems(items):
+    """``slow`` = what needs the real backbone, notebooks or Flower processes: ``make test-fast`` leaves
+    these out, ``make test`` (CI) runs everything."""
+    for item in items:
+        if item.get_closest_marker("integration") or item.get_closest_marker("flower"):
+            item.add_marker(pytest.mark.slow)
