@@ -1,8 +1,7 @@
 """Tables and inline plots for the example notebooks, read from run directories.
 
-Per round from ``metrics.jsonl``, final values from ``summary.json`` (README, "What a run writes"); nothing
-here trains or changes a run. Unlike ``fedslip.report`` it leaves matplotlib's backend alone, so the
-figures show inline.
+Per round from ``metrics.jsonl``, final values from ``summary.json`` (docs/run-directory.md); nothing
+here trains or changes a run. Each method has the colour it has in every ``fedslip report`` figure.
 """
 
 from __future__ import annotations
@@ -13,6 +12,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+
+from fedslip.report import method_color
 
 # summary.json key -> column name, in the order of the README's results table
 FINAL_COLUMNS = {
@@ -68,7 +69,7 @@ def plot_runs(runs: dict[str, str | Path]) -> None:
     floors = []
     for i, (name, run_dir) in enumerate(runs.items()):
         rounds, summary = load_rounds(run_dir), load_summary(run_dir)
-        color = f"C{i}"
+        color = method_color(summary["method"])
         curves.plot(rounds["round"], 100 * rounds["global_accuracy"], "o-", color=color, label=f"{name}: global")
         curves.plot(rounds["round"], 100 * rounds["personalized_accuracy"], "s--", color=color,
                     label=f"{name}: personalized")

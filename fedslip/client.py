@@ -334,9 +334,9 @@ class Client:
         which say nothing about it). A compressed download is a change to the global track this client
         holds (its ``reference``); the sum is its new reference. Receiving the same download again (a
         retry, or evaluation then training on one round's global track) gives the same tensors."""
-        _, meta = comm.read(payload)
+        tensors, meta = comm.read(payload)
         if "codec" not in meta:
-            return comm.decode(payload), None
+            return tensors, None
         layout = self.model.global_shapes()
         change, base, round_idx = codecs.unpack(payload, self.download, layout)
         held = self.store.load_round("reference", round_idx, layout)

@@ -195,21 +195,23 @@ class RunDir:
             value = meta.get(key)
             if not isinstance(value, kind) or isinstance(value, bool) or (key == "round" and value < 0):
                 raise StateFileError(f"{state_path}: {key!r} is {value!r}, not a valid {key}")
-        if not all(isinstance(row, dict) for row in meta["history"]) or Path(meta["global"]).name != meta["global"]:
-            raise StateFileError(f"{state_path}: 'history' must list round rows and 'global' name a file there")
-        tensors = load_tensors(self.path / "checkpoint" / meta["global"])
-        wire = {}
-        for key in ("reference", "download"):
-            if key in meta:
-                if not isinstance(meta[key], str) or Path(meta[key]).name != meta[key]:
-                    raise StateFileError(f"{state_path}: {key!r} must name a file in {state_path.parent}")
-                wire[key] = self.path / "checkpoint" / meta[key]
-        reference = load_tensors(wire["reference"]) if "reference" in wire else None
+        if not all(isinstance(row, dict) for row in meta["history"]):
+            raise StateFileError(f"{state_path}: 'history' must list round rows")
+
+        def named_file(key: str) -> Path:
+            """A file state.json names: a plain name in the checkpoint folder, never a path elsewhere."""
+            if not isinstance(meta[key], str) or Path(meta[key]).name != meta[key]:
+                raise StateFileError(f"{state_path}: {key!r} must name a file there")
+            return state_path.parent / meta[key]
+
+        tensors = load_tensors(named_file("global"))
+        # a lossy download codec: the clients' reference and the download they were last sent
+        reference = load_tensors(named_file("reference")) if "reference" in meta else None
         download = None
-        if "download" in wire:
-            if not wire["download"].is_file():
-                raise StateFileError(f"{wire['download']} does not exist")
-            download = wire["download"].read_bytes()
+        if "download" in meta:
+            if not named_file("download").is_file():
+                raise StateFileError(f"{named_file('download')} does not exist")
+            download = named_file("download").read_bytes()
         return Checkpoint(round=meta["round"], global_state=tensors, history=meta["history"],
                           elapsed=float(meta["elapsed"]), config=meta.get("config"), reference=reference,
                           download=download)

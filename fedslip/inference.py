@@ -34,7 +34,7 @@ from .config import ExperimentConfig, load_config
 from .data import Encoded, eval_batches
 from .experiment import ADAPTER_DIR, BASE_DIR, RunDir
 from .model import GLOBAL, PRIVATE, TrackedModel, load_backbone, load_tokenizer, resolve_backbone
-from .storage import StateFileError, load_tensors, umask, write_json
+from .storage import StateFileError, load_tensors, set_plain_mode, write_json
 
 EXPORT_FORMATS = ("merged", "peft")
 EXPORT_META = "fedslip_export.json"
@@ -60,14 +60,6 @@ def check_export_target(out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; export needs a new or empty directory")
     return out
-
-
-def plain_mode(files: Sequence[Path]) -> list[Path]:
-    """Give ``files`` the mode a plain ``open()`` gives (0644 under the usual umask), like every other file of a
-    run: safetensors writes 0600."""
-    for file in files:
-        os.chmod(file, 0o666 & ~umask())
-    return list(files)
 
 
 def same_backbone(a: torch.nn.Module, b: torch.nn.Module, heads: Sequence[str]) -> bool:
@@ -137,7 +129,7 @@ class RunModel:
         else:
             self._export_peft(out)
         self.tokenizer.save_pretrained(out)
-        plain_mode([f for f in out.rglob("*") if f.is_file()])
+        set_plain_mode([f for f in out.rglob("*") if f.is_file()])
         return out
 
     def check_peft_format(self) -> None:
@@ -237,4 +229,4 @@ def save_adapters(run_dir: str | Path) -> list[Path]:
             if private is not None:
                 run_model.model.load_private_state(private)
                 written += run_model._save_adapter(PRIVATE, run.client_dir(cid) / ADAPTER_DIR, base_model)
-    return plain_mode(written)
+    return set_plain_mode(written)

@@ -22,11 +22,18 @@ class StateFileError(ValueError):
     """A state or checkpoint file is missing, truncated or corrupt; the message names the file."""
 
 
-def umask() -> int:
-    """The process's umask (read without changing it)."""
+def plain_file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file (0644 under the usual umask; read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
+
+
+def set_plain_mode(files: list[Path]) -> list[Path]:
+    """Give files that a library wrote (safetensors writes 0600) the mode of every other file of a run."""
+    for file in files:
+        os.chmod(file, plain_file_mode())
+    return list(files)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -37,7 +44,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~umask())
+        os.fchmod(fd, plain_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

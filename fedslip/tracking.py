@@ -43,9 +43,7 @@ def scalars(row: dict) -> dict[str, float]:
     dicts keyed by client id likewise; None, strings and nested structures are left out."""
     out: dict[str, float] = {}
     for key, value in row.items():
-        if isinstance(value, bool):
-            out[key] = float(value)
-        elif isinstance(value, int | float):
+        if isinstance(value, int | float):  # bools too (1.0 / 0.0)
             out[key] = float(value)
         elif isinstance(value, list) and key.endswith("per_client"):
             out.update({f"{key}/client{i}": float(v) for i, v in enumerate(value) if isinstance(v, int | float)})

@@ -149,7 +149,7 @@ def test_resume_refuses_an_edited_experiment_and_accepts_engine_keys(uninterrupt
     ({"history": 42}, "'history' is 42"),
     ({"round": "abc"}, "'round' is 'abc'"),
     ({"elapsed": None}, "'elapsed' is None"),
-    ({"global": "../../global.safetensors"}, "'global' name a file there"),
+    ({"global": "../../global.safetensors"}, "'global' must name a file there"),
     ({"history": [1, 2]}, "'history' must list round rows"),
 ])
 def test_a_tampered_checkpoint_state_is_one_error_naming_the_field(uninterrupted, tmp_path, edit, needle):
