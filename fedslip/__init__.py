@@ -13,13 +13,18 @@ from .config import ConfigError, ExperimentConfig, load_config, make_config  # n
 
 
 def __getattr__(name: str):
-    """``run``, ``resume`` and ``kstep`` load torch, transformers, peft and flwr: imported on first use,
-    so that ``fedslip --help`` and config work stay fast."""
+    """``run``, ``resume``, ``kstep`` and ``tune`` load torch, transformers, peft and flwr (``tune`` also
+    optuna): imported on first use, so that ``fedslip --help`` and config work stay fast."""
     if name in ("run", "resume", "kstep"):
         from . import api
 
         return getattr(api, name)
+    if name == "tune":
+        from .tune import tune
+
+        return tune
     raise AttributeError(f"module 'fedslip' has no attribute {name!r}")
 
 
-__all__ = ["ConfigError", "ExperimentConfig", "make_config", "load_config", "kstep", "resume", "run", "__version__"]
+__all__ = ["ConfigError", "ExperimentConfig", "make_config", "load_config", "kstep", "resume", "run", "tune",
+           "__version__"]

@@ -28,7 +28,7 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import DataCollatorWithPadding
 
-from . import api, comm
+from . import api, comm, rounds
 from . import client as client_mod
 from .config import ExperimentConfig, make_config
 from .engines.embedded import EmbeddedEngine, ParallelEngine
@@ -155,13 +155,13 @@ def bench(out: str | Path, backbone: str = "minilm", steps: int = 20, data_dir: 
                     compute["seconds"] += time.perf_counter() - t0
             return wrapped
 
-        originals = (client_mod.train_local, client_mod.evaluate, api.evaluate)
+        originals = (client_mod.train_local, client_mod.evaluate, rounds.evaluate)
         client_mod.train_local, client_mod.evaluate = timing(originals[0]), timing(originals[1])
-        api.evaluate = client_mod.evaluate
+        rounds.evaluate = client_mod.evaluate
         try:
             summary = api.run(cfg, Path(tmp) / "round", progress=False)
         finally:
-            client_mod.train_local, client_mod.evaluate, api.evaluate = originals
+            client_mod.train_local, client_mod.evaluate, rounds.evaluate = originals
         round_seconds = json.loads((Path(tmp) / "round" / "metrics.jsonl").read_text().splitlines()[0])["seconds"]
         results["round"] = {"seconds": round_seconds, "compute_seconds": compute["seconds"],
                             "overhead_share": max(0.0, 1 - compute["seconds"] / round_seconds)}

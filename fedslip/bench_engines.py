@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import api
 from .config import make_config
-from .deploy import LocalDeployment, flower_run_config
+from .launch.deployment import LocalDeployment, flower_run_config
 from .storage import write_json
 
 

@@ -4,6 +4,7 @@
     fedslip predict --run runs/x --client 0 "some text" ...
     fedslip export --run runs/x --client 0 --out exported/ [--format peft]
     fedslip kstep --run runs/x --steps 100 --lr 1e-3   # K-step again on a finished run
+    fedslip tune --config cfg.toml --method fedslip --trials 12 --out runs/tune   # Optuna, validation rows
     fedslip bench-engines --out DIR   # per-round time on embedded / Flower simulation / deployment
     fedslip deploy-local --workdir runs/deploy [config flags]   # SuperLink + SuperNodes on 127.0.0.1
     fedslip config-reference          # the config table of docs/configuration.md
@@ -134,6 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--node-auth", action="store_true", help="SuperNode authentication (needs --tls): "
                         "a key pair per SuperNode, registered with the SuperLink")
     add_config_flags(deploy)
+    tune = sub.add_parser("tune", help="hyperparameter search on validation rows with Optuna (resumable: the same "
+                          "command continues the study); writes OUT/best.toml, study.csv, report.md, plots")
+    tune.add_argument("--config", type=str, default=None, help="TOML file with config keys and an optional [tune] "
+                      "table (maximize, trials, search, space, pruner_startup_trials, pruner_warmup_rounds)")
+    tune.add_argument("--out", required=True, help="study directory (new, or a study to continue)")
+    tune.add_argument("--trials", type=int, default=None, help="finished trials the study should hold (default: "
+                      "[tune] trials, else 12)")
+    tune.add_argument("--maximize", default=None, help="personalized | global | kstep | worst_client, or a weighted "
+                      "mix like personalized=0.5,global=0.5 (default: personalized)")
+    tune.add_argument("--search", default=None, metavar="KEY,KEY,...", help="config keys to search (default: the "
+                      "method's learning rates); ranges from fedslip.tune.KNOWN_RANGES or [tune.space]")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars or log")
+    add_config_flags(tune)
     sub.add_parser("config-reference", help="print the config reference table (markdown)")
     return parser
 
@@ -173,8 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flwr.common.logger import update_console_handler
 
         update_console_handler(colored=False)
-    from .deploy import DeploymentError
+    from .health import HealthError
     from .inference import RunModel, check_export_target
+    from .launch.deployment import DeploymentError
     from .server import RoundFailed
 
     try:
@@ -216,6 +231,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(engines_table(bench_engines(args.out, backbone=args.backbone, rounds=args.rounds,
                                               data_dir=args.data_dir)))
             return 0
+        if args.command == "tune":
+            from .tune import tune as run_study
+
+            search = [k.strip() for k in args.search.split(",") if k.strip()] if args.search else None
+            result = run_study(args.out, args.trials, args.config, config_overrides(args), maximize=args.maximize,
+                               search=search, progress=not args.quiet, command=_command(argv))
+            print(f"{args.out}/report.md")
+            print(json.dumps(result, indent=2))
+            return 0
         if args.command == "kstep":
             print(json.dumps(api.kstep(args.run, args.steps, args.lr), indent=2))
             return 0
@@ -229,8 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{out}/report.md")
             return 0
         if args.command == "deploy-local":
-            from .deploy import run_local
             from .experiment import RunDir, RunDirError
+            from .launch.deployment import run_local
 
             if RunDir(Path(args.workdir) / "run").holds_run():
                 raise RunDirError(f"{Path(args.workdir) / 'run'} already holds a run; choose another --workdir")
@@ -252,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, RoundFailed, DeploymentError, FileExistsError, FileNotFoundError) as e:
         print(f"fedslip: error: {e}", file=sys.stderr)
         return 2
+    except HealthError as e:
+        print(f"fedslip: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         out = getattr(args, "resume", None) or getattr(args, "out", None)
         hint = f"; continue with `fedslip run --resume {out}`" if args.command == "run" and out else ""

@@ -23,6 +23,11 @@ private head where ``private_head`` is set):
   track as received, the one the private track will be combined with), then the global phase (L_g
   alone); ``interleaved`` takes both losses on the same batches (``step_schedule``).
 
+* partial sharing (fedper, fedrep, fedbabu, fedsa_lora): one track g = (s, l), shared parts s and
+  local parts l (``local_params``: the head, or the LoRA B matrices) that never leave the client::
+
+      L = CE(f(x; s, l), y)     -> updates s and l (joint) | l, then s (first) | s only (frozen)
+
 Each loss names the tensors it trains (``backward(inputs=...)``), so the gradient a tensor receives
 depends only on the losses of this step, never on what an earlier call left behind: FedProx adds
 exactly mu * (g_t - g_t^round) to every global tensor's gradient, and nothing to private ones.
@@ -39,6 +44,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -48,9 +54,9 @@ from tqdm import tqdm  # the text bar: tqdm.auto wants ipywidgets in a notebook 
 from . import codecs, comm, masking
 from .config import ExperimentConfig
 from .data import Encoded, eval_batches, train_batches
-from .engines import GLOBAL_TEST_VIEW, View
 from .model import GLOBAL, PRIVATE, TrackedModel, shape_mismatch
 from .storage import StateFileError, load_tensors_and_metadata, read_metadata, save_tensors
+from .views import GLOBAL_TEST_VIEW, View
 
 
 def proximal_term(params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor],
@@ -87,14 +93,17 @@ class TrainResult:
 
 def backward_step(model: TrackedModel, batch: dict[str, torch.Tensor], cfg: ExperimentConfig,
                   train_private: bool, prox_reference: dict | None, mu: float,
-                  train_global: bool = True) -> tuple[float | None, float | None]:
+                  train_global: bool = True, train_local_parts: bool = False) -> tuple[float | None, float | None]:
     """Compute the configured objective on one batch and accumulate its gradients (module docstring).
 
     Returns (CE that trains the global track or None, CE that trains the private track or None).
     ``train_global=False`` (the separated objective's private phase) takes the private loss alone.
+    ``train_local_parts``: the global adapter's local parts (partial sharing) learn from the same
+    global-only loss; FedProx never covers them (they are not averaged).
     """
     labels = batch["labels"].to(model.device)
-    g_params = list(model.global_params.values())
+    g_params = ((list(model.global_params.values()) if train_global else [])
+                + (list(model.local_params.values()) if train_local_parts else []))
     p_params = list(model.private_params.values()) if train_private else []
     prox = proximal_term(model.global_params, prox_reference, mu) if mu and train_global else 0.0
     if cfg.objective == "joint":
@@ -102,7 +111,7 @@ def backward_step(model: TrackedModel, batch: dict[str, torch.Tensor], cfg: Expe
         (ce + prox).backward(inputs=g_params + p_params)
         return ce.item(), None
     ce = None
-    if train_global:  # global_only and separated: the global track learns from global-only logits
+    if g_params:  # global_only and separated: the global track learns from global-only logits
         ce = F.cross_entropy(model.logits(batch, (GLOBAL,)), labels)
         (ce + prox).backward(inputs=g_params)
     global_loss = ce.item() if ce is not None else None
@@ -114,28 +123,46 @@ def backward_step(model: TrackedModel, batch: dict[str, torch.Tensor], cfg: Expe
     return global_loss, ce_p.item()
 
 
-def step_schedule(cfg: ExperimentConfig, steps: int, train_private: bool) -> list[tuple[bool, bool]]:
-    """(train the global track, train the private track) for each local batch of a round.
+class Step(NamedTuple):
+    """Which tensors one local batch trains."""
+
+    shared: bool  # the global track (what travels)
+    private: bool  # the private track
+    local: bool = False  # the global adapter's local parts (partial sharing)
+
+
+def step_schedule(cfg: ExperimentConfig, steps: int, train_private: bool, kstep: bool = False) -> list[Step]:
+    """What each local batch of a round (or of K-step) trains.
 
     ``interleaved``: every batch trains the global track, every ``private_every``-th also the private
     one. ``first``: a private phase of ``private_local_steps`` batches (0 = ceil(steps / private_every))
     against the global track as received this round (sg[g_round]), then ``steps`` global-only batches.
+    Local parts (``local_params``) train with the global track (``local_phase = "joint"``: FedPer,
+    FedSA-LoRA), in a phase of their own first (``"first"``: FedRep's head phase, body frozen, then the
+    body with the head frozen), or not at all during federation (``"frozen"``: FedBABU, whose K-step
+    then trains the head alone).
     """
+    local = bool(cfg.local_params)
+    if local and cfg.local_phase == "frozen":
+        return [Step(False, False, True)] * steps if kstep else [Step(True, False, False)] * steps
+    if local and cfg.local_phase == "first" and not kstep:
+        return [Step(False, False, True)] * (cfg.local_first_steps or steps) + [Step(True, False, False)] * steps
     if train_private and cfg.private_phase == "first":
         private_steps = cfg.private_local_steps or -(-steps // cfg.private_every)
-        return [(False, True)] * private_steps + [(True, False)] * steps
-    return [(True, train_private and i % cfg.private_every == 0) for i in range(steps)]
+        return [Step(False, True)] * private_steps + [Step(True, False)] * steps
+    return [Step(True, train_private and i % cfg.private_every == 0, local) for i in range(steps)]
 
 
 def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentConfig, steps: int,
                 train_private: bool, mask: masking.Mask | None, prox_reference: dict | None,
-                seed: int, desc: str = "local", lr: float | None = None) -> TrainResult:
+                seed: int, desc: str = "local", lr: float | None = None, kstep: bool = False) -> TrainResult:
     """Run the round's local optimizer steps (``step_schedule``) of the configured objective, each track
-    with its own AdamW (the global track's at ``lr``, default ``cfg.lr``)."""
+    with its own AdamW (the global track's, with its local parts, at ``lr``, default ``cfg.lr``)."""
     torch.manual_seed(seed)  # dropout
     generator = torch.Generator().manual_seed(seed)
     g_params, p_params = model.global_params, model.private_params
-    opt_g = torch.optim.AdamW(g_params.values(), lr=lr or cfg.lr, weight_decay=cfg.weight_decay)
+    opt_g = torch.optim.AdamW([*g_params.values(), *model.local_params.values()], lr=lr or cfg.lr,
+                              weight_decay=cfg.weight_decay)
     opt_p = (torch.optim.AdamW(p_params.values(), lr=cfg.private_lr, weight_decay=cfg.weight_decay)
              if train_private else None)
     mu = cfg.fedprox_mu if prox_reference is not None else 0.0
@@ -143,19 +170,19 @@ def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentCo
         prox_reference = {n: t.to(model.device) for n, t in prox_reference.items()}
     losses, private_losses = [], []
     model.model.train()
-    schedule = step_schedule(cfg, steps, train_private)
+    schedule = step_schedule(cfg, steps, train_private, kstep)
     batches = train_batches(tokenizer, data, cfg.batch_size, generator, len(schedule), cfg.group_by_length)
-    for (global_now, private_now), batch in zip(schedule, tqdm(batches, total=len(schedule), desc=desc,
-                                                                leave=False, disable=None)):
+    for (global_now, private_now, local_now), batch in zip(schedule, tqdm(batches, total=len(schedule), desc=desc,
+                                                                           leave=False, disable=None)):
         opt_g.zero_grad(set_to_none=True)
         if opt_p:
             opt_p.zero_grad(set_to_none=True)
-        loss, private_loss = backward_step(model, batch, cfg, private_now, prox_reference, mu, global_now)
+        loss, private_loss = backward_step(model, batch, cfg, private_now, prox_reference, mu, global_now, local_now)
         if loss is not None:
             losses.append(loss)
         if private_loss is not None:
             private_losses.append(private_loss)
-        if global_now:
+        if global_now or local_now:
             opt_g.step()
         if private_now:
             if mask is not None:
@@ -296,7 +323,7 @@ class Client:
     def _load_private(self, before_round: float) -> masking.Mask | None:
         """Load this client's private track as of the end of the last round < ``before_round`` into the
         shared model (initializing it on first use). Returns its mask (None without one)."""
-        if not self.model.has_private:
+        if not self.model.has_client_state:
             return None
         weights = self.store.load("private", before_round, self.model.private_shapes())
         if weights is None:
@@ -382,8 +409,10 @@ class Client:
                              desc=f"round {round_idx} client {self.cid}")
         metrics = {"train_loss": result.loss, "private_train_loss": result.private_loss,
                    "steps": result.steps, "private_trained": trains_private}
-        if self.model.has_private:
-            metrics["private_sparsity"] = self._end_of_round_private(round_idx, mask, trains_private)
+        if self.model.has_client_state:
+            sparsity = self._end_of_round_private(round_idx, mask, trains_private)
+            if self.model.has_private:
+                metrics["private_sparsity"] = sparsity
         base = round_idx - 1 if received_round is None else received_round
         payload = self.reply_payload(global_state, base, round_idx)
         return FitReply(payload, len(self.train), metrics, wire_bytes=len(payload))
@@ -415,6 +444,6 @@ class Client:
         train_local(self.model, self.tokenizer, self.train, self.cfg, steps,
                     private_trains(self.cfg, self.cfg.rounds), mask, None,
                     run_seed(self.cfg.seed, self.cfg.rounds + 1, self.cid), desc=f"k-step client {self.cid}",
-                    lr=self.cfg.kstep_lr or self.cfg.lr)
+                    lr=self.cfg.kstep_lr or self.cfg.lr, kstep=True)
         return evaluate(self.model, self.tokenizer, self.test, self.model.inference_tracks(),
                         self.cfg.eval_batch_size, self.cfg.num_labels)

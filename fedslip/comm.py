@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from .model import PRIVATE
+from .model import PRIVATE, local_part
 
 
 class PayloadError(ValueError):
@@ -49,7 +50,8 @@ def header_bytes(payload: bytes) -> int:
     return 8 + struct.unpack("<Q", payload[:8])[0]
 
 
-def private_bytes(payload: bytes) -> int:
-    """Bytes of private-track tensors inside a payload (must stay 0 for every FedSLIP message)."""
+def private_bytes(payload: bytes, local_params: Sequence[str] = ()) -> int:
+    """Bytes of private-track tensors, and of the global adapter's ``local_params`` parts (partial
+    sharing), inside a payload: must stay 0 for every message."""
     return sum(t.numel() * t.element_size() for name, t in decode(payload).items()
-               if f".{PRIVATE}." in name)
+               if f".{PRIVATE}." in name or local_part(name, local_params))

@@ -20,7 +20,7 @@ from typing import Any
 import tomli_w
 import tomllib
 
-METHODS = ("fedavg_lora", "dual_naive", "fedslip", "centralized")
+METHODS = ("fedavg_lora", "dual_naive", "fedslip", "centralized", "fedper", "fedrep", "fedbabu", "fedsa_lora")
 PARTITIONS = ("dominant", "dirichlet", "iid")
 HEADS = ("shared", "shared_full")
 PRIVATE_HEADS = ("none", "bias", "classifier")
@@ -28,6 +28,8 @@ PRIVATE_PHASES = ("interleaved", "first")
 OBJECTIVES = ("global_only", "joint", "separated")
 PRECISIONS = ("auto", "bf16", "fp32")
 PRUNE_SCOPES = ("matrix", "global")
+LOCAL_PARTS = ("head", "lora_A", "lora_B")
+LOCAL_PHASES = ("joint", "first", "frozen")
 EVAL_SPLITS = ("test", "val")
 ENGINES = ("embedded", "flower-sim")
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
@@ -37,8 +39,9 @@ TRACKERS = ("csv", "tensorboard", "mlflow", "wandb")
 # the allowed values of every string field with a fixed set of them (validation and the CLI's choices)
 CHOICES = {"method": METHODS, "engine": ENGINES, "partition": PARTITIONS, "head": HEADS, "objective": OBJECTIVES,
            "precision": PRECISIONS, "private_prune_scope": PRUNE_SCOPES, "eval_split": EVAL_SPLITS,
-           "aggregation": AGGREGATIONS, "private_head": PRIVATE_HEADS, "private_phase": PRIVATE_PHASES,
-           "upload_codec": CODECS, "download_codec": CODECS, "quant_granularity": GRANULARITIES}
+           "local_phase": LOCAL_PHASES, "aggregation": AGGREGATIONS, "private_head": PRIVATE_HEADS,
+           "private_phase": PRIVATE_PHASES, "upload_codec": CODECS, "download_codec": CODECS,
+           "quant_granularity": GRANULARITIES}
 AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
 
 
@@ -69,6 +72,9 @@ class ExperimentConfig:
     seed: int = _f(0, "Seed for partitions, initialization, client sampling and batch order.")
     report_to: list[str] = _f([], f"Experiment trackers fed with every round's metrics: any of {', '.join(TRACKERS)} "
                               "(docs/usage.md, Experiment tracking; tensorboard/mlflow/wandb are optional extras).")
+    strict_health: bool = _f(False, "Stop the run (after the round's checkpoint; CLI exit code 3) when a round shows a "
+                             "health symptom: global accuracy at chance, personalized at the clients' majority floor, "
+                             "a NaN or rising loss, a client far behind (docs/usage.md, Run health).")
     # --- data -------------------------------------------------------------------------------
     data_dir: str = _f("", "Directory with train/test CSV(.gz) files. Empty: env FEDSLIP_DATA_DIR, else the "
                        "hub dataset `fancyzhx/ag_news`.")
@@ -155,6 +161,16 @@ class ExperimentConfig:
                               "update to the next one (a residual kept in its state directory, never sent).")
     # --- method (set by presets) ----------------------------------------------------------
     private_track: bool = _f(FROM_PRESET, "Give every client a private LoRA track that never leaves it.")
+    local_params: list[str] = _f(FROM_PRESET, "Parts of the global adapter each client keeps and never sends "
+                                 "(personalization by partial sharing): any of `head` (the classifier modules "
+                                 "the global adapter trains), `lora_A`, `lora_B`. Kept in the client's state "
+                                 "directory; the server's model holds their initial values.")
+    local_phase: str = _f(FROM_PRESET, "How the local_params train: `joint` (with the shared parts, every batch: "
+                          "FedPer, FedSA-LoRA), `first` (each round a phase of local_first_steps batches with "
+                          "the shared parts frozen, then the shared parts with the local ones frozen: FedRep), "
+                          "`frozen` (never during federation; K-step fine-tunes them alone: FedBABU).")
+    local_first_steps: int = _f(0, "local_phase=first: batches of each round's local phase; 0 = as many as the "
+                                "shared phase.")
     objective: str = _f(FROM_PRESET, "`global_only` (FedAvg), `joint` (one loss on the combined logits "
                         "trains both tracks), `separated` (global loss on global-only logits; private loss on "
                         "combined logits).")
@@ -239,7 +255,8 @@ class ExperimentConfig:
         non_negative("local_steps", "local_epochs", "kstep", "weight_decay", "fedprox_mu",
                      "val_samples_per_client", "global_test_samples", "private_warmup_rounds",
                      "private_freeze_round", "lora_dropout", "private_prune_start_round", "private_local_steps",
-                     "max_update_norm", "max_payload_bytes", "reply_timeout", "rejoin_timeout", "kstep_lr")
+                     "max_update_norm", "max_payload_bytes", "reply_timeout", "rejoin_timeout", "kstep_lr",
+                     "local_first_steps")
         positive("min_fit_clients", "parallel_clients", "client_cpus", "private_every")
         if self.min_fit_clients > self.num_clients:
             raise ConfigError(f"min_fit_clients={self.min_fit_clients} exceeds num_clients={self.num_clients}")
@@ -285,6 +302,18 @@ class ExperimentConfig:
         if self.private_local_steps and self.private_phase != "first":
             raise ConfigError("private_local_steps needs private_phase='first' (the interleaved schedule takes the "
                               "private loss on the global track's batches)")
+        unknown_parts = [p for p in self.local_params if p not in LOCAL_PARTS]
+        if unknown_parts:
+            raise ConfigError(f"local_params: {', '.join(map(repr, unknown_parts))} not among {', '.join(LOCAL_PARTS)}")
+        if set(self.local_params) >= {"lora_A", "lora_B", "head"}:
+            raise ConfigError("local_params keeps the whole global adapter local: nothing would be shared")
+        if self.local_params and (self.private_track or self.method == "centralized"):
+            raise ConfigError("local_params (partial sharing) works with one track: private_track=false, not "
+                              "method='centralized'")
+        if self.local_phase != "joint" and not self.local_params:
+            raise ConfigError(f"local_phase={self.local_phase!r} needs local_params")
+        if self.local_first_steps and self.local_phase != "first":
+            raise ConfigError("local_first_steps needs local_phase='first'")
         if not self.private_track and self.private_head != "none":
             raise ConfigError(f"private_head={self.private_head!r} needs private_track=true")
 
@@ -316,7 +345,7 @@ class ExperimentConfig:
 PRESET_BASE: dict[str, Any] = dict(
     private_track=False, objective="global_only", detach=True, fedprox_mu=0.0, head="shared",
     private_warmup_rounds=0, private_freeze_round=0, private_target_sparsity=0.0, private_prune_rate=0.2,
-    private_rewind_round=-1, private_phase="interleaved")
+    private_rewind_round=-1, private_phase="interleaved", local_params=[], local_phase="joint")
 PRESET_KEYS = tuple(PRESET_BASE)
 
 # Presets fill the method fields; anything the user sets explicitly wins.
@@ -338,12 +367,27 @@ PRESETS: dict[str, dict[str, Any]] = {
                     head="shared", private_warmup_rounds=1, private_freeze_round=0,
                     private_target_sparsity=0.5, private_prune_rate=0.2, private_rewind_round=-1,
                     private_phase="first"),
+    # Partial sharing: one global adapter, some of whose parts never leave the client.
+    # FedPer (Arivazhagan et al., 2019, "Federated Learning with Personalization Layers"): shared LoRA
+    # body, private classifier head, trained together.
+    "fedper": dict(local_params=["head"], local_phase="joint"),
+    # FedRep (Collins et al., ICML 2021, "Exploiting Shared Representations for Personalized Federated
+    # Learning"): each round the private head first (body frozen), then the shared body (head frozen).
+    "fedrep": dict(local_params=["head"], local_phase="first"),
+    # FedBABU (Oh et al., ICLR 2022, "FedBABU: Toward Enhanced Representation for Federated Image
+    # Classification"): the head stays at its (shared) initialization during federation; only the body
+    # trains and travels; K-step fine-tunes the head.
+    "fedbabu": dict(local_params=["head"], local_phase="frozen"),
+    # FedSA-LoRA (Guo et al., ICLR 2025, "Selective Aggregation for Low-Rank Adaptation in Federated
+    # Learning"): LoRA A matrices shared and averaged, B matrices kept by each client.
+    "fedsa_lora": dict(local_params=["lora_B"], local_phase="joint"),
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
 # Where and how fast a run executes, not what it computes: these may change when a run is resumed.
 RUN_ONLY_KEYS = frozenset({"engine", "data_dir", "eval_batch_size", "parallel_clients", "client_cpus",
-                           "reply_timeout", "rejoin_timeout", "max_payload_bytes", "report_to"})
+                           "reply_timeout", "rejoin_timeout", "max_payload_bytes", "report_to",
+                           "strict_health"})
 FLOAT_FIELDS = tuple(n for n, f in FIELDS.items() if f.type in ("float", float))
 
 
@@ -406,6 +450,7 @@ def make_config(overrides: dict[str, Any] | None = None, toml_path: Path | None 
             raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    user.pop("tune", None)  # the [tune] table: the study settings of `fedslip tune` (fedslip.tune), not a config key
     user.update(overrides or {})
     user.update(keys)
     unknown = sorted(set(user) - set(FIELDS))

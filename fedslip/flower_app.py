@@ -2,7 +2,7 @@
 ``[tool.flwr.app.components]`` name, so ``flwr run .`` runs the same experiment as ``fedslip run``.
 
 - ``server_app`` builds the config from the run config (``[tool.flwr.app.config]``: the keys of
-  ``ExperimentConfig``, plus ``out`` / ``overwrite`` / ``resume``) and runs ``fedslip.api``'s round loop
+  ``ExperimentConfig``, plus ``out`` / ``overwrite`` / ``resume``) and runs ``fedslip.rounds``' round loop
   with a ``FlowerEngine`` on the grid it is given; each round's valid replies are aggregated by a Flower
   strategy (``fedslip.server.make_strategy``: FedAvg, FedMedian or FedTrimmedAvg).
 - ``client_app`` answers ``train`` / ``evaluate`` / ``query`` messages by calling ``fedslip.client.Client``
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from . import api
+from . import rounds
 from .client import Client
 from .config import FIELDS, PRESET_KEYS, ConfigError, ExperimentConfig, make_config
 from .engines.flower import (
@@ -41,7 +41,7 @@ from .engines.flower import (
     result_record,
 )
 from .experiment import Setup, prepare
-from .model import PRIVATE
+from .model import PRIVATE, local_part
 from .tracking import Callback
 
 log = logging.getLogger("fedslip")
@@ -96,11 +96,13 @@ def _setup(cfg: ExperimentConfig) -> Setup:
     return _SETUP[key]
 
 
-def private_guard_mod(msg: Message, context: Context, call_next) -> Message:
-    """Client mod: no reply carrying a private-track tensor leaves the node (it becomes an error reply)."""
+def private_guard_mod(msg: Message, context: Context, call_next, local_params: Sequence[str] = ()) -> Message:
+    """Client mod: no reply carrying a private-track tensor, or a local part of the global adapter
+    (``local_params``, partial sharing), leaves the node (it becomes an error reply)."""
     reply = call_next(msg, context)
     if not reply.has_error():
-        leaked = [n for record in reply.content.array_records.values() for n in record if f".{PRIVATE}." in n]
+        leaked = [n for record in reply.content.array_records.values() for n in record
+                  if f".{PRIVATE}." in n or local_part(n, local_params)]
         if leaked:
             raise PrivateTrackLeak(f"refusing to send private-track tensors: {', '.join(leaked[:3])}")
     return reply
@@ -109,7 +111,11 @@ def private_guard_mod(msg: Message, context: Context, call_next) -> Message:
 def make_client_app(cfg: ExperimentConfig | None = None, state_root: Path | None = None) -> ClientApp:
     """The ClientApp; ``cfg`` / ``state_root`` given (``fedslip run --engine flower-sim``) or read from
     the run config and node config (``flwr run``)."""
-    app = ClientApp(mods=[private_guard_mod])
+    def guard(msg: Message, context: Context, call_next) -> Message:
+        run_cfg = cfg if cfg is not None else config_from_run_config(context.run_config)[0]
+        return private_guard_mod(msg, context, call_next, run_cfg.local_params)
+
+    app = ClientApp(mods=[guard])
 
     def partition_id(context: Context) -> int:
         if "partition-id" not in context.node_config:
@@ -167,7 +173,7 @@ def make_client_app(cfg: ExperimentConfig | None = None, state_root: Path | None
 # --- ServerApp -------------------------------------------------------------------------------------
 def make_server_app(cfg: ExperimentConfig | None = None, out: Path | None = None, overwrite: bool = False,
                     resume: bool = False, progress: bool = False, callbacks: Iterable[Callback] = ()) -> ServerApp:
-    """The ServerApp: ``fedslip.api``'s rounds with a FlowerEngine on the run's grid. ``callbacks`` (per-round
+    """The ServerApp: ``fedslip.rounds``' rounds with a FlowerEngine on the run's grid. ``callbacks`` (per-round
     rows, ``fedslip.run``) reach it in the simulation, where the ServerApp runs in the caller's process."""
     app = ServerApp()
 
@@ -187,9 +193,9 @@ def make_server_app(cfg: ExperimentConfig | None = None, out: Path | None = None
             return FlowerEngine(grid, setup.cfg)
 
         if run_resume:
-            api.start_resumed(run_out, progress, make_engine, callbacks)
+            rounds.start_resumed(run_out, progress, make_engine, callbacks)
         else:
-            api.start(run_cfg, run_out, run_overwrite, progress, make_engine, callbacks)
+            rounds.start(run_cfg, run_out, run_overwrite, progress, make_engine, callbacks)
 
     return app
 

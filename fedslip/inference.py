@@ -88,12 +88,12 @@ class RunModel:
         self.model = TrackedModel(self.cfg, self.tokenizer)
         self.model.load_global_state(load_tensors(self.run.path / "global.safetensors"))
         self.tracks: tuple[str, ...] = (GLOBAL,)
-        if use_private and self.model.has_private:
+        if use_private and self.model.has_client_state:  # a private track and/or local parts (partial sharing)
             private = self._private_state(client)
             if private is None:
                 raise StateFileError(f"{self.run.client_dir(client)} holds no private state for client {client}")
             self.model.load_private_state(private)
-            self.tracks = (GLOBAL, PRIVATE)
+            self.tracks = self.model.inference_tracks()
 
     def _private_state(self, client: int) -> dict[str, torch.Tensor] | None:
         return PrivateStore(self.run.client_dir(client)).load("private", expected=self.model.private_shapes())
@@ -214,19 +214,23 @@ class RunModel:
 
 def save_adapters(run_dir: str | Path) -> list[Path]:
     """Write a finished run's tracks as peft adapters (what ``export --format peft`` writes, for every client):
-    ``<run>/adapter/`` the global track (LoRA + classifier head), ``<run>/clients/<id>/adapter/`` each client's
-    private track, and ``<run>/base/`` where the backbone's name cannot rebuild it (``tiny``). Private adapters
-    are written for dual-track runs without a private head (which no peft adapter can express, see
-    ``RunModel.check_peft_format``), for the clients whose private state is in the run directory (on a Flower
-    deployment it is in each SuperNode's state dir). Returns the files written."""
+    ``<run>/adapter/`` the global track (LoRA + classifier head; with partial sharing the server's model: local
+    parts at their initial values), ``<run>/clients/<id>/adapter/`` each client's private track (with partial
+    sharing: its whole global adapter, local parts included), and ``<run>/base/`` where the backbone's name
+    cannot rebuild it (``tiny``). Private adapters are written for dual-track runs without a private head
+    (which no peft adapter can express, see ``RunModel.check_peft_format``), for the clients whose private
+    state is in the run directory (on a Flower deployment it is in each SuperNode's state dir). Returns the
+    files written."""
     run_model = RunModel(run_dir, client=0, use_private=False)
     run = run_model.run
     base_model, written = run_model._save_base(run.path / BASE_DIR)
     written += run_model._save_adapter(GLOBAL, run.path / ADAPTER_DIR, base_model)
-    if run_model.model.has_private and run_model.cfg.private_head == "none":
+    # partial sharing: a client's model is the global adapter with its own local parts
+    track = PRIVATE if run_model.model.has_private else GLOBAL
+    if (run_model.model.has_private and run_model.cfg.private_head == "none") or run_model.model.local_params:
         for cid in range(run_model.cfg.num_clients):
             private = run_model._private_state(cid)
             if private is not None:
                 run_model.model.load_private_state(private)
-                written += run_model._save_adapter(PRIVATE, run.client_dir(cid) / ADAPTER_DIR, base_model)
+                written += run_model._save_adapter(track, run.client_dir(cid) / ADAPTER_DIR, base_model)
     return set_plain_mode(written)

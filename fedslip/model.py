@@ -151,6 +151,12 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else None
 
 
+def local_part(name: str, parts: list[str]) -> bool:
+    """Whether a global-adapter tensor belongs to one of the ``local_params`` parts."""
+    kinds = {"head": ".modules_to_save.", "lora_A": ".lora_A.", "lora_B": ".lora_B."}
+    return any(kinds[p] in name for p in parts)
+
+
 def shape_mismatch(state: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> str | None:
     """How ``state`` differs from the expected tensor names and shapes (None if it does not), as the
     tail of an error message that names the state first."""
@@ -190,7 +196,12 @@ class TrackedModel:
         named = dict(self.model.named_parameters())
         # peft matches modules_to_save by suffix, so "classifier" also wraps DistilBERT's
         # "pre_classifier"; such copies are in no track: frozen at their initial value, never sent.
-        self.global_params = {n: p for n, p in named.items() if f".{GLOBAL}." in n and self._in_head(n)}
+        adapter = {n: p for n, p in named.items() if f".{GLOBAL}." in n and self._in_head(n)}
+        # partial sharing (fedper, fedrep, fedbabu, fedsa_lora): the global adapter's local parts stay on
+        # the client like the private track; global_params is exactly what travels
+        self.local_params = {n: p for n, p in adapter.items() if local_part(n, cfg.local_params)}
+        self.global_params = {n: p for n, p in adapter.items() if n not in self.local_params}
+        self.initial_local = self._read(self.local_params)  # the seeded init: the same on every client
         self.private_params = {n: p for n, p in named.items() if f".{PRIVATE}." in n}
         self.private_lora = frozenset(self.private_params)  # what the lottery-ticket mask prunes
         self.private_params.update(self._private_head(cfg.private_head if self.has_private else "none"))
@@ -207,7 +218,7 @@ class TrackedModel:
         self._active = tracks
         for p in self.model.parameters():
             p.requires_grad_(False)
-        for p in list(self.global_params.values()) + list(self.private_params.values()):
+        for p in [*self.global_params.values(), *self.local_params.values(), *self.private_params.values()]:
             p.requires_grad_(True)
 
     def _private_head(self, kind: str) -> dict[str, torch.nn.Parameter]:
@@ -290,18 +301,32 @@ class TrackedModel:
     def load_global_state(self, state: dict[str, torch.Tensor]) -> None:
         self._write(self.global_params, state, "global track")
 
+    @property
+    def has_client_state(self) -> bool:
+        """Whether each client keeps tensors of its own: a private track and/or local parts."""
+        return self.has_private or bool(self.local_params)
+
+    def _client_params(self) -> dict[str, torch.nn.Parameter]:
+        return {**self.private_params, **self.local_params}
+
     def private_state(self) -> dict[str, torch.Tensor]:
-        return self._read(self.private_params)
+        """A client's own tensors: its private track and the local parts of its global adapter."""
+        return self._read(self._client_params())
 
     def private_shapes(self, masked_only: bool = False) -> dict[str, torch.Size]:
-        """Names and shapes of the private track's tensors (``masked_only``: those the mask covers)."""
-        return {n: p.shape for n, p in self.private_params.items() if not masked_only or n in self.private_lora}
+        """Names and shapes of a client's own tensors (``masked_only``: those the mask covers)."""
+        return {n: p.shape for n, p in self._client_params().items() if not masked_only or n in self.private_lora}
 
     def load_private_state(self, state: dict[str, torch.Tensor]) -> None:
-        self._write(self.private_params, state, "private track")
+        self._write(self._client_params(), state, "private track")
+
+    def reset_local(self) -> None:
+        """The local parts back to their initial values: the server's view of the global adapter."""
+        self._write(self.local_params, self.initial_local, "local parts")
 
     def fresh_private_state(self, seed: int) -> dict[str, torch.Tensor]:
-        """A newly initialized private track (peft's LoRA init: A random, B zero) for one client."""
+        """A newly initialized private track (peft's LoRA init: A random, B zero) for one client; local
+        parts at the seeded initial values every client and the server share."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for module in self.model.modules():
@@ -311,6 +336,7 @@ class TrackedModel:
             for name, p in self.private_params.items():
                 if name not in self.private_lora:
                     p.zero_()
+        self.reset_local()
         return self.private_state()
 
     def merged_head(self, tracks: tuple[str, ...]) -> dict[str, torch.Tensor] | None:

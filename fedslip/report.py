@@ -246,6 +246,23 @@ def plot(runs: list[RunRecord], out: Path) -> list[str]:
     return list(FIGURES)
 
 
+def health_section(runs: list[RunRecord]) -> list[str]:
+    """The health entries of every run (``fedslip.health``): a run that learned nothing must not hide in a
+    table of means."""
+    lines = ["## Health", ""]
+    unchecked = [r.path.name for r in runs if "health" not in r.summary]
+    entries = [(r, e) for r in runs for e in r.summary.get("health", [])]
+    if entries:
+        lines += ["| run | round | symptom | detail |", "|---|---|---|---|"]
+        lines += [f"| `{r.path.name}` | {e['round']} | {e['symptom']} | {e['detail']} |" for r, e in entries]
+        lines += ["", "Causes and fixes: docs/usage.md, Run health."]
+    else:
+        lines.append(f"No health warning in {len(runs) - len(unchecked)} checked run(s).")
+    if unchecked:
+        lines += ["", f"Not checked (written before health checks existed): {len(unchecked)} run(s)."]
+    return lines + [""]
+
+
 def _default_targets(backbone: str) -> str:
     return "query, value" if backbone in ("minilm", "tiny") else "the architecture's default targets"
 
@@ -296,6 +313,7 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "") -> dict:
     verdict = _verdict(agg)
     if verdict:
         lines += ["## Verdict", "", *verdict, ""]
+    lines += health_section(runs)
     lines += ["## Per client", "", "Personalized accuracy (zero-shot) per client, mean over seeds, next to the "
               "majority-class floor of that client's test rows (a constant predictor of its dominant class).", "",
               "| method | " + " | ".join(f"client {i}" for i in range(c.num_clients)) + " |",

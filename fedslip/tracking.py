@@ -170,7 +170,7 @@ class CallbackTracker:
 
 
 class Trackers:
-    """Every tracker of a run, fed from the round loop (``api._rounds``)."""
+    """Every tracker of a run, fed from the round loop (``rounds._rounds``)."""
 
     def __init__(self, cfg: ExperimentConfig, run_path: Path, history: list[dict],
                  callbacks: Iterable[Callback] = ()):

@@ -1,7 +1,7 @@
 """Accuracy against the private track's density (issue 12): finished FedSLIP runs that differ only in the
 lottery-ticket mask's target sparsity (and the prune rate that reaches it).
 
-    T=docs/results/tuning_runs   # copies of runs/tune_math/* (config, metrics, summary; docs/results/tuning.md)
+    T=docs/results/tuning_runs   # config, metrics, summary of the second/third hand passes (docs/results/tuning.md)
     python scripts/density_plot.py docs/results/density $T/fedslip_phase-first_sparsity0 \
         $T/fedslip_phase-first_sparsity0.25 $T/fedslip_phase-first $T/fedslip_phase-first_sparsity0.75 \
         $T/fedslip_phase-first_sparsity0.9
@@ -16,7 +16,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from tune_table import private_density  # noqa: E402
+
+
+def private_density(summary: dict) -> float:
+    """Share of the private LoRA weights left by the lottery-ticket mask, mean over clients."""
+    sparsity = list(summary["private_sparsity"].values())
+    return 1 - sum(sparsity) / len(sparsity)
+
 
 SERIES = (("personalized_accuracy", "personalized (zero-shot)"), ("worst_client_personalized_accuracy",
           "worst client"), ("global_accuracy", "global"))

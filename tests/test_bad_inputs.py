@@ -95,15 +95,15 @@ def test_ctrl_c_is_one_line_with_the_resume_command(inputs, capsys, monkeypatch)
 def test_a_read_only_output_directory_is_refused_before_loading(inputs, capsys, monkeypatch):
     """Root ignores permission bits and a read-only file system cannot be mounted in a test, so the
     kernel's answer (access(W_OK) fails: EACCES / EROFS) is simulated for that directory only."""
-    import fedslip.api
     import fedslip.experiment
+    import fedslip.rounds
 
     locked = inputs["tmp"] / "locked"
     locked.mkdir()
     real_access = os.access
     monkeypatch.setattr(fedslip.experiment.os, "access",
                         lambda path, mode: False if Path(path) == locked else real_access(path, mode))
-    monkeypatch.setattr(fedslip.api, "prepare", lambda cfg: pytest.fail("loaded data for a refused --out"))
+    monkeypatch.setattr(fedslip.rounds, "prepare", lambda cfg: pytest.fail("loaded data for a refused --out"))
     rc = main(RUN.format(out=locked / "run", data=inputs["data"]).split())
     assert rc == 2 and f"{locked} is not writable" in capsys.readouterr().err
     assert list(locked.iterdir()) == []

@@ -241,14 +241,15 @@ def test_private_every_k_takes_the_private_step_on_every_kth_batch_only(tiny_cfg
 
 def test_step_schedule_of_each_private_phase(tiny_cfg):
     cfg = tiny_cfg(method="fedslip", private_every=2, private_phase="interleaved")
-    assert step_schedule(cfg, 4, True) == [(True, True), (True, False), (True, True), (True, False)]
-    assert step_schedule(cfg, 4, False) == [(True, False)] * 4
+    # (shared global track, private track, local parts of the global adapter)
+    assert step_schedule(cfg, 4, True) == [(True, True, False), (True, False, False)] * 2
+    assert step_schedule(cfg, 4, False) == [(True, False, False)] * 4
     first = tiny_cfg(method="fedslip", private_every=2, private_phase="first")
-    assert step_schedule(first, 3, True) == [(False, True)] * 2 + [(True, False)] * 3
-    assert step_schedule(first, 3, False) == [(True, False)] * 3
+    assert step_schedule(first, 3, True) == [(False, True, False)] * 2 + [(True, False, False)] * 3
+    assert step_schedule(first, 3, False) == [(True, False, False)] * 3
     longer = tiny_cfg(method="fedslip", private_every=2, private_phase="first", private_local_steps=5)
-    assert step_schedule(longer, 3, True) == [(False, True)] * 5 + [(True, False)] * 3
-    assert step_schedule(longer, 3, False) == [(True, False)] * 3
+    assert step_schedule(longer, 3, True) == [(False, True, False)] * 5 + [(True, False, False)] * 3
+    assert step_schedule(longer, 3, False) == [(True, False, False)] * 3
     with pytest.raises(fedslip.ConfigError, match="private_phase"):
         tiny_cfg(method="dual_naive", private_phase="first")
     with pytest.raises(fedslip.ConfigError, match="private_local_steps needs private_phase='first'"):

@@ -121,13 +121,21 @@ def test_private_guard_refuses_replies_with_private_tensors(in_a_run):
     assert "arrays" in ok.content.array_records
     with pytest.raises(PrivateTrackLeak, match="lora_A.private"):
         private_guard_mod(msg, None, reply_with(["x.lora_A.global.weight", "x.lora_A.private.weight"]))
+    # partial sharing: a local part of the global adapter is refused too
+    head = "classifier.modules_to_save.global.weight"
+    assert "arrays" in private_guard_mod(msg, None, reply_with([head]), ()).content.array_records
+    with pytest.raises(PrivateTrackLeak, match="modules_to_save"):
+        private_guard_mod(msg, None, reply_with(["x.lora_A.global.weight", head]), ["head"])
+    with pytest.raises(PrivateTrackLeak, match="lora_B"):
+        private_guard_mod(msg, None, reply_with(["x.lora_B.global.weight"]), ["lora_B"])
 
 
 # --- simulation ------------------------------------------------------------------------------------
 @pytest.mark.flower
 @pytest.mark.parametrize("method, codecs_used", [
-    ("fedavg_lora", {}), ("fedslip", {}), ("fedslip", {"upload_codec": "topk+int8", "download_codec": "int4"})],
-    ids=["fedavg_lora", "fedslip", "fedslip-compressed"])
+    ("fedavg_lora", {}), ("fedslip", {}), ("fedslip", {"upload_codec": "topk+int8", "download_codec": "int4"}),
+    ("fedper", {}), ("fedrep", {}), ("fedbabu", {}), ("fedsa_lora", {})],
+    ids=["fedavg_lora", "fedslip", "fedslip-compressed", "fedper", "fedrep", "fedbabu", "fedsa_lora"])
 def test_flower_simulation_equals_embedded_engine(tmp_path, data_dir, method, codecs_used):
     cfg = tiny(data_dir, method=method, kstep=2, **codecs_used)
     fedslip.run(fedslip.make_config(cfg), tmp_path / "embedded", progress=False)
@@ -191,7 +199,7 @@ def check_private_state_only_on_nodes(fed, out, num_clients, rounds):
 
 @pytest.mark.flower
 def test_deployment_superlink_and_supernodes(tmp_path, data_dir):
-    from fedslip.deploy import LocalDeployment
+    from fedslip.launch.deployment import LocalDeployment
 
     cfg = tiny(data_dir, method="fedslip")
     reference = embedded_reference(tmp_path, cfg)
@@ -214,7 +222,7 @@ def test_deployment_superlink_and_supernodes(tmp_path, data_dir):
 
 @pytest.mark.flower
 def test_deployment_with_tls_and_node_auth_equals_the_embedded_run(tmp_path, data_dir):
-    from fedslip.deploy import LocalDeployment
+    from fedslip.launch.deployment import LocalDeployment
 
     cfg = tiny(data_dir, method="fedslip")
     reference = embedded_reference(tmp_path, cfg)
@@ -229,7 +237,7 @@ def test_deployment_with_tls_and_node_auth_equals_the_embedded_run(tmp_path, dat
 
 @pytest.mark.flower
 def test_node_auth_refuses_an_unregistered_supernode_and_the_run_goes_on_without_it(tmp_path, data_dir):
-    from fedslip.deploy import DeploymentError, LocalDeployment
+    from fedslip.launch.deployment import DeploymentError, LocalDeployment
 
     cfg = tiny(data_dir, method="fedslip", min_fit_clients=1, rejoin_timeout=5.0)
     fed = LocalDeployment(tmp_path / "deploy", num_nodes=2, tls=True, node_auth=True)
@@ -251,7 +259,7 @@ def test_node_auth_refuses_an_unregistered_supernode_and_the_run_goes_on_without
 @pytest.mark.flower
 def test_flwr_run_on_a_simulation_superlink(tmp_path, data_dir):
     """`flwr run . <connection> --federation-config "num-supernodes=2 ..."` on `flower-superlink --simulation`."""
-    from fedslip.deploy import LocalDeployment
+    from fedslip.launch.deployment import LocalDeployment
 
     cfg = tiny(data_dir, method="fedslip", kstep=2)
     reference = embedded_reference(tmp_path, cfg)
@@ -267,7 +275,7 @@ def test_flwr_run_on_a_simulation_superlink(tmp_path, data_dir):
 def test_supernode_restart_between_rounds_keeps_private_track(tmp_path, data_dir, how):
     """SIGTERM: the SuperNode deregisters; SIGKILL: it vanishes and the SuperLink keeps listing its old node id
     until Flower's heartbeat patience runs out. Either way the restarted node is found by its partition-id."""
-    from fedslip.deploy import LocalDeployment
+    from fedslip.launch.deployment import LocalDeployment
 
     cfg = tiny(data_dir, method="fedslip", rounds=3)
     reference = embedded_reference(tmp_path, cfg)

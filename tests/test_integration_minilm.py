@@ -31,6 +31,7 @@ def test_minilm_fedavg_learns_on_ag_news(agnews, tmp_path):
     # measured here: global 0.86, every client >= 0.81 against floors of 0.25 (balanced rows)
     assert summary["global_accuracy"] > 1 / cfg.num_labels + 0.35, summary["global_accuracy"]
     assert all(p > f + 0.3 for p, f in zip(personalized, floors)), (personalized, floors)
+    assert summary["health"] == []  # a run that learns raises no health warning
 
 
 def test_minilm_fedslip_personalizes_on_skewed_clients(agnews, tmp_path):

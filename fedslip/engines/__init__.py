@@ -1,21 +1,17 @@
-"""Engines move messages between the server and the clients; the round logic lives in ``fedslip.api``.
+"""Engines move messages between the server and the clients; the round loop lives in ``fedslip.api``.
 
 Every engine offers the same four calls, all over serialized payloads (safetensors bytes):
 ``embedded.EmbeddedEngine`` / ``embedded.ParallelEngine`` (this machine's processes) and
-``flower.FlowerEngine`` (a Flower Grid: simulation or SuperLink/SuperNode deployment).
+``flower.FlowerEngine`` (a Flower Grid: simulation or SuperLink/SuperNode deployment). Engines only
+carry messages: starting the processes that carry them is ``fedslip.launch``'s job.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from ..client import FitReply
-
-View = tuple[str, ...] | None  # tracks to evaluate; None = the client's inference model
-# The client's inference model on the balanced global test set instead of its own rows: what
-# personalization costs a client on inputs outside its own distribution.
-GLOBAL_TEST_VIEW: View = ("global_test",)
+from ..client import FitReply
+from ..views import View
 
 
 class Engine(Protocol):

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..client import Client, FitReply
 from ..config import ExperimentConfig
-from . import View
+from ..views import View
 
 log = logging.getLogger("fedslip")
 Call = tuple[str, int, tuple]  # (Client method, client id, arguments)

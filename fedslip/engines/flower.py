@@ -15,20 +15,17 @@ so the retry computes exactly what the lost call would have.
 
 Bytes are measured on the Flower messages themselves: ``message_bytes`` is the quantity Flower's
 ``message_size_mod`` logs (the sum of the records' ``count_bytes()``).
+
+This module only carries messages; the processes that carry them are started by ``flwr run`` or by
+``fedslip.launch`` (``simulation``: Ray in this process; ``deployment``: SuperLink and SuperNodes).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -37,7 +34,7 @@ from .. import comm
 from ..client import FitReply
 from ..config import ExperimentConfig
 from ..server import ARRAYS
-from . import View
+from ..views import View
 
 log = logging.getLogger("fedslip")
 
@@ -215,82 +212,3 @@ class FlowerEngine:
 
     def close(self) -> None:
         pass
-
-
-# --- simulation -----------------------------------------------------------------------------------
-def flower_environment(run_path: Path) -> dict[str, str]:
-    """Environment every Flower process of a run gets: no telemetry, no update checks, no runtime
-    dependency installation, and Flower's home inside the run directory."""
-    return {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_HOME": str(run_path / ".flwr")}
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration (Ray's workers inherit them), then restore them."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    Path(values["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-RAY_MAX_TEMP_DIR_LEN = 40  # Ray puts unix sockets ~62 characters below it; the OS limit is 107
-
-
-@contextlib.contextmanager
-def ray_temp_dir(target: Path) -> Iterator[str]:
-    """Ray's temp dir at ``target`` (inside the run directory). Ray's unix-socket paths must stay short,
-    so a deep ``target`` is reached through a short symlink in the system temp dir, removed afterwards."""
-    target.mkdir(parents=True, exist_ok=True)
-    if len(str(target)) <= RAY_MAX_TEMP_DIR_LEN:
-        yield str(target)
-        return
-    link = Path(tempfile.gettempdir()) / f"fedslip-ray-{hashlib.sha1(str(target).encode()).hexdigest()[:10]}"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(target, target_is_directory=True)
-    try:
-        yield str(link)
-    finally:
-        link.unlink(missing_ok=True)
-
-
-def simulate(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, resume: bool = False,
-             progress: bool = True, callbacks: Iterable[Callable[[dict], Any]] = ()) -> dict:
-    """Run (or resume) the experiment on Flower's simulation runtime (Ray): ``num_clients`` virtual
-    SuperNodes, ``client_cpus`` cores each; Ray's temp dir and FLWR_HOME inside ``out``."""
-    from flwr.simulation import run_simulation
-
-    from ..api import resume_point
-    from ..experiment import RunDir, prepare
-    from ..flower_app import make_client_app, make_server_app
-
-    # every refusal before Ray starts: no Ray/Flower noise, no .ray/ or .flwr/ left in ``out``
-    run_dir = RunDir(Path(out))
-    if resume:
-        resume_point(run_dir)
-    else:
-        run_dir.check_writable(overwrite)
-    prepare(cfg)  # bad data, partition sizes, backbone files, max_seq_len: before Ray or any directory
-    run_path = run_dir.path.resolve()
-    run_path.mkdir(parents=True, exist_ok=True)
-    with _environment(flower_environment(run_path)), ray_temp_dir(run_path / ".ray") as ray_tmp:
-        backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
-                   "init_args": {"_temp_dir": ray_tmp, "num_cpus": max(os.cpu_count() or 1, cfg.client_cpus)}}
-        server_app = make_server_app(cfg, run_path, overwrite=overwrite, resume=resume, progress=progress,
-                                     callbacks=callbacks)
-        client_app = make_client_app(cfg, state_root=run_path / "clients")
-        run_simulation(server_app, client_app, num_supernodes=cfg.num_clients, backend_config=backend)
-    from ..storage import read_json
-
-    summary_path = run_path / "summary.json"
-    if not summary_path.is_file():
-        raise RuntimeError(f"the Flower simulation ended without writing {summary_path}; see the log above")
-    return read_json(summary_path)

@@ -37,13 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ExperimentConfig
-from .engines.flower import flower_environment, ray_temp_dir
-from .flower_app import as_run_config
-from .storage import read_json
+from ..config import ExperimentConfig
+from ..flower_app import as_run_config
+from ..storage import read_json
+from .environment import flower_environment, ray_temp_dir
 
 log = logging.getLogger("fedslip")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the app directory: pyproject.toml names the Flower app
 CONNECTION = "fedslip-local"
 
 

@@ -1,0 +1,437 @@
+"""``fedslip tune``: a hyperparameter search on validation rows with Optuna; every trial an ordinary run.
+
+    fedslip tune --config configs/seed_cpu.toml --method fedslip --trials 12 --out docs/results/tuning/fedslip
+    fedslip.tune("docs/results/tuning/fedslip", trials=12, toml_path="configs/seed_cpu.toml", method="fedslip")
+
+- Rows: trials evaluate on validation rows carved from the clients' train data (``eval_split = "val"``;
+  ``val_samples_per_client`` defaults to ``test_samples_per_client``); a config that asks for the test
+  split is refused: choosing settings on test rows would make every reported number optimistic.
+- Search: Optuna's TPE sampler, seeded with the config's ``seed``; the first trial is the config's own
+  values where they lie in the space (the study never ends worse than the settings it started from).
+  Median pruning on the per-round validation objective stops bad trials early (after
+  ``pruner_startup_trials`` finished trials and ``pruner_warmup_rounds`` rounds).
+- Objective (``maximize``): ``personalized`` (zero-shot personalized accuracy), ``global``, ``kstep``
+  (personalized after K-step; per round the zero-shot value stands in for it), ``worst_client``, or a mix
+  ``{personalized = 0.5, global = 0.5}`` (``--maximize personalized=0.5,global=0.5``).
+- Space: per-method defaults (``DEFAULT_SPACES``: log-uniform learning rates), the knobs named by
+  ``search`` (ranges from ``KNOWN_RANGES``), and ranges in the config's ``[tune.space]`` table, e.g.
+  ``lr = [1e-4, 3e-2]`` (log-uniform), ``lora_rank = {choices = [4, 8, 16]}``,
+  ``fedprox_mu = {low = 0.0, high = 0.1, log = false}``.
+- Files in OUT: ``study.db`` (Optuna's SQLite storage), ``study.json`` (the study's settings: a second call
+  with other settings is refused), ``trials/<number>/`` (run directories), ``study.csv``, ``best.toml``
+  (a config ``fedslip run --config`` takes as is: the test split again), ``report.md`` and Optuna's
+  optimization-history and parameter-importance plots.
+- Resume: the same call again continues the study. A trial interrupted mid-run is marked failed and its
+  parameters re-enqueued; the new trial resumes that run directory from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import tomllib
+
+from . import api
+from .config import FIELDS, ConfigError, ExperimentConfig, make_config
+from .storage import atomic_write_bytes, write_json
+
+log = logging.getLogger("fedslip")
+
+KNOWN_RANGES: dict[str, dict[str, Any]] = {
+    "lr": {"low": 1e-4, "high": 3e-2, "log": True},
+    "private_lr": {"low": 1e-4, "high": 3e-2, "log": True},
+    "kstep_lr": {"low": 1e-5, "high": 1e-2, "log": True},
+    "fedprox_mu": {"low": 1e-4, "high": 1.0, "log": True},
+    "weight_decay": {"low": 1e-5, "high": 1e-1, "log": True},
+    "private_target_sparsity": {"low": 0.0, "high": 0.9, "log": False},
+    "lora_rank": {"choices": [4, 8, 16]},
+    "private_rank": {"choices": [4, 8, 16]},
+    "local_epochs": {"low": 1, "high": 3, "log": False},
+}
+# what a method's result depends on most: its learning rates (K-step's where the run has one)
+DEFAULT_SPACES = {"fedavg_lora": ["lr"], "centralized": ["lr"], "dual_naive": ["lr", "private_lr"],
+                  "fedslip": ["lr", "private_lr"]}
+OBJECTIVES = ("personalized", "global", "kstep", "worst_client")
+SUMMARY_KEY = {"personalized": "personalized_accuracy", "global": "global_accuracy", "kstep": "kstep_accuracy",
+               "worst_client": "worst_client_personalized_accuracy"}
+ROUND_KEY = {"personalized": "personalized_accuracy", "global": "global_accuracy",
+             "kstep": "personalized_accuracy", "worst_client": "personalized_accuracy_per_client"}
+TUNE_KEYS = ("maximize", "trials", "search", "space", "pruner_startup_trials", "pruner_warmup_rounds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One searched config key: a range (``log`` = log-uniform) or a list of choices."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple | None = None
+
+    @classmethod
+    def parse(cls, name: str, spec: Any) -> Param:
+        if name not in FIELDS:
+            raise ConfigError(f"tune space: {name!r} is not a config key")
+        kind = str(FIELDS[name].type)
+        if isinstance(spec, list) and kind not in ("float", "int"):
+            raise ConfigError(f"tune space: {name} is a {kind} key: give {{choices = [...]}}")
+        if isinstance(spec, list) and len(spec) == 2:
+            spec = {"low": spec[0], "high": spec[1], "log": kind == "float"}
+        if not isinstance(spec, dict) or not (set(spec) <= {"low", "high", "log", "choices"}):
+            raise ConfigError(f"tune space: {name} = {spec!r}; expected [low, high], {{low, high, log}} or "
+                              "{choices = [...]}")
+        if "choices" in spec:
+            if not isinstance(spec["choices"], list) or not spec["choices"]:
+                raise ConfigError(f"tune space: {name}.choices must be a non-empty list")
+            for value in spec["choices"]:
+                make_config({name: value})  # each choice a valid value of the key
+            return cls(name, choices=tuple(spec["choices"]))
+        if kind not in ("float", "int"):
+            raise ConfigError(f"tune space: {name} is a {kind} key: give {{choices = [...]}}")
+        try:
+            low, high, use_log = float(spec["low"]), float(spec["high"]), bool(spec.get("log", False))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"tune space: {name} needs numeric low and high, got {spec!r}") from None
+        if not low < high or (use_log and low <= 0):
+            raise ConfigError(f"tune space: {name}: need low < high (and low > 0 for log), got {low}, {high}")
+        return cls(name, low, high, use_log)
+
+    def suggest(self, trial) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if str(FIELDS[self.name].type) == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return f"{self.name} in {list(self.choices)}"
+        return f"{self.name} in [{self.low:g}, {self.high:g}]{' log-uniform' if self.log else ''}"
+
+
+def parse_objective(objective: str | dict[str, float]) -> dict[str, float]:
+    """``"personalized"``, ``"personalized=0.5,global=0.5"`` or ``{"personalized": 0.5, ...}`` -> weights."""
+    if isinstance(objective, str):
+        parts = [p.strip() for p in objective.split(",") if p.strip()]
+        try:
+            objective = {p.split("=")[0].strip(): float(p.split("=")[1]) if "=" in p else 1.0 for p in parts}
+        except ValueError:
+            raise ConfigError(f"tune maximize {objective!r}: weights must be numbers") from None
+    unknown = sorted(set(objective) - set(OBJECTIVES))
+    if not objective or unknown:
+        raise ConfigError(f"tune maximize: {', '.join(unknown) or 'nothing'} not among {', '.join(OBJECTIVES)}")
+    if any(w <= 0 for w in objective.values()):
+        raise ConfigError("tune maximize: weights must be > 0")
+    return {k: float(objective[k]) for k in sorted(objective)}
+
+
+def _value(weights: dict[str, float], values: dict[str, float | None]) -> float | None:
+    if any(values[k] is None for k in weights):
+        return None
+    return sum(w * values[k] for k, w in weights.items()) / sum(weights.values())
+
+
+def round_value(weights: dict[str, float], row: dict) -> float | None:
+    """The objective on one round's metrics (pruning compares trials on this, round by round)."""
+    values = {k: row.get(ROUND_KEY[k]) for k in weights}
+    if "worst_client" in weights:
+        present = [a for a in values["worst_client"] or [] if a is not None]
+        values["worst_client"] = min(present) if present else None
+    return _value(weights, values)
+
+
+def final_value(weights: dict[str, float], summary: dict) -> float | None:
+    return _value(weights, {k: summary.get(SUMMARY_KEY[k]) for k in weights})
+
+
+@dataclasses.dataclass
+class Study:
+    """A study's settings: everything that must equal on resume."""
+
+    base: dict[str, Any]  # the config keys given (TOML + overrides), method included, eval_split excluded
+    objective: dict[str, float]
+    space: list[Param]
+    trials: int
+    pruner_startup_trials: int
+    pruner_warmup_rounds: int
+
+    def config(self, params: dict[str, Any]) -> ExperimentConfig:
+        keys = {**self.base, **params}
+        if not keys.get("val_samples_per_client"):
+            keys["val_samples_per_client"] = make_config(keys).test_samples_per_client
+        # the embedded engine: pruning stops a trial from its round callback, which Flower's runtime would
+        # swallow; every engine gives the same result (engine is a run-only key)
+        return make_config({**keys, "eval_split": "val", "engine": "embedded"})
+
+    def settings(self) -> dict:
+        return {"base": self.base, "objective": self.objective, "space": [p.describe() for p in self.space],
+                "pruner_startup_trials": self.pruner_startup_trials,
+                "pruner_warmup_rounds": self.pruner_warmup_rounds}
+
+
+def make_study(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+               method: str | None = None, trials: int | None = None, maximize: str | dict | None = None,
+               search: list[str] | None = None, space: dict[str, Any] | None = None,
+               pruner_startup_trials: int | None = None, pruner_warmup_rounds: int | None = None) -> Study:
+    """Settings from the config's ``[tune]`` table, overridden by the arguments given; validated."""
+    raw: dict[str, Any] = {}
+    if toml_path is not None:
+        make_config(toml_path=Path(toml_path))  # one clear error for a missing/invalid file
+        raw = tomllib.loads(Path(toml_path).read_text(encoding="utf-8"))
+    table = raw.pop("tune", {})
+    unknown = sorted(set(table) - set(TUNE_KEYS))
+    if unknown:
+        raise ConfigError(f"[tune]: unknown key(s) {', '.join(unknown)}; known: {', '.join(TUNE_KEYS)}")
+    base = {**raw, **(overrides or {})}
+    if method is not None:
+        base["method"] = method
+    if base.get("eval_split") == "test":
+        raise ConfigError("fedslip tune evaluates on validation rows only; remove eval_split = 'test' from the "
+                          "config (choosing settings on test rows makes every reported number optimistic)")
+    base.pop("eval_split", None)
+    cfg = make_config(base)
+    base["method"] = cfg.method
+    names = list(search) if search is not None else table.get("search")
+    if names is None:
+        names = DEFAULT_SPACES.get(cfg.method, ["lr"]) + (["kstep_lr"] if cfg.kstep > 0 and
+                                                          cfg.method == "fedavg_lora" else [])
+    ranges = {**{n: KNOWN_RANGES.get(n) for n in names}, **table.get("space", {}), **(space or {})}
+    missing = sorted(n for n, r in ranges.items() if r is None)
+    if missing:
+        raise ConfigError(f"tune: no default range for {', '.join(missing)}: give one in [tune.space]")
+    params = [Param.parse(n, r) for n, r in sorted(ranges.items())]
+    clashes = sorted(p.name for p in params if p.name in ("method", "seed", "eval_split", "val_samples_per_client"))
+    if clashes:
+        raise ConfigError(f"tune: {', '.join(clashes)} cannot be searched")
+    study = Study(base, parse_objective(maximize or table.get("maximize", "personalized")), params,
+                  int(trials if trials is not None else table.get("trials", 12)),
+                  int(pruner_startup_trials if pruner_startup_trials is not None
+                      else table.get("pruner_startup_trials", 3)),
+                  int(pruner_warmup_rounds if pruner_warmup_rounds is not None
+                      else table.get("pruner_warmup_rounds", 1)))
+    if study.trials < 1 or study.pruner_startup_trials < 0 or study.pruner_warmup_rounds < 0:
+        raise ConfigError("tune: trials >= 1, pruner_startup_trials >= 0 and pruner_warmup_rounds >= 0 needed")
+    if "kstep" in study.objective and cfg.kstep == 0:
+        raise ConfigError("tune maximize 'kstep' needs kstep > 0 in the config")
+    study.config({})  # the base config itself must be valid for a validation run
+    return study
+
+
+def _optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def _open(study: Study, out: Path):
+    """Create or load the study in ``out``, refusing a directory that holds another study or other files."""
+    optuna = _optuna()
+    settings_path = out / "study.json"
+    if settings_path.is_file():
+        previous = json.loads(settings_path.read_text())
+        if previous != study.settings():
+            changed = sorted(k for k in study.settings() if previous.get(k) != study.settings()[k])
+            raise ConfigError(f"{out} holds a study with other settings ({', '.join(changed)}); use another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and holds no study; use a new or empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(settings_path, study.settings())
+    base_cfg = study.config({})
+    return optuna.create_study(
+        study_name="fedslip-tune", storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True,
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=base_cfg.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=study.pruner_startup_trials,
+                                           n_warmup_steps=study.pruner_warmup_rounds))
+
+
+def _requeue_interrupted(optuna_study) -> None:
+    """Trials left RUNNING by a process that died, or failed by Ctrl-C: failed, and their parameters queued
+    again with the run directory to resume (once each: the study remembers which it requeued)."""
+    from optuna.trial import TrialState
+
+    requeued = set(optuna_study.user_attrs.get("requeued", []))
+    for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL)):
+        if t.number in requeued or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")):
+            continue
+        if t.state == TrialState.RUNNING:
+            optuna_study.tell(t.number, state=TrialState.FAIL)
+        optuna_study.enqueue_trial(t.params, user_attrs={"resume_run": t.user_attrs.get("run_dir", "")})
+        requeued.add(t.number)
+        log.info("tune: trial %d was interrupted; its run continues in a new trial", t.number)
+    optuna_study.set_user_attr("requeued", sorted(requeued))
+
+
+def _objective(study: Study, out: Path, progress: bool):
+    optuna = _optuna()
+
+    def objective(trial) -> float:
+        params = {p.name: p.suggest(trial) for p in study.space}
+        cfg = study.config(params)
+        resume_run = trial.user_attrs.get("resume_run")  # relative to out, like every run_dir attribute
+        run_dir = resume_run or f"trials/{trial.number:04d}"
+        run_path = out / run_dir
+        trial.set_user_attr("run_dir", run_dir)
+
+        def report(row: dict) -> None:
+            value = round_value(study.objective, row)
+            if value is not None:
+                trial.report(value, row["round"])
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"round {row['round']}: {value:.4f} below the median")
+
+        try:
+            summary = _trial_run(cfg, run_path, bool(resume_run), report, progress)
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)  # the next call continues this run
+            raise
+        for key in ("global_accuracy", "personalized_accuracy", "kstep_accuracy",
+                    "worst_client_personalized_accuracy", "wall_seconds"):
+            trial.set_user_attr(key, summary.get(key))
+        trial.set_user_attr("health", sorted({e["symptom"] for e in summary.get("health", [])}))
+        value = final_value(study.objective, summary)
+        if value is None:
+            raise ValueError(f"trial {trial.number}: the run gave no value for the objective")
+        return value
+
+    return objective
+
+
+def _trial_run(cfg: ExperimentConfig, run_path: Path, resumed: bool, report, progress: bool) -> dict:
+    """A trial's run: new, or (a requeued trial) the interrupted run continued from its checkpoint with the
+    rounds it had already finished reported again, so pruning sees the whole curve."""
+    if resumed and (run_path / "summary.json").is_file():
+        return json.loads((run_path / "summary.json").read_text())
+    if resumed and (run_path / "config.toml").is_file():
+        history = [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines() if line]
+        for row in history:
+            report(row)
+        return api.resume(run_path, progress=progress, callbacks=[report], log=False)
+    return api.run(cfg, run_path, overwrite=True, progress=progress, callbacks=[report], log=False)
+
+
+def tune(out: str | Path, trials: int | None = None, toml_path: str | Path | None = None,
+         overrides: dict[str, Any] | None = None, method: str | None = None, maximize: str | dict | None = None,
+         search: list[str] | None = None, space: dict[str, Any] | None = None,
+         pruner_startup_trials: int | None = None, pruner_warmup_rounds: int | None = None,
+         enqueue: list[dict[str, Any]] = (), progress: bool = False, command: str = "") -> dict:
+    """Run (or continue) the study in ``out`` until it holds ``trials`` finished (complete or pruned)
+    trials; write ``study.csv``, ``best.toml``, ``report.md`` and the plots; return the best trial.
+    ``enqueue``: parameter sets to try first (after the config's own values)."""
+    from optuna.trial import TrialState
+
+    study = make_study(toml_path, overrides, method, trials, maximize, search, space, pruner_startup_trials,
+                       pruner_warmup_rounds)
+    out = Path(out)
+    optuna_study = _open(study, out)
+    if not optuna_study.trials:  # a new study: the config's own values first (those inside the space), then
+        start = study.config({})  # what the caller queued
+        optuna_study.enqueue_trial({p.name: getattr(start, p.name) for p in study.space
+                                    if p.contains(getattr(start, p.name))})
+        for params in enqueue:
+            optuna_study.enqueue_trial(params)
+    _requeue_interrupted(optuna_study)
+    done = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    if done < study.trials:
+        log.info("tune: %d of %d trials done; running %d", done, study.trials, study.trials - done)
+        optuna_study.optimize(_objective(study, out, progress), n_trials=study.trials - done)
+    return write_outputs(study, optuna_study, out, command)
+
+
+def write_outputs(study: Study, optuna_study, out: Path, command: str = "") -> dict:
+    """study.csv, best.toml, report.md and the plots from the study's storage."""
+    from optuna.trial import TrialState
+
+    optuna_study.trials_dataframe().to_csv(out / "study.csv", index=False)
+    complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise ValueError(f"{out}: no trial completed; nothing to recommend")
+    best = optuna_study.best_trial
+    best_toml = {k: v for k, v in study.base.items() if k not in ("eval_split", "val_samples_per_client")}
+    best_toml.update(best.params)
+    header = (f"# Best of the fedslip tune study in {out} (trial {best.number}, validation objective "
+              f"{best.value:.4f}: {json.dumps(study.objective)}).\n# Evaluates on the test split:\n"
+              f"#   fedslip run --config {out / 'best.toml'} --out runs/best\n")
+    atomic_write_bytes(out / "best.toml", (header + tomli_w.dumps(best_toml)).encode())
+    pngs = _plots(optuna_study, out)
+    result = {"best_trial": best.number, "best_value": best.value, "best_params": best.params,
+              "best_run": best.user_attrs.get("run_dir"), "objective": study.objective,
+              "trials": len(optuna_study.trials),
+              "states": {s.name.lower(): len(optuna_study.get_trials(deepcopy=False, states=(s,)))
+                         for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}}
+    write_json(out / "best.json", result)
+    atomic_write_bytes(out / "report.md", _report(study, optuna_study, result, pngs, command).encode())
+    return result
+
+
+def _plots(optuna_study, out: Path) -> list[str]:
+    """Optuna's optimization history and parameter importances (importances need 2+ complete trials and a
+    parameter that varied)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ov
+
+    written = []
+    for name, draw in (("optimization_history.png", ov.plot_optimization_history),
+                       ("param_importances.png", ov.plot_param_importances)):
+        try:
+            ax = draw(optuna_study)
+        except (ValueError, RuntimeError) as e:  # too few trials for importances
+            log.info("tune: no %s (%s)", name, e)
+            continue
+        fig = ax.figure
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _report(study: Study, optuna_study, result: dict, pngs: list[str], command: str) -> str:
+    lines = [f"# fedslip tune: {study.base['method']}", ""]
+    if command:
+        lines += ["```bash", command, "```", ""]
+    lines += [f"Objective (validation rows): {json.dumps(study.objective)}; space: "
+              f"{'; '.join(p.describe() for p in study.space)}; TPE sampler (seed {study.config({}).seed}), median "
+              f"pruning after {study.pruner_startup_trials} finished trials and {study.pruner_warmup_rounds} "
+              f"round(s). Trials: {result['states']}.", "",
+              f"**Best: trial {result['best_trial']}**, objective {100 * result['best_value']:.2f}, "
+              f"{json.dumps(result['best_params'])} -> [best.toml](best.toml)", "",
+              "| trial | state | " + " | ".join(p.name for p in study.space)
+              + " | objective | global | personalized | K-step | worst client | rounds | minutes | health |",
+              "|---|---|" + "---|" * len(study.space) + "---|---|---|---|---|---|---|---|"]
+    for t in optuna_study.trials:
+        a = t.user_attrs
+        params = " | ".join(f"{t.params[p.name]:.3g}" if isinstance(t.params.get(p.name), float)
+                            else str(t.params.get(p.name, "-")) for p in study.space)
+        value = t.value if t.value is not None else (t.intermediate_values[max(t.intermediate_values)]
+                                                     if t.intermediate_values else None)
+        rounds = max(t.intermediate_values) if t.intermediate_values else "-"
+        minutes = f"{a['wall_seconds'] / 60:.1f}" if a.get("wall_seconds") else "-"
+        lines.append(f"| {t.number} | {t.state.name.lower()} | {params} | {_pct(value)} | "
+                     f"{_pct(a.get('global_accuracy'))} | {_pct(a.get('personalized_accuracy'))} | "
+                     f"{_pct(a.get('kstep_accuracy'))} | {_pct(a.get('worst_client_personalized_accuracy'))} | "
+                     f"{rounds} | {minutes} | {', '.join(a.get('health', [])) or '-'} |")
+    lines += ["", "Accuracies in % on validation rows; a pruned trial shows its objective at the round it "
+              "stopped. Every trial is a run directory in `trials/` (config.toml, metrics.jsonl).", ""]
+    lines += [f"![{p}]({p})" for p in pngs] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,12 @@
+"""Evaluation views: which of a client's tracks is evaluated, on which rows.
+
+A module of its own, below both ``client`` (which evaluates a view) and ``engines`` (which carry views to
+the clients), so that neither imports the other for a type (``tests/test_architecture.py``).
+"""
+
+from __future__ import annotations
+
+View = tuple[str, ...] | None  # tracks to evaluate; None = the client's inference model
+# The client's inference model on the balanced global test set instead of its own rows: what
+# personalization costs a client on inputs outside its own distribution.
+GLOBAL_TEST_VIEW: View = ("global_test",)

@@ -1,0 +1,164 @@
+"""The field's personalization baselines by partial sharing (fedper, fedrep, fedbabu, fedsa_lora): each
+preset's defining rule, and the rule they share: a local part never travels, in any message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fedslip
+from fedslip import client as client_mod
+from fedslip import comm
+from fedslip.client import Client, evaluate, step_schedule, train_local
+from fedslip.experiment import RunDir, build_clients, prepare
+from fedslip.model import GLOBAL
+from fedslip.server import Server
+from fedslip.storage import load_tensors
+
+PARTIAL = ["fedper", "fedrep", "fedbabu", "fedsa_lora"]
+
+
+def test_each_preset_keeps_its_part_local(tiny_cfg):
+    for method in PARTIAL:
+        model = prepare(tiny_cfg(method=method)).model
+        local, shared = set(model.local_params), set(model.global_params)
+        assert local and shared and not local & shared
+        if method == "fedsa_lora":  # every B matrix local; every A matrix and the head shared
+            assert all(".lora_B." in n for n in local) and not any(".lora_B." in n for n in shared)
+            assert any(".lora_A." in n for n in shared) and any(".modules_to_save." in n for n in shared)
+        else:  # the classifier head local; the whole LoRA body shared
+            assert all(".modules_to_save." in n for n in local) and not any(".modules_to_save." in n for n in shared)
+            assert {".lora_A." in n for n in shared} == {True, False}  # A and B matrices
+
+
+def test_schedules_say_what_each_batch_trains(tiny_cfg):
+    # (shared global track, private track, local parts)
+    fedper = tiny_cfg(method="fedper")
+    assert step_schedule(fedper, 3, False) == [(True, False, True)] * 3
+    assert step_schedule(fedper, 3, False, kstep=True) == [(True, False, True)] * 3
+    fedrep = tiny_cfg(method="fedrep")
+    assert step_schedule(fedrep, 3, False) == [(False, False, True)] * 3 + [(True, False, False)] * 3
+    assert step_schedule(tiny_cfg(method="fedrep", local_first_steps=5), 3, False) == \
+        [(False, False, True)] * 5 + [(True, False, False)] * 3
+    assert step_schedule(fedrep, 3, False, kstep=True) == [(True, False, True)] * 3
+    fedbabu = tiny_cfg(method="fedbabu")
+    assert step_schedule(fedbabu, 3, False) == [(True, False, False)] * 3
+    assert step_schedule(fedbabu, 3, False, kstep=True) == [(False, False, True)] * 3
+    assert step_schedule(tiny_cfg(method="fedsa_lora"), 2, False) == [(True, False, True)] * 2
+
+
+def _snapshots(monkeypatch, model):
+    """The model's shared and local tensors before every local step (and after the last, appended later)."""
+    taken = []
+    real = client_mod.backward_step
+
+    def recording(m, *args, **kwargs):
+        taken.append((m.global_state(), {n: p.detach().clone() for n, p in m.local_params.items()}))
+        return real(m, *args, **kwargs)
+
+    monkeypatch.setattr(client_mod, "backward_step", recording)
+    return taken
+
+
+def _same(a, b):
+    return all(torch.equal(a[n], b[n]) for n in a)
+
+
+def _train(tiny_cfg, tmp_path, monkeypatch, steps, kstep=False, **overrides):
+    cfg = tiny_cfg(**overrides)
+    setup = prepare(cfg)
+    client = build_clients(setup, RunDir(tmp_path))[0]
+    model = setup.model
+    taken = _snapshots(monkeypatch, model)
+    train_local(model, setup.tokenizer, client.train, cfg, steps, False, None, None, seed=3, kstep=kstep)
+    taken.append((model.global_state(), {n: p.detach().clone() for n, p in model.local_params.items()}))
+    return taken
+
+
+def test_fedrep_body_does_not_move_during_the_head_phase_nor_the_head_during_the_body_phase(
+        tiny_cfg, tmp_path, monkeypatch):
+    taken = _train(tiny_cfg, tmp_path, monkeypatch, 2, method="fedrep", local_first_steps=3)
+    assert len(taken) == 6  # 3 head steps + 2 body steps, and the end
+    for before, after in zip(taken[:3], taken[1:4]):  # head phase
+        assert _same(before[0], after[0]) and not _same(before[1], after[1])
+    for before, after in zip(taken[3:5], taken[4:6]):  # body phase
+        assert not _same(before[0], after[0]) and _same(before[1], after[1])
+
+
+def test_fedper_trains_head_and_body_on_every_batch(tiny_cfg, tmp_path, monkeypatch):
+    taken = _train(tiny_cfg, tmp_path, monkeypatch, 3, method="fedper")
+    for before, after in zip(taken, taken[1:]):
+        assert not _same(before[0], after[0]) and not _same(before[1], after[1])
+
+
+def test_fedbabu_head_stays_at_its_initialization_and_kstep_trains_the_head_alone(tiny_cfg, tmp_path,
+                                                                                   monkeypatch):
+    taken = _train(tiny_cfg, tmp_path / "fed", monkeypatch, 3, method="fedbabu")
+    for before, after in zip(taken, taken[1:]):
+        assert not _same(before[0], after[0]) and _same(before[1], after[1])
+    taken = _train(tiny_cfg, tmp_path / "kstep", monkeypatch, 3, kstep=True, method="fedbabu")
+    for before, after in zip(taken, taken[1:]):
+        assert _same(before[0], after[0]) and not _same(before[1], after[1])
+
+
+@pytest.mark.parametrize("method", PARTIAL)
+def test_local_parts_never_travel_and_stay_with_their_client(tiny_cfg, tmp_path, monkeypatch, method):
+    """Every message of a run (each download, each upload), by name and by value: no local part; the
+    server's global track holds the shared parts only; each client's local parts are in its state."""
+    messages = []
+    real_reply, real_broadcast = Client.reply_payload, Server.broadcast
+    monkeypatch.setattr(Client, "reply_payload", lambda self, *a: messages.append(real_reply(self, *a)) or messages[-1])
+    monkeypatch.setattr(Server, "broadcast", lambda self: messages.append(real_broadcast(self)) or messages[-1])
+    cfg = tiny_cfg(method=method, rounds=2, kstep=2)
+    summary = fedslip.run(cfg, tmp_path / "run", progress=False, log=False)
+    model = prepare(cfg).model
+    shared, local_names = set(model.global_params), set(model.local_params)
+    assert summary["private_bytes_transmitted"] == 0 and summary["kstep_accuracy"] is not None
+    assert set(load_tensors(tmp_path / "run" / "global.safetensors")) == shared
+    kept = [load_tensors(tmp_path / "run" / "clients" / str(c) / "private.safetensors") for c in range(cfg.num_clients)]
+    assert all(set(k) == local_names for k in kept)
+    for payload in messages:
+        tensors = comm.decode(payload)
+        assert set(tensors) == shared and comm.private_bytes(payload, cfg.local_params) == 0
+        for state in kept:  # by value: no local tensor of any client inside any message
+            for name, value in state.items():
+                assert not any(t.shape == value.shape and torch.equal(t, value) and value.abs().sum() > 0
+                               for t in tensors.values()), (name, method)
+    # the server's model (the global accuracy): the shared parts with the local parts' initial values
+    setup = prepare(cfg)
+    setup.model.load_global_state(load_tensors(tmp_path / "run" / "global.safetensors"))
+    server_view = evaluate(setup.model, setup.tokenizer, setup.global_eval, (GLOBAL,), 8, cfg.num_labels)
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert server_view["loss"] == pytest.approx(last["global_loss"], rel=1e-5)
+    trained = [k for k in kept if not _same(k, model.initial_local)]
+    if method == "fedbabu":
+        assert not trained  # the head never trains during federation
+    else:
+        assert len(trained) == cfg.num_clients and not _same(kept[0], kept[1])  # each client its own
+    # the counter would see a local part by name
+    leaked = comm.encode({**comm.decode(messages[0]), **kept[0]})
+    assert comm.private_bytes(leaked, cfg.local_params) == sum(t.numel() * 4 for t in kept[0].values())
+
+
+def test_fedsa_lora_sends_half_the_lora_bytes(tiny_cfg, tmp_path):
+    sizes = {}
+    for method in ("fedavg_lora", "fedsa_lora"):
+        model = prepare(tiny_cfg(method=method)).model
+        lora = lambda params: sum(p.numel() for n, p in params.items() if ".lora_" in n)  # noqa: E731
+        sizes[method] = (lora(model.global_params), lora(model.local_params))
+    # tiny: LoRA r=8 on query/value of a 32-wide BERT: A (8x32) and B (32x8) of equal size
+    assert sizes["fedsa_lora"][0] * 2 == sizes["fedavg_lora"][0] == sizes["fedsa_lora"][1] * 2
+
+
+def test_bad_partial_sharing_settings_are_refused(tiny_cfg):
+    cases = [({"method": "fedper", "local_params": ["classifier"]}, "'classifier' not among head, lora_A, lora_B"),
+             ({"method": "fedper", "local_params": ["head", "lora_A", "lora_B"]}, "nothing would be shared"),
+             ({"method": "fedslip", "local_params": ["head"]}, "one track"),
+             ({"method": "fedavg_lora", "local_phase": "first"}, "needs local_params"),
+             ({"method": "fedper", "local_first_steps": 3}, "local_first_steps needs local_phase='first'"),
+             ({"method": "fedrep", "local_first_steps": -1}, "local_first_steps must be >= 0")]
+    for overrides, message in cases:
+        with pytest.raises(fedslip.ConfigError, match=message):
+            tiny_cfg(**overrides)

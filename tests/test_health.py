@@ -1,0 +1,124 @@
+"""Run health: a run that learned nothing says so (log, metrics.jsonl, summary.json, report, exit code)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import fedslip
+from fedslip import cli, health
+from fedslip.api import resume
+from fedslip.experiment import RunDir, prepare
+from fedslip.report import build_report, load_run
+
+
+def _row(round_idx, glob=0.80, personal=0.90, loss=0.5, per_client=(0.9, 0.9, 0.9, 0.9), chance=0.25,
+         floors=(0.8, 0.8, 0.8, 0.8)):
+    return {"round": round_idx, "global_accuracy": glob, "personalized_accuracy": personal, "train_loss": loss,
+            "personalized_accuracy_per_client": list(per_client), "global_chance": chance,
+            "majority_floor_per_client": list(floors)}
+
+
+def _symptoms(history):
+    return [e["symptom"] for e in health.check_round(history)]
+
+
+def test_a_learning_run_has_no_health_entries():
+    history = [_row(1, 0.5, 0.85, 1.0), _row(2, 0.7, 0.88, 0.8), _row(3, 0.8, 0.9, 0.81), _row(4, 0.82, 0.91, 0.82)]
+    assert all(_symptoms(history[:r]) == [] for r in range(1, 5))
+
+
+def test_global_accuracy_within_two_points_of_chance_two_rounds_running_from_round_two():
+    assert _symptoms([_row(1, glob=0.25)]) == []  # round 1 may still sit at the prior
+    assert _symptoms([_row(1, glob=0.26), _row(2, glob=0.2699)]) == ["global_at_chance"]
+    assert _symptoms([_row(1, glob=0.26), _row(2, glob=0.2701)]) == []
+    assert _symptoms([_row(1, glob=0.5), _row(2, glob=0.25)]) == []  # one bad round is not a stuck run
+    assert _symptoms([_row(1, glob=0.25), _row(2, glob=0.2695)]) == []  # rising by more than 1 point: learning
+    # chance is what the evaluation set gives a constant prediction: its majority share
+    assert _symptoms([_row(1, glob=0.4, chance=0.4), _row(2, glob=0.41, chance=0.4)]) == ["global_at_chance"]
+
+
+def test_personalized_at_or_below_the_clients_mean_floor_from_round_three():
+    floors = (0.7, 0.9, 0.8, 0.8)
+    stuck = [_row(1), _row(2, personal=0.795, floors=floors), _row(3, personal=0.8, floors=floors)]
+    entries = health.check_round(stuck)
+    assert [e["symptom"] for e in entries] == ["personalized_at_floor"]
+    assert entries[0]["floor"] == pytest.approx(0.8)
+    # FedAvg on skewed clients sits below its floors in rounds 1-2
+    assert _symptoms([_row(1, personal=0.8, floors=floors), _row(2, personal=0.8, floors=floors)]) == []
+    assert _symptoms([*stuck[:2], _row(3, personal=0.81, floors=floors)]) == []
+    assert _symptoms([*stuck[:1], _row(2, personal=0.6), _row(3, personal=0.7)]) == []  # climbing
+
+
+def test_loss_not_finite_and_loss_rising_two_rounds():
+    assert _symptoms([_row(1, loss=math.nan)]) == ["loss_not_finite"]
+    assert _symptoms([_row(1, loss=1.0), _row(2, loss=math.inf)]) == ["loss_not_finite"]
+    rising = [_row(1, loss=1.0), _row(2, loss=1.2), _row(3, loss=1.5)]
+    assert _symptoms(rising) == ["loss_rising"]
+    assert _symptoms(rising[:2]) == []  # one rise is not a trend
+    assert _symptoms([_row(1, loss=1.0), _row(2, loss=1.02), _row(3, loss=1.04)]) == []  # noise of a stuck model
+    assert _symptoms([_row(1, loss=1.0), _row(2, loss=1.5), _row(3, loss=1.4)]) == []
+
+
+def test_a_client_far_below_the_others_two_rounds_running():
+    behind = (0.9, 0.92, 0.74, 0.91)
+    entries = health.check_round([_row(1), _row(2, per_client=behind), _row(3, per_client=behind)])
+    assert [(e["symptom"], e["client"]) for e in entries] == [("client_behind", 2)]
+    assert _symptoms([_row(1, per_client=behind), _row(2, per_client=behind)]) == []  # not before round 3
+    assert _symptoms([_row(1), _row(2, per_client=behind), _row(3, per_client=(0.9, 0.92, 0.76, 0.91))]) == []
+    assert _symptoms([_row(1), _row(2), _row(3, per_client=behind)]) == []  # one round behind
+    few = (0.9, 0.5, None, None)
+    assert _symptoms([_row(1), _row(2, per_client=few), _row(3, per_client=few)]) == []  # needs 3 clients
+
+
+def test_every_entry_names_cause_and_fix():
+    assert set(health.ADVICE) == {"global_at_chance", "personalized_at_floor", "loss_not_finite", "loss_rising",
+                                  "client_behind"}
+    line = health.message(health.check_round([_row(1, glob=0.25), _row(2, glob=0.25)])[0])
+    assert "round 2" in line and "global_at_chance" in line and "fedslip tune" in line
+
+
+def _run(tiny_cfg, path, **overrides):
+    cfg = tiny_cfg(rounds=3, **overrides)
+    return cfg, fedslip.run(cfg, path, progress=False, log=False)
+
+
+def test_a_diverging_run_is_flagged(tiny_cfg, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="fedslip"):
+        _, summary = _run(tiny_cfg, tmp_path / "run", lr=50.0)
+    symptoms = {(e["round"], e["symptom"]) for e in summary["health"]}
+    assert {(3, "loss_rising"), (3, "global_at_chance"), (3, "personalized_at_floor")} <= symptoms, symptoms
+    assert any("loss_rising" in r.getMessage() and "learning rate" in r.getMessage() for r in caplog.records)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e for row in rows for e in row["health"]] == summary["health"]  # per round, and all in the summary
+    assert rows[0]["health"] == []
+
+
+def test_a_run_stuck_at_its_prior_is_flagged(tiny_cfg, tmp_path):
+    cfg, summary = _run(tiny_cfg, tmp_path / "run", lr=1e-9)
+    symptoms = [(e["round"], e["symptom"]) for e in summary["health"] if e["symptom"] != "client_behind"]
+    assert symptoms == [(2, "global_at_chance"), (3, "global_at_chance"), (3, "personalized_at_floor")]
+    # each client's floor comes from its own evaluation reply: equal to the floor of the rows it holds
+    assert summary["majority_floor_per_client"] == [c.majority_floor for c in prepare(cfg).clients]
+    report = build_report([load_run(tmp_path / "run")], tmp_path / "report")
+    assert report is not None
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Health" in text and "| `run` | 2 | global_at_chance |" in text
+
+
+def test_strict_health_stops_after_the_checkpoint_with_exit_code_3(tiny_cfg, tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["run", "--method", "fedavg_lora", "--backbone", "tiny", "--data-dir", str(data_dir),
+                     "--rounds", "3", "--samples-per-client", "32", "--test-samples-per-client", "16",
+                     "--global-test-samples", "64", "--batch-size", "16", "--kstep", "0", "--precision", "fp32",
+                     "--lr", "1e-9", "--strict-health", "--out", str(out), "--quiet"])
+    assert code == 3
+    assert "round 2 failed its health checks (strict_health): global_at_chance" in capsys.readouterr().err
+    checkpoint = RunDir(out).load_checkpoint()
+    assert checkpoint.round == 2 and not (out / "summary.json").exists()
+    # strict_health is a run-only key: the run can be finished without it
+    text = (out / "config.toml").read_text().replace("strict_health = true", "strict_health = false")
+    (out / "config.toml").write_text(text)
+    assert resume(out, progress=False, log=False)["rounds"] == 3

@@ -1,0 +1,143 @@
+"""``fedslip tune``: Optuna on validation rows, pruning, resumable studies, a best.toml that runs as is."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import optuna
+import pandas as pd
+import pytest
+
+from fedslip import ConfigError, load_config, make_config
+from fedslip import tune as tune_mod
+from fedslip.cli import main
+
+TINY = dict(method="fedavg_lora", backbone="tiny", rounds=3, samples_per_client=32, test_samples_per_client=16,
+            global_test_samples=64, batch_size=16, kstep=0, precision="fp32")
+
+
+@pytest.fixture
+def tiny_overrides(data_dir):
+    return {**TINY, "data_dir": str(data_dir)}
+
+
+def _study(out):
+    return optuna.load_study(study_name="fedslip-tune", storage=f"sqlite:///{out / 'study.db'}")
+
+
+def test_tune_searches_on_validation_rows_prunes_and_writes_a_runnable_best_toml(tiny_overrides, tmp_path):
+    out = tmp_path / "study"
+    # trial 0: the config's own lr (the tiny backbone learns a little with 64 rows per client: global 28.9% at
+    # round 3); trial 1: an lr that learns nothing (25.0%), pruned against trial 0's curve
+    overrides = {**tiny_overrides, "samples_per_client": 64, "test_samples_per_client": 32}
+    result = tune_mod.tune(out, trials=3, overrides=overrides, maximize="global", pruner_startup_trials=1,
+                           pruner_warmup_rounds=0, enqueue=[{"lr": 1e-9}])
+    trials = _study(out).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert trials[0].params == {"lr": make_config(tiny_overrides).lr} and trials[1].params == {"lr": 1e-9}
+    assert max(trials[1].intermediate_values.values()) < trials[0].intermediate_values[3]
+    for t in trials:  # every trial an ordinary run directory, evaluated on validation rows
+        cfg = load_config(out / t.user_attrs["run_dir"] / "config.toml")
+        assert cfg.eval_split == "val" and cfg.val_samples_per_client == 32 and cfg.lr == t.params["lr"]
+    assert not (out / "trials/0001/summary.json").exists()  # pruned: a run stopped after a checkpoint
+    summary = json.loads((out / trials[result["best_trial"]].user_attrs["run_dir"] / "summary.json").read_text())
+    assert result["best_value"] == pytest.approx(summary["global_accuracy"])
+    assert result["best_value"] == max(t.value for t in trials if t.value is not None)
+    best = load_config(out / "best.toml")  # runs as is, on the test split
+    assert best.eval_split == "test" and best.lr == result["best_params"]["lr"] and best.method == "fedavg_lora"
+    assert len(pd.read_csv(out / "study.csv")) == 3
+    report = (out / "report.md").read_text()
+    assert "| 1 | pruned | 1e-09 |" in report
+    assert {"optimization_history.png", "param_importances.png", "report.md"} <= {p.name for p in out.iterdir()}
+    # the same call again: the study is complete, nothing runs, the outputs are rewritten identically
+    again = tune_mod.tune(out, trials=3, overrides=overrides, maximize="global", pruner_startup_trials=1,
+                          pruner_warmup_rounds=0)
+    assert again == result and len(_study(out).trials) == 3
+
+
+KILLER = """
+import os, sys
+from fedslip import api, tune
+real_run = api.run
+def run(cfg, out, **kw):  # the process dies (no cleanup at all) in trial 1, after round 2's checkpoint
+    def die(row):
+        if str(out).endswith("0001") and row["round"] == 2:
+            os._exit(9)
+    return real_run(cfg, out, **{**kw, "callbacks": [*kw["callbacks"], die]})
+api.run = run
+tune.tune(sys.argv[1], trials=2, overrides={overrides}, search=["lr"], pruner_startup_trials=5)
+"""
+
+
+def test_an_interrupted_study_continues_and_resumes_the_interrupted_run(tiny_overrides, tmp_path):
+    out = tmp_path / "study"
+    script = textwrap.dedent(KILLER).replace("{overrides}", repr(tiny_overrides))
+    proc = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert [t.state.name for t in _study(out).trials] == ["COMPLETE", "RUNNING"]
+    killed = [json.loads(line) for line in (out / "trials/0001/metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in killed] == [1, 2]
+    result = tune_mod.tune(out, trials=2, overrides=tiny_overrides, search=["lr"], pruner_startup_trials=5)
+    trials = _study(out).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2].params == trials[1].params and trials[2].user_attrs["run_dir"] == "trials/0001"
+    assert sorted(trials[2].intermediate_values) == [1, 2, 3]  # the finished rounds reported again
+    rows = [json.loads(line) for line in (out / "trials/0001/metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3] and rows[:2] == killed  # continued, not restarted
+    assert result["states"] == {"complete": 2, "pruned": 0, "fail": 1}
+
+
+def test_bad_tune_settings_are_refused_before_anything_is_written(tiny_overrides, tmp_path):
+    out = tmp_path / "study"
+    cases = [
+        (dict(overrides={**tiny_overrides, "eval_split": "test"}), "validation rows only"),
+        (dict(overrides=tiny_overrides, maximize="accuracy"), "accuracy not among"),
+        (dict(overrides=tiny_overrides, maximize="global=-1"), "weights must be > 0"),
+        (dict(overrides=tiny_overrides, maximize="kstep"), "needs kstep > 0"),
+        (dict(overrides=tiny_overrides, search=["dominant_fraction"]), "no default range for dominant_fraction"),
+        (dict(overrides=tiny_overrides, space={"lr": [0.1, 0.01]}), "need low < high"),
+        (dict(overrides=tiny_overrides, space={"lr": [0.0, 0.01]}), "low > 0 for log"),
+        (dict(overrides=tiny_overrides, space={"nonsense": [1, 2]}), "'nonsense' is not a config key"),
+        (dict(overrides=tiny_overrides, space={"head": [1, 2]}), "head is a str key"),
+        (dict(overrides=tiny_overrides, space={"lora_rank": {"choices": [4, -1]}}), "lora_rank"),
+        (dict(overrides=tiny_overrides, space={"seed": [0, 5]}), "seed cannot be searched"),
+        (dict(overrides=tiny_overrides, trials=0), "trials >= 1"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            tune_mod.tune(out, **kwargs)
+    assert not out.exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="holds no study"):
+        tune_mod.tune(tmp_path / "busy", trials=1, overrides=tiny_overrides)
+    assert (tmp_path / "busy" / "mine.txt").read_text() == "keep"
+
+
+def test_a_study_directory_refuses_other_settings(tiny_overrides, tmp_path):
+    out = tmp_path / "study"
+    tune_mod.tune(out, trials=1, overrides={**tiny_overrides, "rounds": 1})
+    with pytest.raises(ConfigError, match="other settings"):
+        tune_mod.tune(out, trials=1, overrides={**tiny_overrides, "rounds": 1, "lr": 0.01})
+    assert len(_study(out).trials) == 1
+
+
+def test_cli_tune_reads_the_tune_table_of_the_config(data_dir, tmp_path, capsys):
+    config = tmp_path / "study.toml"
+    config.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {**TINY, "data_dir": str(data_dir),
+                                                                       "rounds": 1}.items())
+                      + '\n[tune]\nmaximize = "personalized=1,global=1"\ntrials = 2\n'
+                      + "[tune.space]\nlora_rank = {choices = [2, 4]}\n")
+    assert load_config(config).lora_rank == 8  # `fedslip run --config` ignores the [tune] table
+    out = tmp_path / "study"
+    assert main(["tune", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    trials = _study(out).trials
+    assert len(trials) == 2 and set(trials[0].params) == {"lr", "lora_rank"}
+    for t in trials:  # the objective: the mean of the two accuracies, as asked
+        s = json.loads((out / t.user_attrs["run_dir"] / "summary.json").read_text())
+        assert t.value == pytest.approx((s["personalized_accuracy"] + s["global_accuracy"]) / 2)
+    assert "report.md" in capsys.readouterr().out
+    assert main(["tune", "--config", str(config), "--out", str(out), "--quiet", "--maximize", "global"]) == 2
