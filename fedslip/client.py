@@ -23,6 +23,14 @@ private head where ``private_head`` is set):
   track as received, the one the private track will be combined with), then the global phase (L_g
   alone); ``interleaved`` takes both losses on the same batches (``step_schedule``).
 
+* ``ditto`` (Li et al. 2021): the private track p is a whole personal model of the global track's
+  shape (its own LoRA and classifier), used alone at inference::
+
+      L_g = CE(f(x; g), y)                                                  -> updates g
+      L_p = CE(f(x; p), y) + (lambda/2) * sum_t ||p_t - g_t^round||^2       -> updates p
+
+  with g^round the global track received this round and lambda = ``ditto_lambda``.
+
 * partial sharing (fedper, fedrep, fedbabu, fedsa_lora): one track g = (s, l), shared parts s and
   local parts l (``local_params``: the head, or the LoRA B matrices) that never leave the client::
 
@@ -102,6 +110,8 @@ def backward_step(model: TrackedModel, batch: dict[str, torch.Tensor], cfg: Expe
     global-only loss; FedProx never covers them (they are not averaged).
     """
     labels = batch["labels"].to(model.device)
+    if cfg.objective == "ditto":
+        return ditto_step(model, batch, cfg, train_private, prox_reference, train_global)
     g_params = ((list(model.global_params.values()) if train_global else [])
                 + (list(model.local_params.values()) if train_local_parts else []))
     p_params = list(model.private_params.values()) if train_private else []
@@ -129,6 +139,29 @@ class Step(NamedTuple):
     shared: bool  # the global track (what travels)
     private: bool  # the private track
     local: bool = False  # the global adapter's local parts (partial sharing)
+
+
+def ditto_step(model: TrackedModel, batch: dict[str, torch.Tensor], cfg: ExperimentConfig, train_private: bool,
+               received: dict | None, train_global: bool) -> tuple[float | None, float | None]:
+    """Ditto on one batch: plain CE for the global track (FedAvg; FedProx if configured), and for the
+    personal model CE on its own logits plus (lambda/2) * ||p - g_round||^2, g_round the global track
+    received this round (``received``; None in K-step: no proximal term)."""
+    labels = batch["labels"].to(model.device)
+    global_loss = private_loss = None
+    if train_global:
+        ce = F.cross_entropy(model.logits(batch, (GLOBAL,)), labels)
+        prox = proximal_term(model.global_params, received, cfg.fedprox_mu) if cfg.fedprox_mu and received else 0.0
+        (ce + prox).backward(inputs=list(model.global_params.values()))
+        global_loss = ce.item()
+    if train_private:
+        ce_p = F.cross_entropy(model.logits(batch, (PRIVATE,)), labels)
+        toward = 0.0
+        if received is not None and cfg.ditto_lambda:
+            reference = {n: received[model.global_name(n)] for n in model.private_params}
+            toward = proximal_term(model.private_params, reference, cfg.ditto_lambda)
+        (ce_p + toward).backward(inputs=list(model.private_params.values()))
+        private_loss = ce_p.item()
+    return global_loss, private_loss
 
 
 def step_schedule(cfg: ExperimentConfig, steps: int, train_private: bool, kstep: bool = False) -> list[Step]:
@@ -166,7 +199,7 @@ def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentCo
     opt_p = (torch.optim.AdamW(p_params.values(), lr=cfg.private_lr, weight_decay=cfg.weight_decay)
              if train_private else None)
     mu = cfg.fedprox_mu if prox_reference is not None else 0.0
-    if mu:
+    if mu or (cfg.objective == "ditto" and prox_reference is not None):  # ditto pulls p toward it
         prox_reference = {n: t.to(model.device) for n, t in prox_reference.items()}
     losses, private_losses = [], []
     model.model.train()

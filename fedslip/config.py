@@ -20,12 +20,13 @@ from typing import Any
 import tomli_w
 import tomllib
 
-METHODS = ("fedavg_lora", "dual_naive", "fedslip", "centralized", "fedper", "fedrep", "fedbabu", "fedsa_lora")
+METHODS = ("fedavg_lora", "dual_naive", "fedslip", "centralized", "fedper", "fedrep", "fedbabu", "fedsa_lora",
+           "ditto")
 PARTITIONS = ("dominant", "dirichlet", "iid")
 HEADS = ("shared", "shared_full")
 PRIVATE_HEADS = ("none", "bias", "classifier")
 PRIVATE_PHASES = ("interleaved", "first")
-OBJECTIVES = ("global_only", "joint", "separated")
+OBJECTIVES = ("global_only", "joint", "separated", "ditto")
 PRECISIONS = ("auto", "bf16", "fp32")
 PRUNE_SCOPES = ("matrix", "global")
 LOCAL_PARTS = ("head", "lora_A", "lora_B")
@@ -173,7 +174,11 @@ class ExperimentConfig:
                                 "shared phase.")
     objective: str = _f(FROM_PRESET, "`global_only` (FedAvg), `joint` (one loss on the combined logits "
                         "trains both tracks), `separated` (global loss on global-only logits; private loss on "
-                        "combined logits).")
+                        "combined logits), `ditto` (the private track is a whole personal model, the global "
+                        "track's shape, trained alone toward the global track received: ditto_lambda).")
+    ditto_lambda: float = _f(0.1, "objective=ditto: weight lambda of the personal model's proximal term "
+                             "(lambda/2)*||p - g_round||^2 toward the global track received this round; 0 = "
+                             "purely local training of the personal model.")
     detach: bool = _f(FROM_PRESET, "objective=separated: the private loss treats the global track as constant, so "
                       "it sends no gradient to it.")
     fedprox_mu: float = _f(FROM_PRESET, "FedProx: adds (mu/2)*||w - w_round||^2 over the global track to its loss.")
@@ -256,7 +261,7 @@ class ExperimentConfig:
                      "val_samples_per_client", "global_test_samples", "private_warmup_rounds",
                      "private_freeze_round", "lora_dropout", "private_prune_start_round", "private_local_steps",
                      "max_update_norm", "max_payload_bytes", "reply_timeout", "rejoin_timeout", "kstep_lr",
-                     "local_first_steps")
+                     "local_first_steps", "ditto_lambda")
         positive("min_fit_clients", "parallel_clients", "client_cpus", "private_every")
         if self.min_fit_clients > self.num_clients:
             raise ConfigError(f"min_fit_clients={self.min_fit_clients} exceeds num_clients={self.num_clients}")
@@ -292,7 +297,10 @@ class ExperimentConfig:
         if not self.private_track and self.objective != "global_only":
             raise ConfigError(f"objective={self.objective!r} needs private_track=true")
         if self.private_track and self.objective == "global_only":
-            raise ConfigError("private_track=true needs objective 'joint' or 'separated'")
+            raise ConfigError("private_track=true needs objective 'joint', 'separated' or 'ditto'")
+        if self.objective == "ditto" and self.private_head != "none":
+            raise ConfigError("objective='ditto': the personal model has its own classifier; private_head must "
+                              "be 'none'")
         if self.method == "centralized" and (self.engine != "embedded" or self.parallel_clients != 1
                                              or self.private_track):
             raise ConfigError("method='centralized' (one trainer on all clients' rows) runs on engine='embedded' "
@@ -381,6 +389,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # FedSA-LoRA (Guo et al., ICLR 2025, "Selective Aggregation for Low-Rank Adaptation in Federated
     # Learning"): LoRA A matrices shared and averaged, B matrices kept by each client.
     "fedsa_lora": dict(local_params=["lora_B"], local_phase="joint"),
+    # Ditto (Li et al., ICML 2021, "Ditto: Fair and Robust Federated Learning Through Personalization"):
+    # plain FedAvg on the global track; each client also trains a personal model of the same shape (its
+    # own LoRA and classifier) toward the global track received, with weight ditto_lambda; inference
+    # uses the personal model alone.
+    "ditto": dict(private_track=True, objective="ditto", detach=True, fedprox_mu=0.0, head="shared",
+                  private_warmup_rounds=0, private_freeze_round=0, private_target_sparsity=0.0,
+                  private_rewind_round=-1, private_phase="interleaved"),
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}

@@ -56,6 +56,12 @@ ADVICE = {
 class HealthError(RuntimeError):
     """Raised after a round's checkpoint when ``strict_health`` is set and the round has health entries."""
 
+    @classmethod
+    def of(cls, row: dict, run_path) -> HealthError:
+        return cls(f"round {row['round']} failed its health checks (strict_health): "
+                   f"{'; '.join(e['symptom'] + ': ' + e['detail'] for e in row['health'])}. "
+                   f"The checkpoint of round {row['round']} is kept in {run_path}")
+
 
 def majority_floor(total_per_class: list[int]) -> float | None:
     """Accuracy of always predicting the most frequent class of an evaluation (from its class counts)."""
@@ -132,6 +138,12 @@ def _client_behind(row: dict, cid: int) -> tuple[float, float] | None:
         return None
     median = float(np.median(present))
     return (per_client[cid], median) if per_client[cid] < median - CLIENT_GAP else None
+
+
+def check_history(history: list[dict]) -> list[dict]:
+    """Every round's entries of a whole metrics history (``metrics.jsonl`` rows), as the run would have
+    logged them with these rules."""
+    return [entry for r in range(1, len(history) + 1) for entry in check_round(history[:r])]
 
 
 def message(entry: dict) -> str:

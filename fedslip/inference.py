@@ -88,7 +88,8 @@ class RunModel:
         self.model = TrackedModel(self.cfg, self.tokenizer)
         self.model.load_global_state(load_tensors(self.run.path / "global.safetensors"))
         self.tracks: tuple[str, ...] = (GLOBAL,)
-        if use_private and self.model.has_client_state:  # a private track and/or local parts (partial sharing)
+        self.personalized = use_private and self.model.has_client_state  # the client's own model
+        if self.personalized:  # a private track and/or local parts (partial sharing)
             private = self._private_state(client)
             if private is None:
                 raise StateFileError(f"{self.run.client_dir(client)} holds no private state for client {client}")
@@ -164,20 +165,21 @@ class RunModel:
         write_json(out / EXPORT_META, {
             "format": "peft", "base_model": base_model, "num_labels": self.cfg.num_labels, "id2label": id2label,
             "adapters": list(self.tracks), "max_seq_len": self.cfg.max_seq_len,
-            "run": str(self.run.path.resolve()), "client": self.client if PRIVATE in self.tracks else None})
+            "run": str(self.run.path.resolve()), "client": self.client if self.personalized else None})
         where = out.resolve()
+        first, *more = self.tracks
         lines = ["from peft import PeftModel",
                  "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
                  "",
                  f"base = AutoModelForSequenceClassification.from_pretrained({base_model!r}, "
                  f"num_labels={self.cfg.num_labels}, id2label={id2label!r})",
-                 f"model = PeftModel.from_pretrained(base, {str(where / GLOBAL)!r}, adapter_name={GLOBAL!r})"]
-        if PRIVATE in self.tracks:
-            lines += [f"model.load_adapter({str(where / PRIVATE)!r}, adapter_name={PRIVATE!r})",
+                 f"model = PeftModel.from_pretrained(base, {str(where / first)!r}, adapter_name={first!r})"]
+        for track in more:
+            lines += [f"model.load_adapter({str(where / track)!r}, adapter_name={track!r})",
                       f"model.base_model.set_adapter({list(self.tracks)!r})  # both adapters run"]
         lines += ["model.eval()", f"tokenizer = AutoTokenizer.from_pretrained({str(where)!r})  "
                   f"# truncation=True cuts at {self.cfg.max_seq_len} tokens, as in training"]
-        whose = f"client {self.client}'s personalized model" if PRIVATE in self.tracks else "the global track"
+        whose = f"client {self.client}'s personalized model" if self.personalized else "the global track"
         (out / "README.md").write_text(f"# FedSLIP export: {whose} (peft adapters)\n\nRun: `{self.run.path}`. "
                                        "Load with transformers and peft:\n\n```python\n" + "\n".join(lines)
                                        + "\n```\n")

@@ -186,7 +186,14 @@ class TrackedModel:
         # track owns it, and both adapters can be active at once.
         self.model = get_peft_model(base, global_cfg, adapter_name=GLOBAL)
         self.has_private = cfg.private_track
-        if self.has_private:
+        # ditto: the private track is a whole personal model, the global adapter's shape (head included),
+        # used alone; otherwise it is added to the global track
+        self.personal = cfg.objective == "ditto"
+        if self.personal:
+            self.model.add_adapter(PRIVATE, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                                       lora_dropout=cfg.lora_dropout, target_modules=self.targets,
+                                                       modules_to_save=self.head))
+        elif self.has_private:
             self.model.add_adapter(PRIVATE, LoraConfig(r=cfg.private_rank, lora_alpha=cfg.private_alpha,
                                                        lora_dropout=cfg.lora_dropout,
                                                        target_modules=private_targets))
@@ -202,7 +209,7 @@ class TrackedModel:
         self.local_params = {n: p for n, p in adapter.items() if local_part(n, cfg.local_params)}
         self.global_params = {n: p for n, p in adapter.items() if n not in self.local_params}
         self.initial_local = self._read(self.local_params)  # the seeded init: the same on every client
-        self.private_params = {n: p for n, p in named.items() if f".{PRIVATE}." in n}
+        self.private_params = {n: p for n, p in named.items() if f".{PRIVATE}." in n and self._in_head(n)}
         self.private_lora = frozenset(self.private_params)  # what the lottery-ticket mask prunes
         self.private_params.update(self._private_head(cfg.private_head if self.has_private else "none"))
         self._active: tuple[str, ...] = ()
@@ -275,7 +282,14 @@ class TrackedModel:
         return out.logits.float()
 
     def inference_tracks(self) -> tuple[str, ...]:
+        if self.personal:
+            return (PRIVATE,)
         return (GLOBAL, PRIVATE) if self.has_private else (GLOBAL,)
+
+    @staticmethod
+    def global_name(private_name: str) -> str:
+        """The global-track tensor a personal-model (ditto) tensor mirrors."""
+        return private_name.replace(f".{PRIVATE}.", f".{GLOBAL}.")
 
     # --- state in and out ---------------------------------------------------------------
     @staticmethod
@@ -326,7 +340,13 @@ class TrackedModel:
 
     def fresh_private_state(self, seed: int) -> dict[str, torch.Tensor]:
         """A newly initialized private track (peft's LoRA init: A random, B zero) for one client; local
-        parts at the seeded initial values every client and the server share."""
+        parts at the seeded initial values every client and the server share. A personal model (ditto)
+        starts as a copy of the global track the model holds now (the one the client received)."""
+        if self.personal:
+            with torch.no_grad():
+                for name, p in self.private_params.items():
+                    p.copy_(self.global_params[self.global_name(name)])
+            return self.private_state()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for module in self.model.modules():

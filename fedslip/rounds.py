@@ -257,9 +257,7 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
         for entry in row["health"]:
             log.warning(health.message(entry))
         if row["health"] and cfg.strict_health:
-            raise health.HealthError(f"round {round_idx} failed its health checks (strict_health): "
-                                     f"{'; '.join(e['symptom'] + ': ' + e['detail'] for e in row['health'])}. "
-                                     f"The checkpoint of round {round_idx} is kept in {run_dir.path}")
+            raise health.HealthError.of(row, run_dir.path)
 
     final_payload = server.broadcast()
     if evaluation is None:  # resumed after the last round: evaluate the final state again

@@ -37,7 +37,7 @@ from typing import Any
 import tomli_w
 import tomllib
 
-from . import api
+from . import api, health
 from .config import FIELDS, ConfigError, ExperimentConfig, make_config
 from .storage import atomic_write_bytes, write_json
 
@@ -301,7 +301,6 @@ def _objective(study: Study, out: Path, progress: bool):
         for key in ("global_accuracy", "personalized_accuracy", "kstep_accuracy",
                     "worst_client_personalized_accuracy", "wall_seconds"):
             trial.set_user_attr(key, summary.get(key))
-        trial.set_user_attr("health", sorted({e["symptom"] for e in summary.get("health", [])}))
         value = final_value(study.objective, summary)
         if value is None:
             raise ValueError(f"trial {trial.number}: the run gave no value for the objective")
@@ -373,7 +372,7 @@ def write_outputs(study: Study, optuna_study, out: Path, command: str = "") -> d
               "states": {s.name.lower(): len(optuna_study.get_trials(deepcopy=False, states=(s,)))
                          for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}}
     write_json(out / "best.json", result)
-    atomic_write_bytes(out / "report.md", _report(study, optuna_study, result, pngs, command).encode())
+    atomic_write_bytes(out / "report.md", _report(study, optuna_study, result, pngs, command, out).encode())
     return result
 
 
@@ -402,11 +401,20 @@ def _plots(optuna_study, out: Path) -> list[str]:
     return written
 
 
+def _symptoms(run_path: Path) -> list[str]:
+    """The health symptoms of a trial's run (``fedslip.health`` replayed over its metrics.jsonl)."""
+    metrics = run_path / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    return sorted({e["symptom"] for e in health.check_history(rows)})
+
+
 def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def _report(study: Study, optuna_study, result: dict, pngs: list[str], command: str) -> str:
+def _report(study: Study, optuna_study, result: dict, pngs: list[str], command: str, out: Path) -> str:
     lines = [f"# fedslip tune: {study.base['method']}", ""]
     if command:
         lines += ["```bash", command, "```", ""]
@@ -421,6 +429,7 @@ def _report(study: Study, optuna_study, result: dict, pngs: list[str], command: 
               "|---|---|" + "---|" * len(study.space) + "---|---|---|---|---|---|---|---|"]
     for t in optuna_study.trials:
         a = t.user_attrs
+        symptoms = _symptoms(out / a["run_dir"]) if a.get("run_dir") else []
         params = " | ".join(f"{t.params[p.name]:.3g}" if isinstance(t.params.get(p.name), float)
                             else str(t.params.get(p.name, "-")) for p in study.space)
         value = t.value if t.value is not None else (t.intermediate_values[max(t.intermediate_values)]
@@ -430,7 +439,7 @@ def _report(study: Study, optuna_study, result: dict, pngs: list[str], command: 
         lines.append(f"| {t.number} | {t.state.name.lower()} | {params} | {_pct(value)} | "
                      f"{_pct(a.get('global_accuracy'))} | {_pct(a.get('personalized_accuracy'))} | "
                      f"{_pct(a.get('kstep_accuracy'))} | {_pct(a.get('worst_client_personalized_accuracy'))} | "
-                     f"{rounds} | {minutes} | {', '.join(a.get('health', [])) or '-'} |")
+                     f"{rounds} | {minutes} | {', '.join(symptoms) or '-'} |")
     lines += ["", "Accuracies in % on validation rows; a pruned trial shows its objective at the round it "
               "stopped. Every trial is a run directory in `trials/` (config.toml, metrics.jsonl).", ""]
     lines += [f"![{p}]({p})" for p in pngs] + [""]

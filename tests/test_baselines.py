@@ -13,7 +13,7 @@ from fedslip import client as client_mod
 from fedslip import comm
 from fedslip.client import Client, evaluate, step_schedule, train_local
 from fedslip.experiment import RunDir, build_clients, prepare
-from fedslip.model import GLOBAL
+from fedslip.model import GLOBAL, PRIVATE
 from fedslip.server import Server
 from fedslip.storage import load_tensors
 
@@ -162,3 +162,89 @@ def test_bad_partial_sharing_settings_are_refused(tiny_cfg):
     for overrides, message in cases:
         with pytest.raises(fedslip.ConfigError, match=message):
             tiny_cfg(**overrides)
+
+
+# --- ditto: a personal model per client, pulled toward the global track received -----------------------
+def _ditto(tiny_cfg, tmp_path, **overrides):
+    cfg = tiny_cfg(method="ditto", num_clients=1, **overrides)
+    setup = prepare(cfg)
+    client = build_clients(setup, RunDir(tmp_path))[0]
+    return cfg, setup, client
+
+
+def test_ditto_gradient_is_ce_of_the_personal_model_plus_lambda_times_the_pull(tiny_cfg, tmp_path):
+    """Several consecutive steps: the personal model's gradient is CE's on its own logits plus
+    lambda * (p - g_round) on every tensor; the global track's gradient does not depend on lambda."""
+    lam = 0.7
+    cfg, setup, client = _ditto(tiny_cfg, tmp_path, ditto_lambda=lam)
+    model = setup.model
+    received = model.global_state()
+    model.load_private_state(model.fresh_private_state(0))
+    torch.manual_seed(1)  # start away from g_round
+    model.load_private_state({n: t + torch.randn_like(t) * 0.1 for n, t in model.private_state().items()})
+    params = {**model.global_params, **model.private_params}
+    batches = list(client_mod.train_batches(setup.tokenizer, client.train, 8, torch.Generator().manual_seed(0), 3))
+    sgd = torch.optim.SGD(params.values(), lr=0.5)
+    with model.eval_mode():
+        for step, batch in enumerate(batches):
+            for p in params.values():
+                p.grad = None
+            client_mod.backward_step(model, batch, cfg, True, received, 0.0)
+            got = {n: p.grad.clone() for n, p in params.items()}
+            ce_p = torch.nn.functional.cross_entropy(model.logits(batch, (PRIVATE,)), batch["labels"])
+            ce_grads = dict(zip(model.private_params, torch.autograd.grad(ce_p, list(model.private_params.values()))))
+            ce_g = torch.nn.functional.cross_entropy(model.logits(batch, (GLOBAL,)), batch["labels"])
+            g_grads = dict(zip(model.global_params, torch.autograd.grad(ce_g, list(model.global_params.values()))))
+            for n, p in model.private_params.items():
+                pull = lam * (p.detach() - received[n.replace(".private.", ".global.")])
+                assert pull.abs().max() > 1e-4
+                assert torch.allclose(got[n], ce_grads[n] + pull, rtol=1e-4, atol=1e-6), (step, n)
+            for n in model.global_params:
+                assert torch.allclose(got[n], g_grads[n], rtol=1e-4, atol=1e-6), (step, n)
+            sgd.step()
+
+
+def test_ditto_lambda_zero_trains_the_personal_model_purely_locally(tiny_cfg, tmp_path):
+    """With lambda = 0 the personal model ends the same whatever global track the client received; with
+    lambda > 0 the global track pulls it."""
+    ends = {}
+    for lam in (0.0, 1.0):
+        cfg, setup, client = _ditto(tiny_cfg, tmp_path / str(lam), ditto_lambda=lam)
+        model = setup.model
+        start_private, start_global = model.fresh_private_state(0), model.global_state()
+        for shift in (0.0, 0.5):
+            received = {n: t + shift for n, t in start_global.items()}
+            model.load_global_state(received)
+            model.load_private_state(start_private)
+            train_local(model, setup.tokenizer, client.train, cfg, 3, True, None, received, seed=3)
+            ends[lam, shift] = model.private_state()
+    assert _same(ends[0.0, 0.0], ends[0.0, 0.5])
+    assert not _same(ends[1.0, 0.0], ends[1.0, 0.5])
+
+
+def test_ditto_starts_from_the_global_track_and_predicts_with_the_personal_model_alone(tiny_cfg, tmp_path):
+    cfg, setup, client = _ditto(tiny_cfg, tmp_path)
+    model = setup.model
+    assert model.inference_tracks() == (PRIVATE,)
+    assert set(map(model.global_name, model.private_params)) == set(model.global_params)  # same shape
+    model.load_global_state({n: t + 0.25 for n, t in model.global_state().items()})
+    fresh = model.fresh_private_state(0)
+    assert all(torch.equal(fresh[n], model.global_params[model.global_name(n)].detach()) for n in fresh)
+
+
+def test_ditto_sends_only_the_global_track(tiny_cfg, tmp_path, monkeypatch):
+    messages = []
+    real_reply, real_broadcast = Client.reply_payload, Server.broadcast
+    monkeypatch.setattr(Client, "reply_payload", lambda self, *a: messages.append(real_reply(self, *a)) or messages[-1])
+    monkeypatch.setattr(Server, "broadcast", lambda self: messages.append(real_broadcast(self)) or messages[-1])
+    cfg = tiny_cfg(method="ditto", rounds=2, kstep=2)
+    summary = fedslip.run(cfg, tmp_path / "run", progress=False, log=False)
+    assert summary["private_bytes_transmitted"] == 0 and summary["kstep_accuracy"] is not None
+    shared = set(prepare(cfg).model.global_params)
+    personal = [load_tensors(tmp_path / "run" / "clients" / str(c) / "private.safetensors")
+                for c in range(cfg.num_clients)]
+    for payload in messages:
+        tensors = comm.decode(payload)
+        assert set(tensors) == shared
+        assert not any(torch.equal(t, v) for state in personal for v in state.values() for t in tensors.values()
+                       if t.shape == v.shape)

@@ -95,9 +95,15 @@ def test_docs_config_reference_is_in_sync():
 
 
 def test_shipped_configs_load():
+    protocols = {}
     for path in sorted((REPO / "configs").glob("*.toml")):
         cfg = make_config(toml_path=path)
-        assert cfg.num_clients == 4 and cfg.dominant_fraction == 0.8, path
+        protocols[path.stem] = (cfg.partition, cfg.num_clients, cfg.num_clients * cfg.samples_per_client)
+    # the seed protocol (4 clients, 80% dominant class; 2000 rows per client on DistilBERT), and the
+    # Dirichlet protocol with seed_cpu's training rows in total, spread over 10 clients
+    assert protocols == {"seed_cpu": ("dominant", 4, 2000), "seed_distilbert": ("dominant", 4, 8000),
+                         "dirichlet": ("dirichlet", 10, 2000)}
+    assert make_config(toml_path=REPO / "configs" / "dirichlet.toml").dirichlet_alpha == 0.3
     assert make_config(toml_path=REPO / "configs" / "seed_cpu.toml") == make_config(), \
         "seed_cpu.toml spells out the package defaults (the README's default experiment)"
 

@@ -19,12 +19,14 @@ import fedslip
 from fedslip import codecs
 from fedslip.config import ConfigError
 from fedslip.engines.flower import message_bytes, payload_of, payload_records, result_of, result_record
+from fedslip.experiment import RunDir
 from fedslip.flower_app import (
     PrivateTrackLeak,
     config_from_run_config,
     default_run_config,
     private_guard_mod,
 )
+from fedslip.health import HealthError
 from fedslip.storage import load_tensors_and_metadata
 
 # numbers that legitimately differ between engines: wall time and the bytes of the carrier's framing
@@ -134,8 +136,8 @@ def test_private_guard_refuses_replies_with_private_tensors(in_a_run):
 @pytest.mark.flower
 @pytest.mark.parametrize("method, codecs_used", [
     ("fedavg_lora", {}), ("fedslip", {}), ("fedslip", {"upload_codec": "topk+int8", "download_codec": "int4"}),
-    ("fedper", {}), ("fedrep", {}), ("fedbabu", {}), ("fedsa_lora", {})],
-    ids=["fedavg_lora", "fedslip", "fedslip-compressed", "fedper", "fedrep", "fedbabu", "fedsa_lora"])
+    ("fedper", {}), ("fedrep", {}), ("fedbabu", {}), ("fedsa_lora", {}), ("ditto", {})],
+    ids=["fedavg_lora", "fedslip", "fedslip-compressed", "fedper", "fedrep", "fedbabu", "fedsa_lora", "ditto"])
 def test_flower_simulation_equals_embedded_engine(tmp_path, data_dir, method, codecs_used):
     cfg = tiny(data_dir, method=method, kstep=2, **codecs_used)
     fedslip.run(fedslip.make_config(cfg), tmp_path / "embedded", progress=False)
@@ -329,3 +331,12 @@ def test_flower_sim_refuses_bad_data_before_starting_ray(tmp_path, data_dir):
     with pytest.raises(DataError, match="missing"):
         fedslip.run(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.flower
+def test_strict_health_stops_a_flower_simulation_with_the_health_error(tmp_path, data_dir):
+    cfg = fedslip.make_config({**tiny(data_dir, method="fedavg_lora"), "engine": "flower-sim", "lr": 1e-9,
+                               "strict_health": True})
+    with pytest.raises(HealthError, match=r"round 2 failed its health checks \(strict_health\): global_at_chance"):
+        fedslip.run(cfg, tmp_path / "sim", progress=False)
+    assert RunDir(tmp_path / "sim").load_checkpoint().round == 2

@@ -93,6 +93,7 @@ def test_a_diverging_run_is_flagged(tiny_cfg, tmp_path, caplog):
     assert any("loss_rising" in r.getMessage() and "learning rate" in r.getMessage() for r in caplog.records)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [e for row in rows for e in row["health"]] == summary["health"]  # per round, and all in the summary
+    assert health.check_history(rows) == summary["health"]  # replayed from metrics.jsonl alone
     assert rows[0]["health"] == []
 
 

@@ -51,6 +51,7 @@ def test_tune_searches_on_validation_rows_prunes_and_writes_a_runnable_best_toml
     assert len(pd.read_csv(out / "study.csv")) == 3
     report = (out / "report.md").read_text()
     assert "| 1 | pruned | 1e-09 |" in report
+    assert "global_at_chance" in report.split("| 1 | pruned | 1e-09 |")[1].split("\n")[0]  # its health
     assert {"optimization_history.png", "param_importances.png", "report.md"} <= {p.name for p in out.iterdir()}
     # the same call again: the study is complete, nothing runs, the outputs are rewritten identically
     again = tune_mod.tune(out, trials=3, overrides=overrides, maximize="global", pruner_startup_trials=1,

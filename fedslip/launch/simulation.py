@@ -16,6 +16,7 @@ from flwr.simulation import run_simulation
 from ..config import ExperimentConfig
 from ..experiment import RunDir, prepare
 from ..flower_app import make_client_app, make_server_app
+from ..health import HealthError
 from ..rounds import resume_point
 from ..storage import read_json
 from .environment import flower_environment, ray_temp_dir, scoped_environment
@@ -44,5 +45,9 @@ def simulate(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, re
 
     summary_path = run_path / "summary.json"
     if not summary_path.is_file():
+        checkpoint = run_dir.load_checkpoint()
+        last = checkpoint.history[-1] if checkpoint is not None and checkpoint.history else {}
+        if cfg.strict_health and last.get("health"):  # the ServerApp stopped the run (its error stays in Ray)
+            raise HealthError.of(last, run_path)
         raise RuntimeError(f"the Flower simulation ended without writing {summary_path}; see the log above")
     return read_json(summary_path)
