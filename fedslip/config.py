@@ -21,7 +21,7 @@ import tomli_w
 import tomllib
 
 METHODS = ("fedavg_lora", "dual_naive", "fedslip", "centralized", "fedper", "fedrep", "fedbabu", "fedsa_lora",
-           "ditto")
+           "ditto", "feddpa_fixed")
 PARTITIONS = ("dominant", "dirichlet", "iid")
 HEADS = ("shared", "shared_full")
 PRIVATE_HEADS = ("none", "bias", "classifier")
@@ -176,6 +176,9 @@ class ExperimentConfig:
                         "trains both tracks), `separated` (global loss on global-only logits; private loss on "
                         "combined logits), `ditto` (the private track is a whole personal model, the global "
                         "track's shape, trained alone toward the global track received: ditto_lambda).")
+    private_weight: float = _f(FROM_PRESET, "How the two LoRA tracks combine when both run: 0 = they add (g + p: "
+                               "FedSLIP); a in (0, 1) = (1 - a) * g + a * p (FedDPA's fixed weighting). The "
+                               "classifier is not weighted; the global track alone always runs at full weight.")
     ditto_lambda: float = _f(0.1, "objective=ditto: weight lambda of the personal model's proximal term "
                              "(lambda/2)*||p - g_round||^2 toward the global track received this round; 0 = "
                              "purely local training of the personal model.")
@@ -298,6 +301,11 @@ class ExperimentConfig:
             raise ConfigError(f"objective={self.objective!r} needs private_track=true")
         if self.private_track and self.objective == "global_only":
             raise ConfigError("private_track=true needs objective 'joint', 'separated' or 'ditto'")
+        if not 0 <= self.private_weight < 1:
+            raise ConfigError(f"private_weight must be in [0, 1), got {self.private_weight!r}")
+        if self.private_weight and (not self.private_track or self.objective == "ditto"):
+            raise ConfigError("private_weight weights the global and private tracks of an additive dual-track "
+                              "method (objective 'joint' or 'separated')")
         if self.objective == "ditto" and self.private_head != "none":
             raise ConfigError("objective='ditto': the personal model has its own classifier; private_head must "
                               "be 'none'")
@@ -353,7 +361,7 @@ class ExperimentConfig:
 PRESET_BASE: dict[str, Any] = dict(
     private_track=False, objective="global_only", detach=True, fedprox_mu=0.0, head="shared",
     private_warmup_rounds=0, private_freeze_round=0, private_target_sparsity=0.0, private_prune_rate=0.2,
-    private_rewind_round=-1, private_phase="interleaved", local_params=[], local_phase="joint")
+    private_rewind_round=-1, private_phase="interleaved", local_params=[], local_phase="joint", private_weight=0.0)
 PRESET_KEYS = tuple(PRESET_BASE)
 
 # Presets fill the method fields; anything the user sets explicitly wins.
@@ -396,6 +404,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ditto": dict(private_track=True, objective="ditto", detach=True, fedprox_mu=0.0, head="shared",
                   private_warmup_rounds=0, private_freeze_round=0, private_target_sparsity=0.0,
                   private_rewind_round=-1, private_phase="interleaved"),
+    # FedDPA (Yang et al., NeurIPS 2024, "Dual-Personalizing Adapter for Federated Foundation Models"), its
+    # variant with a fixed weight (FedDPA-T with `local_weight`, the reference code's training and
+    # set_glocal inference; the paper's instance-wise dynamic weight is not implemented): a global LoRA
+    # trained alone and averaged; a local LoRA trained on (1 - a) * sg[g] + a * p; inference on the same mix.
+    "feddpa_fixed": dict(private_track=True, objective="separated", detach=True, fedprox_mu=0.0, head="shared",
+                         private_warmup_rounds=0, private_freeze_round=0, private_target_sparsity=0.0,
+                         private_rewind_round=-1, private_phase="first", private_weight=0.5),
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}

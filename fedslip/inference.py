@@ -143,6 +143,10 @@ class RunModel:
                               f"{self.cfg.private_head!r}): it corrects the classifier that the global adapter "
                               "holds as modules_to_save, and peft runs one adapter's copy of such a module at a "
                               "time; use --format merged (or --global for the global track alone)")
+        if PRIVATE in self.tracks and self.cfg.private_weight:
+            raise ExportError(f"--format peft cannot express this run's weighting of the tracks (private_weight="
+                              f"{self.cfg.private_weight}): a peft adapter runs at its own scale; use --format "
+                              "merged (or --global for the global track alone)")
 
     def _export_merged(self, out: Path) -> None:
         self.model.run_through(self.tracks)
@@ -229,7 +233,8 @@ def save_adapters(run_dir: str | Path) -> list[Path]:
     written += run_model._save_adapter(GLOBAL, run.path / ADAPTER_DIR, base_model)
     # partial sharing: a client's model is the global adapter with its own local parts
     track = PRIVATE if run_model.model.has_private else GLOBAL
-    if (run_model.model.has_private and run_model.cfg.private_head == "none") or run_model.model.local_params:
+    expressible = run_model.cfg.private_head == "none" and not run_model.cfg.private_weight  # check_peft_format
+    if (run_model.model.has_private and expressible) or run_model.model.local_params:
         for cid in range(run_model.cfg.num_clients):
             private = run_model._private_state(cid)
             if private is not None:

@@ -189,6 +189,7 @@ class TrackedModel:
         # ditto: the private track is a whole personal model, the global adapter's shape (head included),
         # used alone; otherwise it is added to the global track
         self.personal = cfg.objective == "ditto"
+        self.private_weight = cfg.private_weight
         if self.personal:
             self.model.add_adapter(PRIVATE, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                                                        lora_dropout=cfg.lora_dropout, target_modules=self.targets,
@@ -223,6 +224,12 @@ class TrackedModel:
             return
         self.model.base_model.set_adapter(list(tracks) if len(tracks) > 1 else tracks[0])
         self._active = tracks
+        if self.private_weight:  # (1 - a) * g + a * p when both run (feddpa_fixed); each alone at full weight
+            both = len(tracks) > 1
+            for module in self.model.modules():
+                if isinstance(module, LoraLayer):
+                    module.set_scale(GLOBAL, 1 - self.private_weight if both else 1.0)
+                    module.set_scale(PRIVATE, self.private_weight if both else 1.0)
         for p in self.model.parameters():
             p.requires_grad_(False)
         for p in [*self.global_params.values(), *self.local_params.values(), *self.private_params.values()]:

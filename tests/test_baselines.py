@@ -248,3 +248,42 @@ def test_ditto_sends_only_the_global_track(tiny_cfg, tmp_path, monkeypatch):
         assert set(tensors) == shared
         assert not any(torch.equal(t, v) for state in personal for v in state.values() for t in tensors.values()
                        if t.shape == v.shape)
+
+
+# --- feddpa_fixed: (1 - a) * g + a * p --------------------------------------------------------------------
+def test_feddpa_fixed_mixes_the_tracks_with_its_weight_and_runs_each_alone_at_full_weight(tiny_cfg, tmp_path):
+    a = 0.3
+    cfg = tiny_cfg(method="feddpa_fixed", private_weight=a)
+    setup = prepare(cfg)
+    model = setup.model
+    torch.manual_seed(0)  # B matrices away from zero, so both tracks change the output
+    with torch.no_grad():
+        for p in [*model.global_params.values(), *model.private_params.values()]:
+            p.add_(torch.randn_like(p) * 0.2)
+    layer = next(m for m in model.model.modules() if hasattr(m, "lora_A") and PRIVATE in m.lora_A)
+    x = torch.randn(3, layer.in_features)
+
+    def delta(track):
+        return layer.lora_B[track](layer.lora_A[track](x)) * layer.lora_alpha[track] / layer.r[track]
+
+    with model.eval_mode(), torch.no_grad():
+        base = layer.base_layer(x)
+        model.run_through((GLOBAL, PRIVATE))
+        assert torch.allclose(layer(x), base + (1 - a) * delta(GLOBAL) + a * delta(PRIVATE), atol=1e-5)
+        model.run_through((GLOBAL,))
+        assert torch.allclose(layer(x), base + delta(GLOBAL), atol=1e-5)
+        model.run_through((GLOBAL, PRIVATE))
+        mixed = layer(x)
+    fedslip_model = prepare(tiny_cfg(method="fedslip")).model  # private_weight 0: the tracks add
+    assert fedslip_model.private_weight == 0 and not torch.allclose(mixed, base + delta(GLOBAL) + delta(PRIVATE))
+    with pytest.raises(fedslip.ConfigError, match="private_weight must be in"):
+        tiny_cfg(method="feddpa_fixed", private_weight=1.0)
+    with pytest.raises(fedslip.ConfigError, match="additive dual-track"):
+        tiny_cfg(method="fedavg_lora", private_weight=0.5)
+
+
+def test_feddpa_fixed_runs_and_sends_only_the_global_track(tiny_cfg, tmp_path):
+    summary = fedslip.run(tiny_cfg(method="feddpa_fixed", rounds=2, kstep=2), tmp_path / "run", progress=False,
+                          log=False)
+    assert summary["private_bytes_transmitted"] == 0 and summary["kstep_accuracy"] is not None
+    assert not (tmp_path / "run" / "clients" / "0" / "adapter").exists()  # no peft adapter expresses the mix

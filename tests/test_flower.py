@@ -136,8 +136,9 @@ def test_private_guard_refuses_replies_with_private_tensors(in_a_run):
 @pytest.mark.flower
 @pytest.mark.parametrize("method, codecs_used", [
     ("fedavg_lora", {}), ("fedslip", {}), ("fedslip", {"upload_codec": "topk+int8", "download_codec": "int4"}),
-    ("fedper", {}), ("fedrep", {}), ("fedbabu", {}), ("fedsa_lora", {}), ("ditto", {})],
-    ids=["fedavg_lora", "fedslip", "fedslip-compressed", "fedper", "fedrep", "fedbabu", "fedsa_lora", "ditto"])
+    ("fedper", {}), ("fedrep", {}), ("fedbabu", {}), ("fedsa_lora", {}), ("ditto", {}), ("feddpa_fixed", {})],
+    ids=["fedavg_lora", "fedslip", "fedslip-compressed", "fedper", "fedrep", "fedbabu", "fedsa_lora", "ditto",
+         "feddpa_fixed"])
 def test_flower_simulation_equals_embedded_engine(tmp_path, data_dir, method, codecs_used):
     cfg = tiny(data_dir, method=method, kstep=2, **codecs_used)
     fedslip.run(fedslip.make_config(cfg), tmp_path / "embedded", progress=False)
