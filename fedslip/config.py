@@ -143,6 +143,11 @@ class ExperimentConfig:
     trim_fraction: float = _f(0.2, "aggregation=trimmed_mean: share cut from each end per coordinate.")
     min_fit_clients: int = _f(1, "Fewest valid client updates that still apply a round; fewer stops the run "
                               "(after the last completed round's checkpoint).")
+    dp_clip: float = _f(0.0, "Differential privacy on the global track: clip each client's change of it to this L2 "
+                        "norm C (0 = no DP); the server averages the clipped changes uniformly (fedslip/privacy.py).")
+    dp_noise_multiplier: float = _f(0.0, "DP: Gaussian noise of std sigma * C / (clients per round) on every "
+                                    "coordinate of the mean; epsilon from dp-accounting's RDP accountant.")
+    dp_delta: float = _f(1e-5, "DP: the delta at which epsilon is reported.")
     max_update_norm: float = _f(0.0, "Reject a client update whose L2 distance from the broadcast global track "
                                 "exceeds this; 0 = no bound.")
     max_payload_bytes: int = _f(0, "Reject a client payload larger than this many bytes; 0 = 2x the global "
@@ -264,7 +269,7 @@ class ExperimentConfig:
                      "val_samples_per_client", "global_test_samples", "private_warmup_rounds",
                      "private_freeze_round", "lora_dropout", "private_prune_start_round", "private_local_steps",
                      "max_update_norm", "max_payload_bytes", "reply_timeout", "rejoin_timeout", "kstep_lr",
-                     "local_first_steps", "ditto_lambda")
+                     "local_first_steps", "ditto_lambda", "dp_clip", "dp_noise_multiplier")
         positive("min_fit_clients", "parallel_clients", "client_cpus", "private_every")
         if self.min_fit_clients > self.num_clients:
             raise ConfigError(f"min_fit_clients={self.min_fit_clients} exceeds num_clients={self.num_clients}")
@@ -303,6 +308,15 @@ class ExperimentConfig:
             raise ConfigError("private_track=true needs objective 'joint', 'separated' or 'ditto'")
         if not 0 <= self.private_weight < 1:
             raise ConfigError(f"private_weight must be in [0, 1), got {self.private_weight!r}")
+        if self.dp_noise_multiplier and not self.dp_clip:
+            raise ConfigError("dp_noise_multiplier needs dp_clip > 0 (the noise is calibrated to the clipping norm)")
+        if self.dp_clip and self.aggregation != "fedavg":
+            raise ConfigError(f"dp_clip works with aggregation='fedavg' (a uniform mean of clipped changes), not "
+                              f"{self.aggregation!r}")
+        if self.dp_clip and self.method == "centralized":
+            raise ConfigError("method='centralized' has no clients to protect: dp_clip must be 0")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta!r}")
         if self.private_weight and (not self.private_track or self.objective == "ditto"):
             raise ConfigError("private_weight weights the global and private tracks of an additive dual-track "
                               "method (objective 'joint' or 'separated')")

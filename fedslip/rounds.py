@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm  # the text bar: tqdm.auto wants ipywidgets in a notebook and warns without them
 
-from . import __version__, codecs, comm, health, tracking
+from . import __version__, codecs, comm, health, privacy, tracking
 from .client import evaluate
 from .config import RUN_ONLY_KEYS, ConfigError, ExperimentConfig, load_config
 from .engines import Engine
@@ -244,6 +244,8 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
             row["private_train_loss"] = mean_present([r.metrics["private_train_loss"] for r in replies.values()])
             row["private_trained"] = any(r.metrics["private_trained"] for r in replies.values())
             row["private_sparsity"] = {str(c): r.metrics["private_sparsity"] for c, r in replies.items()}
+        if privacy.enabled(cfg):
+            row["dp_epsilon"] = privacy.epsilon(cfg, round_idx)  # None without noise: no guarantee
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         row["health"] = health.check_round(history)
@@ -254,6 +256,9 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
         log.info("round %d/%d | global %s | personalized %s | loss %.4f | up %.2f MiB down %.2f MiB | %.1fs",
                  round_idx, cfg.rounds, _pct(row["global_accuracy"]), _pct(row["personalized_accuracy"]),
                  row["train_loss"], row["upload_bytes"] / MIB, row["download_bytes"] / MIB, row["seconds"])
+        if row.get("dp_epsilon") is not None:
+            log.info("round %d: differential privacy (epsilon, delta) = (%.4g, %g)", round_idx, row["dp_epsilon"],
+                     cfg.dp_delta)
         for entry in row["health"]:
             log.warning(health.message(entry))
         if row["health"] and cfg.strict_health:
@@ -323,6 +328,9 @@ def _summary(cfg: ExperimentConfig, setup: Setup, history: list[dict], detail: d
         summary["private_sparsity"] = last["private_sparsity"]
     summary["client_failures"] = _client_failures(history)
     summary["health"] = [entry for row in history for entry in row.get("health", [])]
+    if privacy.enabled(cfg):
+        summary.update(dp_clip=cfg.dp_clip, dp_noise_multiplier=cfg.dp_noise_multiplier, dp_delta=cfg.dp_delta,
+                       dp_epsilon=last.get("dp_epsilon"))
     return summary
 
 

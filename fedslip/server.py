@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricR
 from flwr.server.strategy.aggregate import aggregate
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
-from . import codecs, comm
+from . import codecs, comm, privacy
 from .config import ExperimentConfig
 
 log = logging.getLogger("fedslip")
@@ -205,6 +205,8 @@ class Server:
                 log.warning("rejected update of client %d: %s", cid, e)
                 outcome.rejected[cid] = str(e)
                 continue
+            if privacy.enabled(self.cfg):  # clipped change, uniform weight (fedslip/privacy.py)
+                update, num_examples = privacy.clip(update, self.reference, self.cfg.dp_clip), 1
             valid.append(train_reply(cid, update, num_examples))
             outcome.accepted.append(cid)
         if len(valid) < self.cfg.min_fit_clients:
@@ -213,6 +215,8 @@ class Server:
         with quiet_flower_log():  # the strategy's "aggregate_train: Received ..." line each round is noise here
             arrays, _ = self.strategy.aggregate_train(round_idx, valid)
         aggregated = {n: t.to(self.state[n].dtype) for n, t in arrays.to_torch_state_dict().items()}
+        if privacy.enabled(self.cfg):
+            aggregated = privacy.add_noise(aggregated, self.cfg, round_idx)
         previous = self.round
         self.round = round_idx
         if self.download.lossless:

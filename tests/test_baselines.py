@@ -103,14 +103,20 @@ def test_fedbabu_head_stays_at_its_initialization_and_kstep_trains_the_head_alon
         assert _same(before[0], after[0]) and not _same(before[1], after[1])
 
 
-@pytest.mark.parametrize("method", PARTIAL)
-def test_local_parts_never_travel_and_stay_with_their_client(tiny_cfg, tmp_path, monkeypatch, method):
-    """Every message of a run (each download, each upload), by name and by value: no local part; the
-    server's global track holds the shared parts only; each client's local parts are in its state."""
+def _capture_messages(monkeypatch) -> list[bytes]:
+    """Every payload of a run as it is sent: each download (``Server.broadcast``) and each upload."""
     messages = []
     real_reply, real_broadcast = Client.reply_payload, Server.broadcast
     monkeypatch.setattr(Client, "reply_payload", lambda self, *a: messages.append(real_reply(self, *a)) or messages[-1])
     monkeypatch.setattr(Server, "broadcast", lambda self: messages.append(real_broadcast(self)) or messages[-1])
+    return messages
+
+
+@pytest.mark.parametrize("method", PARTIAL)
+def test_local_parts_never_travel_and_stay_with_their_client(tiny_cfg, tmp_path, monkeypatch, method):
+    """Every message of a run (each download, each upload), by name and by value: no local part; the
+    server's global track holds the shared parts only; each client's local parts are in its state."""
+    messages = _capture_messages(monkeypatch)
     cfg = tiny_cfg(method=method, rounds=2, kstep=2)
     summary = fedslip.run(cfg, tmp_path / "run", progress=False, log=False)
     model = prepare(cfg).model
@@ -233,10 +239,7 @@ def test_ditto_starts_from_the_global_track_and_predicts_with_the_personal_model
 
 
 def test_ditto_sends_only_the_global_track(tiny_cfg, tmp_path, monkeypatch):
-    messages = []
-    real_reply, real_broadcast = Client.reply_payload, Server.broadcast
-    monkeypatch.setattr(Client, "reply_payload", lambda self, *a: messages.append(real_reply(self, *a)) or messages[-1])
-    monkeypatch.setattr(Server, "broadcast", lambda self: messages.append(real_broadcast(self)) or messages[-1])
+    messages = _capture_messages(monkeypatch)
     cfg = tiny_cfg(method="ditto", rounds=2, kstep=2)
     summary = fedslip.run(cfg, tmp_path / "run", progress=False, log=False)
     assert summary["private_bytes_transmitted"] == 0 and summary["kstep_accuracy"] is not None
