@@ -359,8 +359,20 @@ class ExperimentConfig:
     def experiment_diff(self, other: dict[str, Any], ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
         """Experiment keys (``experiment_dict``) whose value differs from ``other``'s, as
         {key: (other's value, this config's value)}; ``ignore``d keys left out. The one comparison behind
-        resume's, compare's and report's refusals to mix experiments."""
+        resume's, compare's and report's refusals to mix experiments.
+
+        A key ``other`` lacks was added after it was written (a run of an older version): that run ran
+        with the key's default (every new key's default keeps the old behaviour), so ``other`` is
+        completed with the defaults its own values resolve to (preset-controlled keys included)."""
         mine = self.experiment_dict()
+        missing = set(mine) - set(other)
+        if missing:
+            known = {k: v for k, v in other.items() if k in FIELDS}
+            try:
+                defaults = make_config(known).experiment_dict()
+            except ConfigError:  # values the current version refuses: compare as written
+                defaults = {}
+            other = {**other, **{k: defaults[k] for k in missing if k in defaults}}
         return {k: (other.get(k), mine.get(k)) for k in sorted(set(mine) | set(other))
                 if k not in ignore and mine.get(k) != other.get(k)}
 

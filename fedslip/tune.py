@@ -254,8 +254,16 @@ def _open(study: Study, out: Path):
     return optuna.create_study(
         study_name="fedslip-tune", storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True,
         direction="maximize", sampler=optuna.samplers.TPESampler(seed=base_cfg.seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=study.pruner_startup_trials,
-                                           n_warmup_steps=study.pruner_warmup_rounds))
+        pruner=make_pruner(study))
+
+
+def make_pruner(study: Study):
+    """Median pruning: a trial whose objective at round r is below the median of the finished trials' at
+    round r stops, once ``pruner_startup_trials`` trials finished and from round ``pruner_warmup_rounds
+    + 1`` on (Optuna counts steps from 0 and prunes at ``step >= n_warmup_steps``; rounds count from 1)."""
+    optuna = _optuna()
+    return optuna.pruners.MedianPruner(n_startup_trials=study.pruner_startup_trials,
+                                       n_warmup_steps=study.pruner_warmup_rounds + 1)
 
 
 def _requeue_interrupted(optuna_study) -> None:

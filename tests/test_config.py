@@ -134,3 +134,14 @@ def test_every_way_of_building_a_config_applies_the_preset(method):
     assert all(getattr(direct, k) == v for k, v in PRESETS[method].items())
     assert ExperimentConfig(method=method, fedprox_mu=0.5).fedprox_mu == 0.5
     assert set(PRESETS[method]) <= set(PRESET_KEYS)
+
+
+def test_a_config_written_before_a_key_existed_compares_at_that_keys_default():
+    """A checkpoint of an older version lacks keys added since; it ran with their defaults (which keep the
+    old behaviour), so resuming or comparing it is not refused for them; a real change still is."""
+    cfg = make_config({"method": "fedslip", "rounds": 3})
+    old = {k: v for k, v in cfg.experiment_dict().items() if k not in ("dp_clip", "local_params", "private_weight")}
+    assert cfg.experiment_diff(old) == {}
+    changed = make_config({"method": "fedslip", "rounds": 3, "dp_clip": 0.5})
+    assert changed.experiment_diff(old) == {"dp_clip": (0.0, 0.5)}
+    assert cfg.experiment_diff({**old, "rounds": 4}) == {"rounds": (4, 3)}

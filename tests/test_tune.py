@@ -142,3 +142,18 @@ def test_cli_tune_reads_the_tune_table_of_the_config(data_dir, tmp_path, capsys)
         assert t.value == pytest.approx((s["personalized_accuracy"] + s["global_accuracy"]) / 2)
     assert "report.md" in capsys.readouterr().out
     assert main(["tune", "--config", str(config), "--out", str(out), "--quiet", "--maximize", "global"]) == 2
+
+
+def test_no_trial_is_pruned_in_its_warmup_rounds(tiny_overrides):
+    """pruner_warmup_rounds = 1: a trial far below the others in round 1 goes on; in round 2 it stops."""
+    study = tune_mod.make_study(overrides=tiny_overrides, pruner_startup_trials=1, pruner_warmup_rounds=1)
+    optuna_study = optuna.create_study(direction="maximize", pruner=tune_mod.make_pruner(study))
+    good = optuna_study.ask()
+    for round_idx in (1, 2, 3):
+        good.report(0.9, round_idx)
+    optuna_study.tell(good, 0.9)
+    bad = optuna_study.ask()
+    bad.report(0.1, 1)
+    assert not bad.should_prune()
+    bad.report(0.1, 2)
+    assert bad.should_prune()
