@@ -5,6 +5,7 @@
     fedslip export --run runs/x --client 0 --out exported/ [--format peft]
     fedslip kstep --run runs/x --steps 100 --lr 1e-3   # K-step again on a finished run
     fedslip tune --config cfg.toml --method fedslip --trials 12 --out runs/tune   # Optuna, validation rows
+    fedslip audit runs/x              # the server's attack on a run made with --audit
     fedslip bench-engines --out DIR   # per-round time on embedded / Flower simulation / deployment
     fedslip deploy-local --workdir runs/deploy [config flags]   # SuperLink + SuperNodes on 127.0.0.1
     fedslip config-reference          # the config table of docs/configuration.md
@@ -148,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "method's learning rates); ranges from fedslip.tune.KNOWN_RANGES or [tune.space]")
     tune.add_argument("--quiet", action="store_true", help="no progress bars or log")
     add_config_flags(tune)
+    audit = sub.add_parser("audit", help="what an honest-but-curious server infers from the updates of a run made "
+                           "with --audit (classifier-bias attack on each client's dominant class); writes "
+                           "RUN/audit/audit.json")
+    audit.add_argument("run", help="run directory made with --audit")
     sub.add_parser("config-reference", help="print the config reference table (markdown)")
     return parser
 
@@ -239,6 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                search=search, progress=not args.quiet, command=_command(argv))
             print(f"{args.out}/report.md")
             print(json.dumps(result, indent=2))
+            return 0
+        if args.command == "audit":
+            from .audit import audit as run_audit
+            from .audit import table as audit_table
+
+            print(audit_table(run_audit(args.run)))
             return 0
         if args.command == "kstep":
             print(json.dumps(api.kstep(args.run, args.steps, args.lr), indent=2))

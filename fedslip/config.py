@@ -73,6 +73,9 @@ class ExperimentConfig:
     seed: int = _f(0, "Seed for partitions, initialization, client sampling and batch order.")
     report_to: list[str] = _f([], f"Experiment trackers fed with every round's metrics: any of {', '.join(TRACKERS)} "
                               "(docs/usage.md, Experiment tracking; tensorboard/mlflow/wandb are optional extras).")
+    audit: bool = _f(False, "Record every accepted client's change of the global track, as the server received "
+                     "it, in audit/round-<r>.safetensors, for `fedslip audit` (what an honest-but-curious "
+                     "server can infer; docs/privacy.md).")
     strict_health: bool = _f(False, "Stop the run (after the round's checkpoint; CLI exit code 3) when a round shows a "
                              "health symptom: global accuracy at chance, personalized at the clients' majority floor, "
                              "a NaN or rising loss, a client far behind (docs/usage.md, Run health).")
@@ -443,7 +446,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
 # Where and how fast a run executes, not what it computes: these may change when a run is resumed.
 RUN_ONLY_KEYS = frozenset({"engine", "data_dir", "eval_batch_size", "parallel_clients", "client_cpus",
                            "reply_timeout", "rejoin_timeout", "max_payload_bytes", "report_to",
-                           "strict_health"})
+                           "strict_health", "audit"})
 FLOAT_FIELDS = tuple(n for n, f in FIELDS.items() if f.type in ("float", float))
 
 

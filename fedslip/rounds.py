@@ -32,12 +32,13 @@ from .inference import save_adapters
 from .model import GLOBAL
 from .partition import Partition
 from .server import RoundFailed, Server, UpdateError, sample_clients, validate_update
-from .storage import StateFileError
+from .storage import StateFileError, save_tensors
 from .tracking import Callback
 from .views import GLOBAL_TEST_VIEW
 
 log = logging.getLogger("fedslip")
 MIB = 1024 * 1024
+AUDIT_DIR = "audit"
 
 
 def _versions() -> dict[str, str]:
@@ -227,6 +228,9 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
         except RoundFailed as e:
             raise RoundFailed(f"round {round_idx} not applied: {e}. The checkpoint of round {round_idx - 1} is "
                               f"kept; fix the cause and continue with `fedslip run --resume {run_dir.path}`") from None
+        if cfg.audit:  # what the server received, for fedslip audit
+            save_tensors(run_dir.path / AUDIT_DIR / f"round-{round_idx:04d}.safetensors",
+                         {f"{cid}/{name}": t for cid, change in outcome.changes.items() for name, t in change.items()})
         evaluation = evaluate_round(setup, engine, server, round_idx)
         row = {
             "round": round_idx,

@@ -126,6 +126,9 @@ def train_reply(cid: int, update: dict[str, torch.Tensor], num_examples: int) ->
 class RoundUpdates:
     accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
+    # each accepted client's change of the global track as received (before any DP clipping): kept
+    # only with ``audit`` (fedslip/audit.py), for the honest-but-curious server's view
+    changes: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class Server:
@@ -205,6 +208,8 @@ class Server:
                 log.warning("rejected update of client %d: %s", cid, e)
                 outcome.rejected[cid] = str(e)
                 continue
+            if self.cfg.audit:
+                outcome.changes[cid] = {n: update[n] - self.reference[n] for n in update}
             if privacy.enabled(self.cfg):  # clipped change, uniform weight (fedslip/privacy.py)
                 update, num_examples = privacy.clip(update, self.reference, self.cfg.dp_clip), 1
             valid.append(train_reply(cid, update, num_examples))
