@@ -53,10 +53,16 @@ KNOWN_RANGES: dict[str, dict[str, Any]] = {
     "lora_rank": {"choices": [4, 8, 16]},
     "private_rank": {"choices": [4, 8, 16]},
     "local_epochs": {"low": 1, "high": 3, "log": False},
+    "ditto_lambda": {"low": 1e-3, "high": 10.0, "log": True},
+    "local_first_steps": {"low": 4, "high": 64, "log": True},
+    "private_weight": {"low": 0.1, "high": 0.9, "log": False},
 }
-# what a method's result depends on most: its learning rates (K-step's where the run has one)
+# what a method's result depends on most: its learning rates (K-step's where the run has one and the
+# method relies on it) and the method's own knob (issue 13: each method's rates and its knob, one sweep)
 DEFAULT_SPACES = {"fedavg_lora": ["lr"], "centralized": ["lr"], "dual_naive": ["lr", "private_lr"],
-                  "fedslip": ["lr", "private_lr"]}
+                  "fedslip": ["lr", "private_lr"], "fedper": ["lr"], "fedrep": ["lr", "local_first_steps"],
+                  "fedbabu": ["lr", "kstep_lr"], "fedsa_lora": ["lr"], "ditto": ["lr", "private_lr", "ditto_lambda"],
+                  "feddpa_fixed": ["lr", "private_lr", "private_weight"]}
 OBJECTIVES = ("personalized", "global", "kstep", "worst_client")
 SUMMARY_KEY = {"personalized": "personalized_accuracy", "global": "global_accuracy", "kstep": "kstep_accuracy",
                "worst_client": "worst_client_personalized_accuracy"}

@@ -14,6 +14,7 @@ import pytest
 from fedslip import ConfigError, load_config, make_config
 from fedslip import tune as tune_mod
 from fedslip.cli import main
+from fedslip.config import METHODS
 
 TINY = dict(method="fedavg_lora", backbone="tiny", rounds=3, samples_per_client=32, test_samples_per_client=16,
             global_test_samples=64, batch_size=16, kstep=0, precision="fp32")
@@ -157,3 +158,15 @@ def test_no_trial_is_pruned_in_its_warmup_rounds(tiny_overrides):
     assert not bad.should_prune()
     bad.report(0.1, 2)
     assert bad.should_prune()
+
+
+def test_every_preset_has_a_default_space_of_its_rates_and_its_own_knob(tiny_overrides):
+    spaces = {m: [p.name for p in tune_mod.make_study(overrides={**tiny_overrides, "kstep": 5}, method=m).space]
+              for m in METHODS}
+    assert spaces == {"fedavg_lora": ["kstep_lr", "lr"], "dual_naive": ["lr", "private_lr"],
+                      "fedslip": ["lr", "private_lr"], "centralized": ["lr"], "fedper": ["lr"],
+                      "fedrep": ["local_first_steps", "lr"], "fedbabu": ["kstep_lr", "lr"], "fedsa_lora": ["lr"],
+                      "ditto": ["ditto_lambda", "lr", "private_lr"],
+                      "feddpa_fixed": ["lr", "private_lr", "private_weight"]}
+    rep = tune_mod.make_study(overrides=tiny_overrides, method="fedrep").space[0]
+    assert (rep.name, rep.low, rep.high, rep.log) == ("local_first_steps", 4, 64, True)
