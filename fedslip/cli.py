@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated seeds")
     compare.add_argument("--config", type=str, default=None, help="TOML file with config keys")
     compare.add_argument("--out", required=True, help="comparison directory (runs are kept and resumed there)")
+    compare.add_argument("--method-config", action="append", default=[], metavar="METHOD=TOML",
+                         help="a config file for one method, in place of --config (e.g. its tuned best.toml); "
+                         "repeatable")
     compare.add_argument("--quiet", action="store_true", help="no progress bars or round log")
     add_config_flags(compare)
     kstep = sub.add_parser("kstep", help="re-run K-step on a finished run with other steps / learning rate "
@@ -216,10 +219,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compare":
             from .compare import compare
 
+            method_configs = {}
+            for item in args.method_config:
+                method, _, path = item.partition("=")
+                if not path:
+                    raise ConfigError(f"--method-config {item!r}: expected METHOD=PATH")
+                method_configs[method.strip()] = path.strip()
             results = compare([m.strip() for m in args.methods.split(",") if m.strip()],
                               args.seeds, args.out,
                               config_overrides(args), args.config, command=_command(argv),
-                              progress=not args.quiet)
+                              progress=not args.quiet, method_configs=method_configs)
             print(f"{args.out}/report.md")
             print(json.dumps({m: {k: v["mean"] for k, v in a.items() if isinstance(v, dict)}
                               for m, a in results["by_method"].items()}, indent=2))

@@ -27,12 +27,20 @@ def run_dir_for(out: Path, method: str, seed: int) -> Path:
 
 
 def compare(methods: list[str], seeds: list[int], out: str | Path, overrides: dict[str, Any] | None = None,
-            toml_path: str | Path | None = None, command: str = "", progress: bool = True) -> dict:
-    """Run (or skip / resume) each method x seed, then write ``results.json``, ``report.md`` and PNGs."""
+            toml_path: str | Path | None = None, command: str = "", progress: bool = True,
+            method_configs: dict[str, str | Path] | None = None) -> dict:
+    """Run (or skip / resume) each method x seed, then write ``results.json``, ``report.md`` and PNGs.
+
+    ``method_configs``: a TOML file per method that replaces ``toml_path`` for that method (e.g. the
+    ``best.toml`` of its ``fedslip tune`` study, so that every method runs at its own tuned settings)."""
     if not methods or not seeds:
         raise ValueError("compare needs at least one method and one seed")
+    unknown = sorted(set(method_configs or {}) - set(methods))
+    if unknown:
+        raise ValueError(f"--method-config for {', '.join(unknown)}, which --methods does not list")
     overrides = {k: v for k, v in (overrides or {}).items() if k not in ("method", "seed")}
-    configs = {(m, s): make_config({**overrides, "method": m, "seed": s}, toml_path) for s in seeds for m in methods}
+    configs = {(m, s): make_config({**overrides, "method": m, "seed": s}, (method_configs or {}).get(m, toml_path))
+               for s in seeds for m in methods}
     for (method, seed), cfg in configs.items():  # check every existing run before spending hours on any
         path = run_dir_for(out, method, seed)
         existing = load_config(path / "config.toml") if (path / "config.toml").is_file() else None

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from fedslip import api
+from fedslip import api, load_config
+from fedslip.cli import main
 from fedslip.compare import compare, run_dir_for
 from fedslip.experiment import RunDirError
 
@@ -208,3 +209,20 @@ def test_per_client_plot_shows_kstep_next_to_zero_shot_with_std_error_bars_on_a_
     lowest = 80.0  # the majority floor; the methods' lowest bar or error bar is 84 - 1.41
     assert lowest - 10 <= bottom < lowest and top >= 96 + root2
     plt.close(fig)
+
+
+def test_compare_runs_a_method_with_its_own_config_file(tmp_path, data_dir):
+    """--method-config METHOD=TOML: that method reads its own file (a tuned best.toml) in place of --config;
+    the others keep --config; the CLI flags still apply to all."""
+    base, tuned = tmp_path / "base.toml", tmp_path / "tuned.toml"
+    keys = {**SMALL, "data_dir": str(data_dir), "rounds": 1, "kstep": 0}
+    base.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items()) + "\n")
+    tuned.write_text(base.read_text() + "lr = 0.0123\n")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--methods", "fedavg_lora,fedper", "--seeds", "0", "--config", str(base),
+                 "--method-config", f"fedper={tuned}", "--out", str(out), "--quiet", "--batch-size", "4"]) == 0
+    lrs = {m: load_config(run_dir_for(out, m, 0) / "config.toml") for m in ("fedavg_lora", "fedper")}
+    assert lrs["fedper"].lr == 0.0123 and lrs["fedavg_lora"].lr == load_config(base).lr
+    assert {c.batch_size for c in lrs.values()} == {4}
+    with pytest.raises(ValueError, match="which --methods does not list"):
+        compare(["fedavg_lora"], [0], tmp_path / "other", method_configs={"fedper": tuned})
