@@ -34,6 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tomli_w
 import tomllib
 
@@ -257,10 +258,14 @@ def _open(study: Study, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     write_json(settings_path, study.settings())
     base_cfg = study.config({})
-    return optuna.create_study(
+    optuna_study = optuna.create_study(
         study_name="fedslip-tune", storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True,
-        direction="maximize", sampler=optuna.samplers.TPESampler(seed=base_cfg.seed),
-        pruner=make_pruner(study))
+        direction="maximize", pruner=make_pruner(study))
+    # seeded by the config's seed and the trials the study already holds: a continued study draws new
+    # points (a sampler seeded alone would replay, after a restart, the draws it made before)
+    seed = np.random.SeedSequence([base_cfg.seed, len(optuna_study.trials)]).generate_state(1)[0]
+    optuna_study.sampler = optuna.samplers.TPESampler(seed=int(seed))
+    return optuna_study
 
 
 def make_pruner(study: Study):

@@ -82,14 +82,16 @@ def test_an_interrupted_study_continues_and_resumes_the_interrupted_run(tiny_ove
     assert [t.state.name for t in _study(out).trials] == ["COMPLETE", "RUNNING"]
     killed = [json.loads(line) for line in (out / "trials/0001/metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in killed] == [1, 2]
-    result = tune_mod.tune(out, trials=2, overrides=tiny_overrides, search=["lr"], pruner_startup_trials=5)
+    result = tune_mod.tune(out, trials=3, overrides=tiny_overrides, search=["lr"], pruner_startup_trials=5)
     trials = _study(out).trials
-    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    # the continued study draws a new point, not the one its first process drew before the crash
+    assert trials[3].params != trials[1].params
     assert trials[2].params == trials[1].params and trials[2].user_attrs["run_dir"] == "trials/0001"
     assert sorted(trials[2].intermediate_values) == [1, 2, 3]  # the finished rounds reported again
     rows = [json.loads(line) for line in (out / "trials/0001/metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3] and rows[:2] == killed  # continued, not restarted
-    assert result["states"] == {"complete": 2, "pruned": 0, "fail": 1}
+    assert result["states"] == {"complete": 3, "pruned": 0, "fail": 1}
 
 
 def test_bad_tune_settings_are_refused_before_anything_is_written(tiny_overrides, tmp_path):
