@@ -32,10 +32,10 @@ TEXTS = ["stocks profit market news", "team coach match", "war minister election
 
 
 def make_run(out: Path, data_dir: Path, backbone: str, **overrides) -> Path:
-    cfg = fedslip.make_config(dict(method="fedslip", backbone=backbone, data_dir=str(data_dir), num_clients=2,
-                                   samples_per_client=32, test_samples_per_client=16, global_test_samples=64,
-                                   batch_size=16, kstep=0, precision="fp32", private_warmup_rounds=0, max_seq_len=16,
-                                   **overrides))
+    cfg = fedslip.make_config({**dict(method="fedslip", backbone=backbone, data_dir=str(data_dir), num_clients=2,
+                                      samples_per_client=32, test_samples_per_client=16, global_test_samples=64,
+                                      batch_size=16, kstep=0, precision="fp32", private_warmup_rounds=0,
+                                      max_seq_len=16), **overrides})
     fedslip.run(cfg, out, progress=False)
     return out
 
@@ -206,3 +206,26 @@ def test_export_cli_writes_peft_adapters_and_refuses_bad_input(run, head_run, tm
     assert main(flags(head_run, tmp_path / "head", "peft")) == 2
     assert capsys.readouterr().err.startswith("fedslip: error: --format peft cannot express")
     assert not (tmp_path / "onnx").exists() and not (tmp_path / "head").exists()
+
+
+@pytest.mark.parametrize("method", ["ditto", "feddpa_fixed", "fedper", "fedsa_lora"])
+def test_the_new_presets_export_what_predict_computes(tmp_path, data_dir, tiny_dir, method):
+    """A personal model alone (ditto), a weighted mix of the tracks (feddpa_fixed) and a global adapter with
+    the client's local parts (fedper, fedsa_lora): the merged export gives predict's probabilities, and
+    the peft export (where peft can express the model) runs as its README says."""
+    out = make_run(tmp_path / method, data_dir, str(tiny_dir), method=method, rounds=2, lr=0.02, private_lr=0.02)
+    want = expected(out, 1, True)
+    assert (want - expected(out, 1, False)).abs().max() > 100 * ATOL  # the client's own parts matter
+    merged = RunModel(out, 1).export(tmp_path / "merged")
+    model = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    torch.testing.assert_close(probabilities(model, AutoTokenizer.from_pretrained(merged)), want, atol=ATOL, rtol=0)
+    if method == "feddpa_fixed":
+        with pytest.raises(ExportError, match="private_weight"):
+            RunModel(out, 1).export(tmp_path / "peft", format="peft")
+        assert not (tmp_path / "peft").exists() or not any((tmp_path / "peft").iterdir())
+        return
+    export = RunModel(out, 1).export(tmp_path / "peft", format="peft")
+    snippet = re.search(r"```python\n(.*?)```", (export / "README.md").read_text(), re.S).group(1)
+    namespace: dict = {}
+    exec(snippet, namespace)
+    torch.testing.assert_close(probabilities(namespace["model"], namespace["tokenizer"]), want, atol=ATOL, rtol=0)
