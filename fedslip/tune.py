@@ -438,9 +438,9 @@ def _report(study: Study, optuna_study, result: dict, pngs: list[str], command: 
     if command:
         lines += ["```bash", command, "```", ""]
     lines += [f"Objective (validation rows): {json.dumps(study.objective)}; space: "
-              f"{'; '.join(p.describe() for p in study.space)}; TPE sampler (seed {study.config({}).seed}), median "
-              f"pruning after {study.pruner_startup_trials} finished trials and {study.pruner_warmup_rounds} "
-              f"round(s). Trials: {result['states']}.", "",
+              f"{'; '.join(p.describe() for p in study.space)}; TPE sampler (seeded by the config's seed "
+              f"{study.config({}).seed}), median pruning once {study.pruner_startup_trials} trials finished, from "
+              f"round {study.pruner_warmup_rounds + 1} on. Trials: {result['states']}.", "",
               f"**Best: trial {result['best_trial']}**, objective {100 * result['best_value']:.2f}, "
               f"{json.dumps(result['best_params'])} -> [best.toml](best.toml)", "",
               "| trial | state | " + " | ".join(p.name for p in study.space)
