@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, ExperimentConfig, load_config
+from .config import PRESET_KEYS, ConfigError, ExperimentConfig, load_config
 from .storage import atomic_write_bytes, read_json, write_json
 
 
@@ -246,6 +246,24 @@ def plot(runs: list[RunRecord], out: Path) -> list[str]:
     return list(FIGURES)
 
 
+def per_method_settings(runs: list[RunRecord]) -> str:
+    """The settings that differ between the federated methods beyond their presets (each method at its own,
+    e.g. tuned, config: ``compare --method-config``), as a sentence; "" when they share one config."""
+    configs = {}
+    for r in runs:
+        if r.method != "centralized":
+            configs.setdefault(r.method, r.cfg)
+    if len(configs) < 2:
+        return ""
+    first = next(iter(configs.values()))
+    ignore = ("method", "seed", *PRESET_KEYS)
+    keys = sorted({k for cfg in configs.values() for k in cfg.experiment_diff(first.experiment_dict(), ignore)})
+    if not keys:
+        return ""
+    return " Per method (each its own config): " + "; ".join(
+        f"{k} " + ", ".join(f"{m} {getattr(cfg, k)}" for m, cfg in configs.items()) for k in keys) + "."
+
+
 def health_section(runs: list[RunRecord]) -> list[str]:
     """The health entries of every run (``fedslip.health``): a run that learned nothing must not hide in a
     table of means."""
@@ -295,7 +313,7 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "") -> dict:
         f"precision {summaries.get('precision')}, device {summaries.get('device')}, accuracies on the "
         f"`{summaries.get('eval_split')}` split; seeds {sorted({r.cfg.seed for r in runs})}"
         + (f"; the centralized reference at its own tuned lr {', '.join(map(str, other_lrs))}" if other_lrs else "")
-        + ".", "",
+        + "." + per_method_settings(runs), "",
         "| method | global accuracy | personalized accuracy (zero-shot) | worst client | after K-step | "
         "personalized model on the global test set | MiB per round |",
         "|---|---|---|---|---|---|---|",

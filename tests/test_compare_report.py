@@ -37,6 +37,7 @@ def test_compare_writes_results_report_and_plots(compared):
     fedavg = results["by_method"]["fedavg_lora"]
     assert f"{100 * fedavg['global_accuracy']['mean']:.1f} ± {100 * fedavg['global_accuracy']['std']:.1f}" in report
     assert "majority floor" in report and "Bytes per round equal" in report
+    assert "Per method" not in report  # one config for every method
 
 
 def test_same_partitions_for_every_method_of_a_seed(compared):
@@ -224,5 +225,7 @@ def test_compare_runs_a_method_with_its_own_config_file(tmp_path, data_dir):
     lrs = {m: load_config(run_dir_for(out, m, 0) / "config.toml") for m in ("fedavg_lora", "fedper")}
     assert lrs["fedper"].lr == 0.0123 and lrs["fedavg_lora"].lr == load_config(base).lr
     assert {c.batch_size for c in lrs.values()} == {4}
+    assert f"Per method (each its own config): lr fedavg_lora {load_config(base).lr}, fedper 0.0123." in \
+        (out / "report.md").read_text()
     with pytest.raises(ValueError, match="which --methods does not list"):
         compare(["fedavg_lora"], [0], tmp_path / "other", method_configs={"fedper": tuned})
