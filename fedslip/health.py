@@ -20,7 +20,7 @@ personalized ones from round 3 on (``FIRST_ROUND``): FedAvg on skewed clients of
 clients' floors, or swings, in rounds 1-2 (measured on the committed runs in docs/results) and climbs
 past them; a run that learns nothing stays.
 
-Each entry names the round, the symptom, the numbers and the usual cause and fix; ``fedslip.api`` logs
+Each entry names the round, the symptom, the numbers and the usual cause and fix; ``fedslip.rounds`` logs
 it as a warning, adds the round's entries to ``metrics.jsonl`` (``health``) and all of them to
 ``summary.json``; ``strict_health`` stops the run after the round's checkpoint (``HealthError``, exit
 code 3 in the CLI).

@@ -1,4 +1,4 @@
-"""Engines move messages between the server and the clients; the round loop lives in ``fedslip.api``.
+"""Engines move messages between the server and the clients; the round loop lives in ``fedslip.rounds``.
 
 Every engine offers the same four calls, all over serialized payloads (safetensors bytes):
 ``embedded.EmbeddedEngine`` / ``embedded.ParallelEngine`` (this machine's processes) and

@@ -1,7 +1,7 @@
-"""The Flower engine: ``fedslip.api``'s rounds, with Flower's Grid carrying the messages.
+"""The Flower engine: ``fedslip.rounds``' round loop, with Flower's Grid carrying the messages.
 
 The round loop, aggregation, evaluation, checkpointing and the summary are the embedded engine's code
-(``fedslip.api``); this engine only turns its three calls into Flower messages:
+(``fedslip.rounds``); this engine only turns its three calls into Flower messages:
 
     fit(payload, cids, round)        -> ``train`` messages to the clients' nodes, replies = updated global track
     evaluate(payload, round, tracks) -> ``evaluate`` messages, replies = accuracy on each client's test rows

@@ -1,4 +1,4 @@
-"""Launchers: start the processes that carry a run, above the round loop (``fedslip.api``).
+"""Launchers: start the processes that carry a run, above the round loop (``fedslip.rounds``).
 
 - ``simulation.simulate``: the run on Flower's simulation runtime (Ray) in this process
   (``engine = "flower-sim"``).
