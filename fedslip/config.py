@@ -235,6 +235,11 @@ class ExperimentConfig:
         self.validate()
 
     @property
+    def clients_per_round(self) -> int:
+        """Clients sampled each round: max(1, round(fraction_fit * num_clients))."""
+        return max(1, round(self.fraction_fit * self.num_clients))
+
+    @property
     def num_labels(self) -> int:
         return len(self.class_names)
 

@@ -47,14 +47,9 @@ def clip(weights: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
     return {n: torch.from_numpy(np.asarray(a)).to(weights[n].dtype) for n, a in zip(names, arrays)}
 
 
-def sampled(cfg: ExperimentConfig) -> int:
-    """Clients drawn per round (``server.sample_clients``)."""
-    return max(1, round(cfg.fraction_fit * cfg.num_clients))
-
-
 def noise_std(cfg: ExperimentConfig) -> float:
     """Standard deviation of the noise on each coordinate of the mean: sigma * C / k (Flower's rule)."""
-    return compute_stdv(cfg.dp_noise_multiplier, cfg.dp_clip, sampled(cfg))
+    return compute_stdv(cfg.dp_noise_multiplier, cfg.dp_clip, cfg.clients_per_round)
 
 
 def add_noise(mean: dict[str, torch.Tensor], cfg: ExperimentConfig, round_idx: int) -> dict[str, torch.Tensor]:
@@ -71,9 +66,9 @@ def add_noise(mean: dict[str, torch.Tensor], cfg: ExperimentConfig, round_idx: i
 def release(cfg: ExperimentConfig) -> dp_event.DpEvent:
     """One round's release: the Gaussian mechanism on the clients the round samples."""
     gaussian = dp_event.GaussianDpEvent(cfg.dp_noise_multiplier)
-    if sampled(cfg) >= cfg.num_clients:
+    if cfg.clients_per_round >= cfg.num_clients:
         return gaussian
-    return dp_event.PoissonSampledDpEvent(sampled(cfg) / cfg.num_clients, gaussian)
+    return dp_event.PoissonSampledDpEvent(cfg.clients_per_round / cfg.num_clients, gaussian)
 
 
 def epsilon(cfg: ExperimentConfig, rounds: int) -> float | None:

@@ -38,8 +38,7 @@ class RoundFailed(RuntimeError):
 
 def sample_clients(cfg: ExperimentConfig, round_idx: int) -> list[int]:
     """Clients that train in ``round_idx``: a seeded draw of max(1, round(fraction_fit * n))."""
-    n = cfg.num_clients
-    k = max(1, round(cfg.fraction_fit * n))
+    n, k = cfg.num_clients, cfg.clients_per_round
     if k >= n:
         return list(range(n))
     rng = np.random.default_rng([cfg.seed, round_idx, 101])
