@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "mix like personalized=0.5,global=0.5 (default: personalized)")
     tune.add_argument("--search", default=None, metavar="KEY,KEY,...", help="config keys to search (default: the "
                       "method's learning rates); ranges from fedslip.tune.KNOWN_RANGES or [tune.space]")
+    tune.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                      help="start no new trial after SECONDS (the running one finishes; outputs are written from "
+                           "the finished trials; the same command continues the study)")
     tune.add_argument("--quiet", action="store_true", help="no progress bars or log")
     add_config_flags(tune)
     audit = sub.add_parser("audit", help="what an honest-but-curious server infers from the updates of a run made "
@@ -250,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             search = [k.strip() for k in args.search.split(",") if k.strip()] if args.search else None
             result = run_study(args.out, args.trials, args.config, config_overrides(args), maximize=args.maximize,
-                               search=search, progress=not args.quiet, command=_command(argv))
+                               search=search, progress=not args.quiet, command=_command(argv),
+                               timeout=args.timeout)
             print(f"{args.out}/report.md")
             print(json.dumps(result, indent=2))
             return 0

@@ -332,6 +332,18 @@ def check_state(path: Path, tensors: dict[str, torch.Tensor], what: str,
             raise StateFileError(f"{path}: {n} holds NaN or Inf")
 
 
+class TrainingDiverged(RuntimeError):
+    """Local training produced NaN or Inf weights (usually a learning rate too high): nothing is saved or
+    sent, so the client's state stays as of its last good round and the server never sees the update."""
+
+
+def check_finite(tensors: dict[str, torch.Tensor], round_idx: int) -> None:
+    bad = next((n for n, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise TrainingDiverged(f"local training diverged in round {round_idx}: {bad} holds NaN or Inf (a learning "
+                               "rate too high?); nothing of this round is saved or sent")
+
+
 @dataclass
 class FitReply:
     payload: bytes
@@ -442,6 +454,7 @@ class Client:
                              desc=f"round {round_idx} client {self.cid}")
         metrics = {"train_loss": result.loss, "private_train_loss": result.private_loss,
                    "steps": result.steps, "private_trained": trains_private}
+        check_finite({**self.model.global_state(), **self.model.private_state()}, round_idx)
         if self.model.has_client_state:
             sparsity = self._end_of_round_private(round_idx, mask, trains_private)
             if self.model.has_private:

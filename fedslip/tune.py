@@ -40,6 +40,7 @@ import tomllib
 
 from . import api, health
 from .config import FIELDS, ConfigError, ExperimentConfig, make_config
+from .server import RoundFailed
 from .storage import atomic_write_bytes, write_json
 
 log = logging.getLogger("fedslip")
@@ -317,6 +318,9 @@ def _objective(study: Study, out: Path, progress: bool):
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)  # the next call continues this run
             raise
+        except RoundFailed as e:  # e.g. every client diverged at this learning rate: a bad point, not a crash
+            trial.set_user_attr("failed_round", str(e))
+            raise optuna.TrialPruned(f"the run stopped: {e}") from None
         for key in ("global_accuracy", "personalized_accuracy", "kstep_accuracy",
                     "worst_client_personalized_accuracy", "wall_seconds"):
             trial.set_user_attr(key, summary.get(key))
@@ -345,10 +349,13 @@ def tune(out: str | Path, trials: int | None = None, toml_path: str | Path | Non
          overrides: dict[str, Any] | None = None, method: str | None = None, maximize: str | dict | None = None,
          search: list[str] | None = None, space: dict[str, Any] | None = None,
          pruner_startup_trials: int | None = None, pruner_warmup_rounds: int | None = None,
-         enqueue: list[dict[str, Any]] = (), progress: bool = False, command: str = "") -> dict:
+         enqueue: list[dict[str, Any]] = (), progress: bool = False, command: str = "",
+         timeout: float | None = None) -> dict:
     """Run (or continue) the study in ``out`` until it holds ``trials`` finished (complete or pruned)
     trials; write ``study.csv``, ``best.toml``, ``report.md`` and the plots; return the best trial.
-    ``enqueue``: parameter sets to try first (after the config's own values)."""
+    ``enqueue``: parameter sets to try first (after the config's own values). ``timeout``: seconds after
+    which no new trial starts (the running one finishes); the outputs are written from the trials finished
+    so far and the same call later continues the study (a time budget for a shared or lent machine)."""
     from optuna.trial import TrialState
 
     study = make_study(toml_path, overrides, method, trials, maximize, search, space, pruner_startup_trials,
@@ -365,7 +372,7 @@ def tune(out: str | Path, trials: int | None = None, toml_path: str | Path | Non
     done = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     if done < study.trials:
         log.info("tune: %d of %d trials done; running %d", done, study.trials, study.trials - done)
-        optuna_study.optimize(_objective(study, out, progress), n_trials=study.trials - done)
+        optuna_study.optimize(_objective(study, out, progress), n_trials=study.trials - done, timeout=timeout)
     return write_outputs(study, optuna_study, out, command)
 
 

@@ -460,3 +460,52 @@ def test_fedavg_is_the_sample_weighted_mean_bit_for_bit_round_after_round(tiny_c
             assert server.state[k].dtype == torch.float32
             assert torch.allclose(server.state[k], in_float64[k], rtol=1e-6, atol=1e-7), (round_idx, k)
             assert torch.equal(server.state[k], published), (round_idx, k)
+
+
+def _poison(monkeypatch, when):
+    """Local training that ends with NaN in the client's own tensors (its local head) whenever ``when(cfg,
+    desc)`` holds: what a learning rate far too high does, deterministically."""
+    import fedslip.client as client_mod
+
+    real = client_mod.train_local
+
+    def train_local(model, tokenizer, data, cfg, *args, desc="", **kwargs):
+        result = real(model, tokenizer, data, cfg, *args, desc=desc, **kwargs)
+        if when(cfg, desc):
+            with torch.no_grad():
+                next(iter({**model.local_params, **model.private_params}.values())).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(client_mod, "train_local", train_local)
+
+
+def test_a_diverged_client_saves_and_sends_nothing_and_the_run_goes_on(tiny_cfg, tmp_path, monkeypatch):
+    """Found on the GPU leaderboard runs: a fedper client whose training diverged saved NaN in its local head,
+    then could not read its own state at the evaluation and the whole run stopped ("restore the file")."""
+    _poison(monkeypatch, lambda cfg, desc: desc == "round 2 client 1")
+    out = tmp_path / "run"
+    summary = fedslip.run(tiny_cfg(method="fedper", rounds=3), out)
+    failures = [f for f in summary["client_failures"] if f["stage"] == "fit"]
+    assert [(f["round"], f["client"]) for f in failures] == [(2, 1)]
+    assert "TrainingDiverged" in failures[0]["reason"] and "nothing of this round is saved" in failures[0]["reason"]
+    store = PrivateStore(out / "clients" / "1")
+    with safe_open(store.path("private"), "pt") as f:  # its state: round 3's training from round 1's state
+        assert f.metadata()["round"] == "3"
+    assert all(torch.isfinite(t).all() for t in load_file(store.path("private")).values())
+    assert len(rows(out)) == 3 and summary["personalized_accuracy"] is not None
+
+
+def test_a_tune_trial_whose_run_fails_every_client_is_pruned_and_the_study_goes_on(tiny_cfg, data_dir, tmp_path,
+                                                                                  monkeypatch):
+    from fedslip import tune as tune_mod
+
+    _poison(monkeypatch, lambda cfg, desc: cfg.lr == 0.0123)  # every client diverges at this point of the space
+    overrides = {"method": "fedper", "backbone": "tiny", "data_dir": str(data_dir), "rounds": 1,
+                 "samples_per_client": 32, "test_samples_per_client": 16, "global_test_samples": 64,
+                 "batch_size": 16, "kstep": 0, "precision": "fp32"}
+    tune_mod.tune(tmp_path / "study", trials=2, overrides=overrides, enqueue=[{"lr": 0.0123}])
+    import optuna
+
+    trials = optuna.load_study(study_name="fedslip-tune", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED"] and trials[1].params == {"lr": 0.0123}
+    assert "only 0 valid client update(s)" in trials[1].user_attrs["failed_round"]

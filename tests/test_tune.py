@@ -172,3 +172,17 @@ def test_every_preset_has_a_default_space_of_its_rates_and_its_own_knob(tiny_ove
                       "feddpa_fixed": ["lr", "private_lr", "private_weight"]}
     rep = tune_mod.make_study(overrides=tiny_overrides, method="fedrep").space[0]
     assert (rep.name, rep.low, rep.high, rep.log) == ("local_first_steps", 4, 64, True)
+
+
+def test_timeout_stops_starting_trials_writes_outputs_and_the_study_continues(tiny_overrides, tmp_path, capsys):
+    """--timeout is a time budget per call: no new trial after it (the running one finishes), outputs from the
+    finished trials, and the same command later continues toward --trials."""
+    config = tmp_path / "study.toml"
+    config.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {**tiny_overrides, "rounds": 1}.items()))
+    out = tmp_path / "study"
+    args = ["tune", "--config", str(config), "--out", str(out), "--quiet", "--trials", "3"]
+    assert main([*args, "--timeout", "0.001"]) == 0
+    assert [t.state.name for t in _study(out).trials] == ["COMPLETE"]
+    assert len(pd.read_csv(out / "study.csv")) == 1 and load_config(out / "best.toml").lr == _study(out).trials[0].params["lr"]
+    assert main(args) == 0
+    assert [t.state.name for t in _study(out).trials] == ["COMPLETE"] * 3
