@@ -183,6 +183,7 @@ def test_timeout_stops_starting_trials_writes_outputs_and_the_study_continues(ti
     args = ["tune", "--config", str(config), "--out", str(out), "--quiet", "--trials", "3"]
     assert main([*args, "--timeout", "0.001"]) == 0
     assert [t.state.name for t in _study(out).trials] == ["COMPLETE"]
-    assert len(pd.read_csv(out / "study.csv")) == 1 and load_config(out / "best.toml").lr == _study(out).trials[0].params["lr"]
+    assert len(pd.read_csv(out / "study.csv")) == 1
+    assert load_config(out / "best.toml").lr == _study(out).trials[0].params["lr"]
     assert main(args) == 0
     assert [t.state.name for t in _study(out).trials] == ["COMPLETE"] * 3
