@@ -13,18 +13,33 @@ classes a client holds most rises. The guess for a client and round is the class
 entry grew most in that client's update. It needs the classifier in the update: methods that keep the
 head local (fedper, fedrep, fedbabu) send no bias, and the attack reports that it cannot run.
 
-Not implemented yet (issue 16): the learned attack on shadow clients the server simulates from public
-data, and the measurements across methods and noise levels.
+Attack 2, **learned on shadow clients** (``--public-data FILE``): the server simulates clients of its own
+from public rows it names (a CSV with the run's columns), ``shadow_per_class`` per class, each with that
+class dominant (``shadow_skew`` of its rows, the rest uniform over the other classes, as many rows as a
+real client). Each round it trains them exactly as a client would (the run's config and code, fp32 wire,
+a fresh private track) from the global track the clients received (``audit/global-<r>.safetensors``), and
+takes each class's mean direction of their changes (the whole global track that travels, head or not). The
+guess for a real client is the class whose mean direction is closest (cosine) to its change: a nearest-
+centroid classifier fit on the shadows. It also runs where the head stays local (fedper, fedrep): the body's
+LoRA change is what it reads. The real clients' partition is used to score, never to guess.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from . import comm
+from .client import Client
+from .config import ExperimentConfig, load_config
+from .data import encode, read_csv_split
 from .experiment import RunDir, RunDirError
-from .partition import Partition
+from .model import TrackedModel, load_tokenizer
+from .partition import Partition, counts_for
 from .rounds import AUDIT_DIR
 from .storage import load_tensors, write_json
 
@@ -35,39 +50,115 @@ def bias_name(names: list[str]) -> str | None:
     return candidates[-1] if candidates else None
 
 
-def audit(run_dir: str | Path) -> dict:
-    """Score the bias-direction attack on every recorded round; writes ``<run>/audit/audit.json``."""
-    run = RunDir(Path(run_dir))
+def audit(run_dir: str | Path, public_data: str | Path | None = None, shadow_per_class: int = 2,
+          shadow_skew: float = 0.8) -> dict:
+    """Score the bias-direction attack on every recorded round, and with ``public_data`` the shadow-client
+    attack (under ``"shadow"``); writes ``<run>/audit/audit.json``."""
+    result = bias_attack(Path(run_dir))
+    if public_data is not None:
+        result["shadow"] = shadow_attack(Path(run_dir), Path(public_data), shadow_per_class, shadow_skew)
+    return _write(Path(run_dir), result)
+
+
+def _recorded(run_path: Path) -> tuple[list[Path], list[int], int]:
+    """The recorded rounds, each client's true dominant class, and the number of classes."""
+    run = RunDir(run_path)
     folder = run.path / AUDIT_DIR
     rounds = sorted(folder.glob("round-*.safetensors"))
     if not rounds:
         raise RunDirError(f"{run.path} has no recorded updates ({folder}/round-*.safetensors): run it with "
                           "--audit (config key audit = true)")
     partition = Partition.load(run.path / "partition.json")
-    truth = [int(np.argmax(c.proportions)) for c in partition.clients]
-    num_classes = len(partition.clients[0].proportions)
-    per_round, hits, guesses = [], 0, 0
-    bias = None
+    return rounds, [int(np.argmax(c.proportions)) for c in partition.clients], len(partition.clients[0].proportions)
+
+
+def _changes(path: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """One round's record: each client's change of the global track, as the server received it."""
+    by_client: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_tensors(path).items():
+        cid, name = key.split("/", 1)
+        by_client.setdefault(int(cid), {})[name] = tensor
+    return by_client
+
+
+def _score(guesses_per_round: list[tuple[int, dict[int, int]]], truth: list[int]) -> dict:
+    per_round = [{"round": r, "guesses": {str(c): g for c, g in guessed.items()},
+                  "accuracy": sum(g == truth[c] for c, g in guessed.items()) / len(guessed)}
+                 for r, guessed in guesses_per_round]
+    count = sum(len(g) for _, g in guesses_per_round)
+    hits = sum(g == truth[c] for _, guessed in guesses_per_round for c, g in guessed.items())
+    return {"accuracy": hits / count, "guesses": count, "truth": truth, "rounds": per_round}
+
+
+def bias_attack(run_path: Path) -> dict:
+    rounds, truth, num_classes = _recorded(run_path)
+    per_round = []
     for path in rounds:
-        changes = load_tensors(path)
-        by_client: dict[int, dict] = {}
-        for key, tensor in changes.items():
-            cid, name = key.split("/", 1)
-            by_client.setdefault(int(cid), {})[name] = tensor
-        names = sorted({n for c in by_client.values() for n in c})
-        bias = bias_name(names)
+        by_client = _changes(path)
+        bias = bias_name(sorted({n for c in by_client.values() for n in c}))
         if bias is None:
-            return _write(run.path, {"attack": "classifier_bias", "available": False, "chance": 1 / num_classes,
-                                     "reason": "the updates carry no classifier bias (the head stays on the "
-                                               "clients)", "rounds": []})
-        guessed = {cid: int(np.argmax(change[bias].double().numpy())) for cid, change in sorted(by_client.items())}
-        correct = sum(guessed[c] == truth[c] for c in guessed)
-        hits, guesses = hits + correct, guesses + len(guessed)
-        per_round.append({"round": int(path.stem.split("-")[1]), "guesses": {str(c): g for c, g in guessed.items()},
-                          "accuracy": correct / len(guessed)})
-    return _write(run.path, {"attack": "classifier_bias", "available": True, "tensor": bias,
-                             "chance": 1 / num_classes, "accuracy": hits / guesses, "guesses": guesses,
-                             "truth": truth, "rounds": per_round})
+            return {"attack": "classifier_bias", "available": False, "chance": 1 / num_classes,
+                    "reason": "the updates carry no classifier bias (the head stays on the clients)", "rounds": []}
+        guesses = {cid: int(np.argmax(change[bias].double().numpy())) for cid, change in sorted(by_client.items())}
+        per_round.append((int(path.stem.split("-")[1]), guesses))
+    return {"attack": "classifier_bias", "available": True, "tensor": bias, "chance": 1 / num_classes,
+            **_score(per_round, truth)}
+
+
+def _flat(change: dict[str, torch.Tensor]) -> np.ndarray:
+    return torch.cat([change[n].double().flatten() for n in sorted(change)]).numpy()
+
+
+def shadow_rows(labels: np.ndarray, dominant: int, size: int, skew: float, rng: np.random.Generator) -> list[int]:
+    """``size`` public rows, ``skew`` of them of class ``dominant``, the rest spread evenly over the others."""
+    num_classes = int(labels.max()) + 1
+    proportions = np.full(num_classes, (1 - skew) / (num_classes - 1))
+    proportions[dominant] = skew
+    rows = []
+    for k, count in enumerate(counts_for(proportions, size)):
+        pool = np.flatnonzero(labels == k)
+        if len(pool) < count:
+            raise RunDirError(f"the public data holds {len(pool)} rows of class {k}; a shadow client needs {count}")
+        rows += rng.choice(pool, size=count, replace=False).tolist()
+    return rows
+
+
+def shadow_attack(run_path: Path, public_data: Path, per_class: int = 2, skew: float = 0.8) -> dict:
+    """The nearest-centroid attack fit each round on shadow clients trained from that round's global track."""
+    rounds, truth, num_classes = _recorded(run_path)
+    if not (run_path / AUDIT_DIR / f"global-{int(rounds[0].stem.split('-')[1]):04d}.safetensors").is_file():
+        raise RunDirError(f"{run_path} recorded no global track per round (audit/global-<r>.safetensors; runs "
+                          "audited before the shadow attack existed): run it again with --audit")
+    cfg: ExperimentConfig = dataclasses.replace(load_config(run_path / "config.toml"), upload_codec="fp32",
+                                                download_codec="fp32", audit=False)
+    public = read_csv_split(public_data, cfg.text_columns, cfg.label_column, cfg.num_labels)
+    tokenizer = load_tokenizer(cfg.backbone)
+    model = TrackedModel(cfg, tokenizer)
+    rng = np.random.default_rng([cfg.seed, 0x5AD0])
+    per_round = []
+    with tempfile.TemporaryDirectory(prefix="fedslip-shadow-") as scratch:
+        for path in rounds:
+            round_idx = int(path.stem.split("-")[1])
+            start = load_tensors(run_path / AUDIT_DIR / f"global-{round_idx:04d}.safetensors")
+            centroids = []
+            for k in range(num_classes):
+                directions = []
+                for j in range(per_class):
+                    rows = shadow_rows(public.labels, k, cfg.samples_per_client, skew, rng)
+                    data = encode(tokenizer, public, rows, cfg.max_seq_len)
+                    shadow = Client(1_000_000 + k * per_class + j, cfg, model, tokenizer, data, data,
+                                    Path(scratch) / f"round{round_idx}-{k}-{j}")
+                    sent = comm.decode(shadow.fit(comm.encode(start), round_idx).payload)
+                    v = _flat({n: sent[n] - start[n] for n in start})
+                    directions.append(v / (np.linalg.norm(v) or 1.0))
+                centroids.append(np.mean(directions, axis=0))
+            centroids = np.stack(centroids)
+            centroids /= np.linalg.norm(centroids, axis=1, keepdims=True).clip(min=1e-30)
+            per_round.append((round_idx, {cid: int(np.argmax(centroids @ _flat(change)))
+                                          for cid, change in sorted(_changes(path).items())}))
+    return {"attack": "shadow_nearest_centroid", "available": True, "public_data": str(public_data),
+            "shadow_per_class": per_class, "shadow_skew": skew, "chance": 1 / num_classes,
+            **_score(per_round, truth)}
 
 
 def _write(run_path: Path, result: dict) -> dict:
@@ -76,10 +167,15 @@ def _write(run_path: Path, result: dict) -> dict:
 
 
 def table(result: dict) -> str:
-    if not result["available"]:
-        return f"attack {result['attack']}: not available ({result['reason']}); chance {result['chance']:.2f}"
-    lines = [f"attack {result['attack']} on {result['tensor']}: accuracy {result['accuracy']:.2f} over "
-             f"{result['guesses']} guesses (chance {result['chance']:.2f})", "round  accuracy"]
-    lines += [f"{r['round']:>5}  {r['accuracy']:.2f}" for r in result["rounds"]]
+    lines = []
+    for attack in [result] + ([result["shadow"]] if "shadow" in result else []):
+        if not attack["available"]:
+            lines.append(f"attack {attack['attack']}: not available ({attack['reason']}); chance "
+                         f"{attack['chance']:.2f}")
+            continue
+        on = f" on {attack['tensor']}" if "tensor" in attack else ""
+        lines += [f"attack {attack['attack']}{on}: accuracy {attack['accuracy']:.2f} over {attack['guesses']} "
+                  f"guesses (chance {attack['chance']:.2f})", "round  accuracy"]
+        lines += [f"{r['round']:>5}  {r['accuracy']:.2f}" for r in attack["rounds"]]
     return "\n".join(lines)
 

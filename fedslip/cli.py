@@ -156,9 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--quiet", action="store_true", help="no progress bars or log")
     add_config_flags(tune)
     audit = sub.add_parser("audit", help="what an honest-but-curious server infers from the updates of a run made "
-                           "with --audit (classifier-bias attack on each client's dominant class); writes "
-                           "RUN/audit/audit.json")
+                           "with --audit (classifier-bias attack on each client's dominant class; with "
+                           "--public-data also the attack learned on shadow clients); writes RUN/audit/audit.json")
     audit.add_argument("run", help="run directory made with --audit")
+    audit.add_argument("--public-data", default=None, metavar="CSV",
+                       help="public rows (the run's columns) the server trains shadow clients on")
+    audit.add_argument("--shadow-per-class", type=int, default=2, help="shadow clients per class and round")
+    audit.add_argument("--shadow-skew", type=float, default=0.8,
+                       help="share of a shadow client's rows from its dominant class")
     sub.add_parser("config-reference", help="print the config reference table (markdown)")
     return parser
 
@@ -262,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .audit import audit as run_audit
             from .audit import table as audit_table
 
-            print(audit_table(run_audit(args.run)))
+            print(audit_table(run_audit(args.run, args.public_data, args.shadow_per_class, args.shadow_skew)))
             return 0
         if args.command == "kstep":
             print(json.dumps(api.kstep(args.run, args.steps, args.lr), indent=2))

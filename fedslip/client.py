@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm  # the text bar: tqdm.auto wants ipywidgets in a notebook and warns without them
 
-from . import codecs, comm, masking
+from . import codecs, comm, masking, privacy
 from .config import ExperimentConfig
 from .data import Encoded, eval_batches, train_batches
 from .model import GLOBAL, PRIVATE, TrackedModel, shape_mismatch
@@ -357,8 +357,9 @@ class Client:
     engine (in-process or Flower) can carry the messages."""
 
     def __init__(self, cid: int, cfg: ExperimentConfig, model: TrackedModel, tokenizer, train: Encoded,
-                 test: Encoded, state_dir: Path, global_test: Encoded | None = None):
+                 test: Encoded, state_dir: Path, global_test: Encoded | None = None, noise_secret: str | None = None):
         self.cid, self.cfg, self.model, self.tokenizer = cid, cfg, model, tokenizer
+        self.noise_secret = noise_secret  # local DP: mixed into the seed of this client's noise
         self.train, self.test, self.global_test = train, test, global_test
         self.store = PrivateStore(state_dir)
         self.uses_mask = cfg.private_track and cfg.private_target_sparsity > 0
@@ -430,6 +431,8 @@ class Client:
         (the global track of ``base_round``) plus the error-feedback residual, whose unsent part becomes
         the next residual."""
         weights = self.model.global_state()
+        if privacy.local(self.cfg):  # local DP: what leaves the client is already clipped and noised
+            weights = privacy.privatize(weights, received, self.cfg, round_idx, self.cid, self.noise_secret)
         if self.upload.lossless:
             return comm.encode(weights)
         update = {n: weights[n] - received[n] for n in weights}

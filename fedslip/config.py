@@ -34,13 +34,15 @@ LOCAL_PHASES = ("joint", "first", "frozen")
 EVAL_SPLITS = ("test", "val")
 ENGINES = ("embedded", "flower-sim")
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
+DP_MODES = ("central", "local")
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "topk", "topk+fp16", "topk+bf16", "topk+int8", "topk+int4")
 GRANULARITIES = ("tensor", "row")
 TRACKERS = ("csv", "tensorboard", "mlflow", "wandb")
 # the allowed values of every string field with a fixed set of them (validation and the CLI's choices)
 CHOICES = {"method": METHODS, "engine": ENGINES, "partition": PARTITIONS, "head": HEADS, "objective": OBJECTIVES,
            "precision": PRECISIONS, "private_prune_scope": PRUNE_SCOPES, "eval_split": EVAL_SPLITS,
-           "local_phase": LOCAL_PHASES, "aggregation": AGGREGATIONS, "private_head": PRIVATE_HEADS,
+           "local_phase": LOCAL_PHASES, "aggregation": AGGREGATIONS, "dp_mode": DP_MODES,
+           "private_head": PRIVATE_HEADS,
            "private_phase": PRIVATE_PHASES, "upload_codec": CODECS, "download_codec": CODECS,
            "quant_granularity": GRANULARITIES}
 AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
@@ -148,8 +150,13 @@ class ExperimentConfig:
                               "(after the last completed round's checkpoint).")
     dp_clip: float = _f(0.0, "Differential privacy on the global track: clip each client's change of it to this L2 "
                         "norm C (0 = no DP); the server averages the clipped changes uniformly (fedslip/privacy.py).")
-    dp_noise_multiplier: float = _f(0.0, "DP: Gaussian noise of std sigma * C / (clients per round) on every "
-                                    "coordinate of the mean; epsilon from dp-accounting's RDP accountant.")
+    dp_noise_multiplier: float = _f(0.0, "DP: the noise multiplier sigma: Gaussian noise of std sigma * C / (clients "
+                                    "per round) on every coordinate of the mean (dp_mode central) or sigma * C on "
+                                    "each client's change (local); epsilon from dp-accounting's RDP accountant.")
+    dp_mode: str = _f("central", "DP: `central` = the server clips each change and noises the mean (protects "
+                      "clients from whoever sees the released global track, not from the server); `local` = each "
+                      "client clips its change and adds N(0, (sigma * C)^2) before upload (protects it from the "
+                      "server too; far more noise in the mean).")
     dp_delta: float = _f(1e-5, "DP: the delta at which epsilon is reported.")
     max_update_norm: float = _f(0.0, "Reject a client update whose L2 distance from the broadcast global track "
                                 "exceeds this; 0 = no bound.")
@@ -318,7 +325,7 @@ class ExperimentConfig:
             raise ConfigError(f"private_weight must be in [0, 1), got {self.private_weight!r}")
         if self.dp_noise_multiplier and not self.dp_clip:
             raise ConfigError("dp_noise_multiplier needs dp_clip > 0 (the noise is calibrated to the clipping norm)")
-        if self.dp_clip and self.aggregation != "fedavg":
+        if self.dp_clip and self.dp_mode == "central" and self.aggregation != "fedavg":
             raise ConfigError(f"dp_clip works with aggregation='fedavg' (a uniform mean of clipped changes), not "
                               f"{self.aggregation!r}")
         if self.dp_clip and self.method == "centralized":

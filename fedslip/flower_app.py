@@ -137,8 +137,9 @@ def make_client_app(cfg: ExperimentConfig | None = None, state_root: Path | None
             state_dir = (state_root or Path(options["out"]) / "clients") / str(cid)
         setup = _setup(run_cfg)
         data = setup.clients[cid]
+        secret = context.node_config.get("dp-secret")  # local DP: noise the server cannot redraw
         return Client(cid, run_cfg, setup.model, setup.tokenizer, data.train, data.test, state_dir,
-                      setup.global_eval)
+                      setup.global_eval, noise_secret=str(secret) if secret is not None else None)
 
     def config(msg: Message) -> dict:
         return dict(msg.content[CONFIG])

@@ -1,4 +1,6 @@
-"""Differential privacy on the global track: client-level central DP with server-side fixed clipping.
+"""Differential privacy on the global track: client-level DP, central (server-side) or local (client-side).
+
+**Central** (``dp_mode = "central"``), server-side fixed clipping:
 
 Each round, with k clients sampled (``fraction_fit``), A the accepted ones and g the global track the
 clients trained from:
@@ -18,6 +20,20 @@ neighbouring: per round one Gaussian release of noise multiplier sigma (the clip
 C, its noise std is sigma * C), composed over the rounds run so far; with all clients in every round no
 amplification by sampling, with k of n the round is accounted as Poisson sampling at q = k/n (the
 rounds draw exactly k clients; Poisson is the usual stand-in, as in McMahan et al. 2018).
+
+Central DP protects a client from whoever sees the released global track, not from the server: the server
+sees each update before the noise. **Local** (``dp_mode = "local"``) protects it from the server too: each
+client releases only
+
+    g + u_i * min(1, C / ||u_i||_2) + N(0, (sigma * C)^2 I)         (clipped and noised on the client)
+
+and the server aggregates what it receives with the configured rule (any rule is post-processing). Its
+epsilon is per client against the server: one Gaussian release per round the client takes part in, whose
+input can be any change of norm <= C (replace-one: sensitivity 2C, noise multiplier sigma / 2), composed
+over the rounds run so far (every round, the worst case). The noise is drawn on the client from its run
+seed, round, client id and an optional secret (``dp-secret`` node config in a deployment): without the
+secret a server that knows the run seed could redraw and subtract it, which is fine for measuring and
+wrong for protecting.
 """
 
 from __future__ import annotations
@@ -33,6 +49,16 @@ from .config import ExperimentConfig
 
 def enabled(cfg: ExperimentConfig) -> bool:
     return cfg.dp_clip > 0
+
+
+def central(cfg: ExperimentConfig) -> bool:
+    """Whether the server clips and noises (central DP)."""
+    return enabled(cfg) and cfg.dp_mode == "central"
+
+
+def local(cfg: ExperimentConfig) -> bool:
+    """Whether each client clips and noises its own upload (local DP)."""
+    return enabled(cfg) and cfg.dp_mode == "local"
 
 
 def clip(weights: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
@@ -63,8 +89,26 @@ def add_noise(mean: dict[str, torch.Tensor], cfg: ExperimentConfig, round_idx: i
             for n, t in sorted(mean.items())}
 
 
+def privatize(weights: dict[str, torch.Tensor], received: dict[str, torch.Tensor], cfg: ExperimentConfig,
+              round_idx: int, cid: int, secret: str | None = None) -> dict[str, torch.Tensor]:
+    """Local DP, on the client: ``received + clip(weights - received) + N(0, (sigma * C)^2)`` on every
+    coordinate of the global track it uploads."""
+    clipped = clip(weights, received, cfg.dp_clip)
+    std = cfg.dp_noise_multiplier * cfg.dp_clip
+    if std == 0:
+        return clipped
+    words = [cfg.seed, round_idx, cid, 0xD10] + (list((secret or "").encode()) if secret else [])
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1)[0]))
+    return {n: clipped[n] + (torch.randn(clipped[n].shape, generator=generator, dtype=torch.float64) * std
+                             ).to(clipped[n].dtype) for n in sorted(clipped)}
+
+
 def release(cfg: ExperimentConfig) -> dp_event.DpEvent:
-    """One round's release: the Gaussian mechanism on the clients the round samples."""
+    """One round's release. Central: the Gaussian mechanism on the clients the round samples. Local: one
+    client's clipped, noised change (replace-one sensitivity 2C: noise multiplier sigma / 2); the server
+    knows who took part, so sampling does not amplify it."""
+    if cfg.dp_mode == "local":
+        return dp_event.GaussianDpEvent(cfg.dp_noise_multiplier / 2)
     gaussian = dp_event.GaussianDpEvent(cfg.dp_noise_multiplier)
     if cfg.clients_per_round >= cfg.num_clients:
         return gaussian

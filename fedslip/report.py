@@ -83,6 +83,8 @@ def aggregate(runs: list[RunRecord]) -> dict:
                ("global_accuracy", "personalized_accuracy", "kstep_accuracy", "comm_mib_per_round",
                 "global_track_local_accuracy", "personalized_global_test_accuracy", "private_bytes_transmitted",
                 "wall_seconds", "worst_client_personalized_accuracy")},
+            "seconds_per_round": _stats([float(np.mean([row["seconds"] for row in r.rounds])) for r in rs]),
+            "devices": sorted({str(x.get("device")) for x in s}),
         }
     return out
 
@@ -315,19 +317,24 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "") -> dict:
         + (f"; the centralized reference at its own tuned lr {', '.join(map(str, other_lrs))}" if other_lrs else "")
         + "." + per_method_settings(runs), "",
         "| method | global accuracy | personalized accuracy (zero-shot) | worst client | after K-step | "
-        "personalized model on the global test set | MiB per round |",
-        "|---|---|---|---|---|---|---|",
+        "personalized model on the global test set | MiB per round | s per round |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    mixed = len({d for a in agg.values() for d in a["devices"]}) > 1  # then each row names its device
     for m, a in sorted(agg.items()):
+        where = f" ({', '.join(a['devices'])})" if mixed else ""
         lines.append(f"| {m} | {_pct(a['global_accuracy'])} | {_pct(a['personalized_accuracy'])} | "
                      f"{_pct(a['worst_client_personalized_accuracy'])} | {_pct(a['kstep_accuracy'])} | "
-                     f"{_pct(a['personalized_global_test_accuracy'])} | {a['comm_mib_per_round']['mean']:.3f} |")
+                     f"{_pct(a['personalized_global_test_accuracy'])} | {a['comm_mib_per_round']['mean']:.3f} | "
+                     f"{a['seconds_per_round']['mean']:.1f}{where} |")
     lines += ["", "Accuracies in %, mean ± sample std over seeds. Worst client = the lowest zero-shot personalized "
               "accuracy among the clients of a run. Personalized model on the global test set = each client's "
               "inference model (global + its private track) on the balanced global test set, averaged over "
               "clients: what personalization costs a client outside its own distribution (for single-track "
               "methods it is the global accuracy). MiB per round = upload + download of all clients, measured "
-              "from the serialized payloads (`centralized` sends nothing).", ""]
+              "from the serialized payloads (`centralized` sends nothing). s per round = wall seconds of a round "
+              "(training, aggregation and evaluation), mean over rounds and seeds, on the run's device (runs "
+              "sharing a machine are slower than alone).", ""]
     verdict = _verdict(agg)
     if verdict:
         lines += ["## Verdict", "", *verdict, ""]

@@ -220,6 +220,8 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
         t0 = time.perf_counter()
         cids = sample_clients(cfg, round_idx)
         download = server.broadcast()
+        if cfg.audit:  # the global track the clients train from this round (shadow clients start from it)
+            save_tensors(run_dir.path / AUDIT_DIR / f"global-{round_idx:04d}.safetensors", server.reference)
         replies, failed, download_bytes = engine.fit(download, cids, round_idx)
         stop_on_unreadable_state(failed, f"round {round_idx}")
         try:
@@ -333,8 +335,8 @@ def _summary(cfg: ExperimentConfig, setup: Setup, history: list[dict], detail: d
     summary["client_failures"] = _client_failures(history)
     summary["health"] = [entry for row in history for entry in row.get("health", [])]
     if privacy.enabled(cfg):
-        summary.update(dp_clip=cfg.dp_clip, dp_noise_multiplier=cfg.dp_noise_multiplier, dp_delta=cfg.dp_delta,
-                       dp_epsilon=last.get("dp_epsilon"))
+        summary.update(dp_mode=cfg.dp_mode, dp_clip=cfg.dp_clip, dp_noise_multiplier=cfg.dp_noise_multiplier,
+                       dp_delta=cfg.dp_delta, dp_epsilon=last.get("dp_epsilon"))
     return summary
 
 

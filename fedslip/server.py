@@ -209,7 +209,7 @@ class Server:
                 continue
             if self.cfg.audit:
                 outcome.changes[cid] = {n: update[n] - self.reference[n] for n in update}
-            if privacy.enabled(self.cfg):  # clipped change, uniform weight (fedslip/privacy.py)
+            if privacy.central(self.cfg):  # clipped change, uniform weight (fedslip/privacy.py)
                 update, num_examples = privacy.clip(update, self.reference, self.cfg.dp_clip), 1
             valid.append(train_reply(cid, update, num_examples))
             outcome.accepted.append(cid)
@@ -219,7 +219,7 @@ class Server:
         with quiet_flower_log():  # the strategy's "aggregate_train: Received ..." line each round is noise here
             arrays, _ = self.strategy.aggregate_train(round_idx, valid)
         aggregated = {n: t.to(self.state[n].dtype) for n, t in arrays.to_torch_state_dict().items()}
-        if privacy.enabled(self.cfg):
+        if privacy.central(self.cfg):
             aggregated = privacy.add_noise(aggregated, self.cfg, round_idx)
         previous = self.round
         self.round = round_idx

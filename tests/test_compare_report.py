@@ -229,3 +229,32 @@ def test_compare_runs_a_method_with_its_own_config_file(tmp_path, data_dir):
         (out / "report.md").read_text()
     with pytest.raises(ValueError, match="which --methods does not list"):
         compare(["fedavg_lora"], [0], tmp_path / "other", method_configs={"fedper": tuned})
+
+
+def test_report_gives_seconds_per_round_and_names_each_methods_device_when_they_differ(compared, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    out, *_ = compared
+    for method in ("fedavg_lora", "fedslip"):
+        for seed in (0, 1):
+            shutil.copytree(run_dir_for(out, method, seed), tmp_path / "runs" / f"{method}-seed{seed}")
+    rows = {m: [json.loads(line) for s in (0, 1) for line in
+                (tmp_path / "runs" / f"{m}-seed{s}" / "metrics.jsonl").read_text().splitlines()]
+            for m in ("fedavg_lora", "fedslip")}
+    expected = {m: np.mean([np.mean([r["seconds"] for r in rows[m][:2]]), np.mean([r["seconds"] for r in rows[m][2:]])])
+                for m in rows}  # per run, then over seeds
+
+    def table_row(method):
+        assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
+        report = (tmp_path / "rep" / "report.md").read_text()
+        assert "| s per round |" in report
+        return next(line for line in report.splitlines() if line.startswith(f"| {method} |")).split(" | ")[-1]
+
+    assert table_row("fedslip") == f"{expected['fedslip']:.1f} |"  # one device: named in Settings only
+    for seed in (0, 1):  # the fedslip runs moved to another machine
+        path = tmp_path / "runs" / f"fedslip-seed{seed}" / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "device": "cuda"}))
+    assert table_row("fedslip") == f"{expected['fedslip']:.1f} (cuda) |"
+    assert table_row("fedavg_lora") == f"{expected['fedavg_lora']:.1f} (cpu) |"

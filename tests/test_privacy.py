@@ -114,3 +114,73 @@ def test_bad_dp_settings_are_refused(tiny_cfg):
                                ({"dp_clip": -1.0}, "dp_clip must be >= 0")]:
         with pytest.raises(fedslip.ConfigError, match=message):
             tiny_cfg(**overrides)
+
+
+# --- local DP: each client clips and noises its own upload ------------------------------------------------
+def test_local_dp_upload_is_the_clipped_change_plus_client_noise_over_consecutive_rounds(tiny_cfg):
+    """privatize = received + u * min(1, C/||u||) + N(0, (sigma C)^2), computed here by hand for three rounds
+    (the received track moves): the noise has the configured std, differs per client, round and secret, and
+    is the same on a rerun."""
+    sigma, clip_norm = 1.5, 0.2
+    cfg = tiny_cfg(dp_clip=clip_norm, dp_noise_multiplier=sigma, dp_mode="local")
+    received = _state(0, shape=(200, 100))
+    draws = []
+    for round_idx in (1, 2, 3):
+        trained = {n: t + 0.01 * round_idx * _state(round_idx, shape=(200, 100))[n] for n, t in received.items()}
+        change = {n: trained[n] - received[n] for n in trained}
+        scale = min(1.0, clip_norm / _norm(change))
+        clipped = {n: received[n] + change[n] * scale for n in received}
+        noised = privacy.privatize(trained, received, cfg, round_idx, cid=3)
+        clip_only = privacy.privatize(trained, received, tiny_cfg(dp_clip=clip_norm, dp_mode="local"), round_idx, 3)
+        for n in received:
+            assert torch.allclose(clip_only[n], clipped[n], atol=1e-6)
+        noise = torch.cat([(noised[n] - clipped[n]).flatten() for n in sorted(received)])
+        assert abs(noise.std().item() - sigma * clip_norm) < 0.02 * sigma * clip_norm  # 20,200 draws
+        assert abs(noise.mean().item()) < 5 * sigma * clip_norm / noise.numel() ** 0.5
+        assert torch.equal(privacy.privatize(trained, received, cfg, round_idx, cid=3)["a.weight"], noised["a.weight"])
+        draws.append(noise)
+        received = noised  # the next round trains from what this one released
+    assert not torch.allclose(draws[0], draws[1])
+    other = [privacy.privatize(received, received, cfg, 4, cid, secret)["a.weight"] for cid, secret in
+             ((3, None), (4, None), (3, "node secret"))]
+    assert not torch.allclose(other[0], other[1]) and not torch.allclose(other[0], other[2])
+
+
+def test_local_dp_the_server_receives_noised_changes_and_averages_them_as_they_are(tiny_cfg, tmp_path):
+    """What the server received (the audit record) is noised on the clients: per-coordinate std sigma * C
+    when C is tiny; the server adds no clipping or noise of its own: over three rounds the global track
+    moves by exactly the sum of the rounds' means of the received changes."""
+    from fedslip.model import TrackedModel, load_tokenizer
+
+    sigma, clip_norm = 2e4, 1e-5  # the clipped change (norm <= 1e-5) vanishes next to noise of std 0.2
+    cfg = tiny_cfg(rounds=3, dp_clip=clip_norm, dp_noise_multiplier=sigma, dp_mode="local", audit=True)
+    summary = fedslip.run(cfg, tmp_path / "run", progress=False, log=False)
+    expected = TrackedModel(cfg, load_tokenizer(cfg.backbone)).global_state()  # the seeded initial track
+    for round_idx in (1, 2, 3):
+        received = load_tensors(tmp_path / "run" / "audit" / f"round-{round_idx:04d}.safetensors")
+        flat = torch.cat([t.flatten() for t in received.values()])
+        assert abs(flat.std().item() - sigma * clip_norm) < 0.05 * sigma * clip_norm
+        clients = sorted({key.split("/", 1)[0] for key in received})
+        assert len(clients) == cfg.num_clients
+        for n in expected:  # equal row counts: the FedAvg weights are equal
+            expected[n] = expected[n] + sum(received[f"{c}/{n}"] for c in clients) / len(clients)
+    final = load_tensors(tmp_path / "run" / "global.safetensors")
+    assert all(torch.allclose(final[n], expected[n], atol=1e-5) for n in expected)
+    assert summary["dp_mode"] == "local" and summary["dp_epsilon"] == pytest.approx(privacy.epsilon(cfg, 3))
+
+
+def test_local_dp_epsilon_is_the_accountants_for_one_clients_releases(tiny_cfg):
+    """Per client against the server: a Gaussian release with sensitivity 2C (replace-one), noise multiplier
+    sigma / 2, every round, no amplification by sampling (the server knows who took part)."""
+    cfg = tiny_cfg(num_clients=10, fraction_fit=0.3, dp_clip=1.0, dp_noise_multiplier=4.0, dp_mode="local")
+    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    accountant.compose(dp_event.GaussianDpEvent(2.0), 5)
+    assert privacy.epsilon(cfg, 5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-12)
+    central = tiny_cfg(num_clients=10, fraction_fit=0.3, dp_clip=1.0, dp_noise_multiplier=4.0)
+    assert privacy.epsilon(cfg, 5) > privacy.epsilon(central, 5)
+
+
+def test_local_dp_settings(tiny_cfg):
+    assert tiny_cfg(dp_clip=1.0, dp_mode="local", aggregation="median").dp_mode == "local"  # post-processing
+    with pytest.raises(fedslip.ConfigError, match="dp_mode"):
+        tiny_cfg(dp_clip=1.0, dp_mode="server")
