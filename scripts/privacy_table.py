@@ -1,0 +1,67 @@
+"""docs/results/privacy/report.md from the settings scripts/privacy.sh ran (issue 16).
+
+    python scripts/privacy_table.py [docs/results/privacy]
+
+One row per setting and method: utility (global, zero-shot personalized), the two attacks' accuracy at
+guessing each client's dominant class (chance 25%), and epsilon; mean (± std) over the seeds that ran.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _cell(values: list[float | None], pct: bool = True) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    scale = 100 if pct else 1
+    mean = scale * float(np.mean(values))
+    if len(values) == 1:
+        return f"{mean:.1f}" if pct else f"{mean:.3g}"
+    return f"{mean:.1f} ± {scale * float(np.std(values, ddof=1)):.1f}" if pct else f"{mean:.3g}"
+
+
+def rows(root: Path) -> list[str]:
+    lines = []
+    for setting in sorted(p for p in root.iterdir() if p.is_dir()):
+        by_method: dict[str, list[tuple[dict, dict]]] = {}
+        for run in sorted(setting.glob("*-seed*")):
+            summary, attacks = run / "summary.json", run / "audit" / "audit.json"
+            if summary.is_file() and attacks.is_file():
+                method = run.name.rsplit("-seed", 1)[0]
+                by_method.setdefault(method, []).append((json.loads(summary.read_text()),
+                                                         json.loads(attacks.read_text())))
+        for method, runs in sorted(by_method.items()):
+            summaries, audits = zip(*runs)
+            bias = [a["accuracy"] if a["available"] else None for a in audits]
+            shadow = [a["shadow"]["accuracy"] if "shadow" in a else None for a in audits]
+            lines.append(f"| {setting.name} | {method} | {len(runs)} | {_cell([s['global_accuracy'] for s in summaries])}"
+                         f" | {_cell([s['personalized_accuracy'] for s in summaries])} | {_cell(bias)} | "
+                         f"{_cell(shadow)} | {_cell([s.get('dp_epsilon') for s in summaries], pct=False)} |")
+    return lines
+
+
+def main(root: Path) -> None:
+    table = ["| setting | method | seeds | global accuracy | personalized (zero-shot) | bias attack | "
+             "shadow attack | epsilon |", "|---|---|---|---|---|---|---|---|", *rows(root)]
+    head = [
+        "# What the server infers from the updates (issue 16)", "",
+        "Commands: `scripts/privacy.sh none`, `scripts/privacy.sh local SIGMA`, `scripts/privacy.sh central SIGMA` "
+        "(each a `fedslip compare --audit` of fedavg_lora, fedslip and fedper on configs/seed_cpu.toml, then "
+        "`fedslip audit --public-data` on every run), then `python scripts/privacy_table.py`. Attack accuracy "
+        "= share of (client, round) guesses of the client's dominant class that were right; chance is 25%. "
+        "`-` for the bias attack: the method sends no classifier (fedper). Epsilon at delta = 1e-5 after "
+        "the last round (local DP: per client against the server).", ""]
+    notes = root / "notes.md"
+    text = "\n".join(head + table) + "\n" + (f"\n{notes.read_text()}" if notes.is_file() else "")
+    (root / "report.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/privacy"))
