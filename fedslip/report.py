@@ -103,15 +103,15 @@ def _verdict(agg: dict) -> list[str]:
     lines = []
     if f["personalized_accuracy"]["mean"] is not None and b["kstep_accuracy"]["mean"] is not None:
         diff = 100 * (f["personalized_accuracy"]["mean"] - b["kstep_accuracy"]["mean"])
-        lines.append(f"- FedSLIP's zero-shot personalized accuracy is {diff:+.1f} points from fedavg_lora + K-step: "
+        lines.append(f"- FedSLIP's zero-shot personalized accuracy is {diff:+.2f} points from fedavg_lora + K-step: "
                      f"the target (>= +0.5) is {'met' if diff >= 0.5 else 'not met'}.")
     gdiff = 100 * (f["global_accuracy"]["mean"] - b["global_accuracy"]["mean"])
-    lines.append(f"- FedSLIP's global accuracy is {gdiff:+.1f} points from fedavg_lora's: the target (>= -0.5) is "
+    lines.append(f"- FedSLIP's global accuracy is {gdiff:+.2f} points from fedavg_lora's: the target (>= -0.5) is "
                  f"{'met' if gdiff >= -0.5 else 'not met'}.")
     if "centralized" in agg:
         cdiff = 100 * (f["global_accuracy"]["mean"] - agg["centralized"]["global_accuracy"]["mean"])
         met = "met" if cdiff >= -1.5 else "not met"
-        lines.append(f"- FedSLIP's global accuracy is {cdiff:+.1f} points from the centralized reference (same "
+        lines.append(f"- FedSLIP's global accuracy is {cdiff:+.2f} points from the centralized reference (same "
                      f"rows and steps on one machine): the target (within 1.5) is {met}.")
     same = f["comm_mib_per_round"]["mean"] == b["comm_mib_per_round"]["mean"]
     lines.append(f"- Bytes per round {'equal' if same else 'differ from'} the baseline's "

@@ -258,3 +258,19 @@ def test_report_gives_seconds_per_round_and_names_each_methods_device_when_they_
         path.write_text(json.dumps({**json.loads(path.read_text()), "device": "cuda"}))
     assert table_row("fedslip") == f"{expected['fedslip']:.1f} (cuda) |"
     assert table_row("fedavg_lora") == f"{expected['fedavg_lora']:.1f} (cpu) |"
+
+
+def test_the_verdict_states_the_gap_at_the_precision_that_decides_the_target():
+    """0.47 points is below the +0.5 target: the verdict must not print it as "+0.5 ... not met"."""
+    from fedslip.report import _verdict
+
+    def stats(v):
+        return {"mean": v, "std": 0.0, "n": 3}
+
+    agg = {"fedslip": {"personalized_accuracy": stats(0.9297), "global_accuracy": stats(0.877),
+                       "comm_mib_per_round": stats(2.3), "private_bytes_transmitted": stats(0.0)},
+           "fedavg_lora": {"kstep_accuracy": stats(0.925), "global_accuracy": stats(0.8745),
+                           "comm_mib_per_round": stats(2.3)}}
+    personalized, global_ = _verdict(agg)[:2]
+    assert "+0.47 points" in personalized and "not met" in personalized
+    assert "+0.25 points" in global_ and "is met" in global_
