@@ -78,29 +78,27 @@ def noise_std(cfg: ExperimentConfig) -> float:
     return compute_stdv(cfg.dp_noise_multiplier, cfg.dp_clip, cfg.clients_per_round)
 
 
-def add_noise(mean: dict[str, torch.Tensor], cfg: ExperimentConfig, round_idx: int) -> dict[str, torch.Tensor]:
-    """The aggregated global track plus N(0, (sigma * C / k)^2) on every coordinate, seeded by run and round."""
-    std = noise_std(cfg)
+def gaussian(tensors: dict[str, torch.Tensor], std: float, words: list[int]) -> dict[str, torch.Tensor]:
+    """``tensors`` plus N(0, std^2) on every coordinate, drawn (in name order) from a generator seeded by
+    ``words``: a DP run is as repeatable as any other, and resumes exactly."""
     if std == 0:
-        return mean
-    seed = np.random.SeedSequence([cfg.seed, round_idx, 0xD9]).generate_state(1)[0]
-    generator = torch.Generator().manual_seed(int(seed))
+        return tensors
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1)[0]))
     return {n: t + (torch.randn(t.shape, generator=generator, dtype=torch.float64) * std).to(t.dtype)
-            for n, t in sorted(mean.items())}
+            for n, t in sorted(tensors.items())}
+
+
+def add_noise(mean: dict[str, torch.Tensor], cfg: ExperimentConfig, round_idx: int) -> dict[str, torch.Tensor]:
+    """Central DP: the aggregated global track plus N(0, (sigma * C / k)^2), seeded by run and round."""
+    return gaussian(mean, noise_std(cfg), [cfg.seed, round_idx, 0xD9])
 
 
 def privatize(weights: dict[str, torch.Tensor], received: dict[str, torch.Tensor], cfg: ExperimentConfig,
               round_idx: int, cid: int, secret: str | None = None) -> dict[str, torch.Tensor]:
     """Local DP, on the client: ``received + clip(weights - received) + N(0, (sigma * C)^2)`` on every
-    coordinate of the global track it uploads."""
-    clipped = clip(weights, received, cfg.dp_clip)
-    std = cfg.dp_noise_multiplier * cfg.dp_clip
-    if std == 0:
-        return clipped
-    words = [cfg.seed, round_idx, cid, 0xD10] + (list((secret or "").encode()) if secret else [])
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1)[0]))
-    return {n: clipped[n] + (torch.randn(clipped[n].shape, generator=generator, dtype=torch.float64) * std
-                             ).to(clipped[n].dtype) for n in sorted(clipped)}
+    coordinate of the global track it uploads, seeded by run, round, client and the client's secret."""
+    words = [cfg.seed, round_idx, cid, 0xD10] + list((secret or "").encode())
+    return gaussian(clip(weights, received, cfg.dp_clip), cfg.dp_noise_multiplier * cfg.dp_clip, words)
 
 
 def release(cfg: ExperimentConfig) -> dp_event.DpEvent:
