@@ -40,8 +40,8 @@ def rows(root: Path) -> list[str]:
             summaries, audits = zip(*runs)
             bias = [a["accuracy"] if a["available"] else None for a in audits]
             shadow = [a["shadow"]["accuracy"] if "shadow" in a else None for a in audits]
-            lines.append(f"| {setting.name} | {method} | {len(runs)} | {_cell([s['global_accuracy'] for s in summaries])}"
-                         f" | {_cell([s['personalized_accuracy'] for s in summaries])} | {_cell(bias)} | "
+            utility = [_cell([s[k] for s in summaries]) for k in ("global_accuracy", "personalized_accuracy")]
+            lines.append(f"| {setting.name} | {method} | {len(runs)} | {utility[0]} | {utility[1]} | {_cell(bias)} | "
                          f"{_cell(shadow)} | {_cell([s.get('dp_epsilon') for s in summaries], pct=False)} |")
     return lines
 
