@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "mix like personalized=0.5,global=0.5 (default: personalized)")
     tune.add_argument("--search", default=None, metavar="KEY,KEY,...", help="config keys to search (default: the "
                       "method's learning rates); ranges from fedslip.tune.KNOWN_RANGES or [tune.space]")
+    tune.add_argument("--seeds", type=seed_list, default=None, metavar="S,S,...",
+                      help="validation seeds each trial averages (two or more; default: the config's seed alone)")
     tune.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                       help="start no new trial after SECONDS (the running one finishes; outputs are written from "
                            "the finished trials; the same command continues the study)")
@@ -259,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             search = [k.strip() for k in args.search.split(",") if k.strip()] if args.search else None
             result = run_study(args.out, args.trials, args.config, config_overrides(args), maximize=args.maximize,
                                search=search, progress=not args.quiet, command=_command(argv),
-                               timeout=args.timeout)
+                               timeout=args.timeout,
+                               seeds=args.seeds)
             print(f"{args.out}/report.md")
             print(json.dumps(result, indent=2))
             return 0

@@ -21,6 +21,9 @@
   with other settings is refused), ``trials/<number>/`` (run directories), ``study.csv``, ``best.toml``
   (a config ``fedslip run --config`` takes as is: the test split again), ``report.md`` and Optuna's
   optimization-history and parameter-importance plots.
+- Seeds: ``--seeds 0,1,2`` (``[tune] seeds``) runs every trial once per validation seed and scores the mean
+  (run directories ``trials/<number>`` for the first seed, ``trials/<number>-seed<s>`` for the others); the
+  pruner follows the first seed's rounds. One seed cannot rank settings less than a point apart.
 - Resume: the same call again continues the study. A trial interrupted mid-run is marked failed and its
   parameters re-enqueued; the new trial resumes that run directory from its last checkpoint.
 """
@@ -70,7 +73,7 @@ SUMMARY_KEY = {"personalized": "personalized_accuracy", "global": "global_accura
                "worst_client": "worst_client_personalized_accuracy"}
 ROUND_KEY = {"personalized": "personalized_accuracy", "global": "global_accuracy",
              "kstep": "personalized_accuracy", "worst_client": "personalized_accuracy_per_client"}
-TUNE_KEYS = ("maximize", "trials", "search", "space", "pruner_startup_trials", "pruner_warmup_rounds")
+TUNE_KEYS = ("maximize", "trials", "search", "space", "pruner_startup_trials", "pruner_warmup_rounds", "seeds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,25 +177,32 @@ class Study:
     trials: int
     pruner_startup_trials: int
     pruner_warmup_rounds: int
+    seeds: list[int] = dataclasses.field(default_factory=list)  # validation seeds averaged; [] = the config's
 
-    def config(self, params: dict[str, Any]) -> ExperimentConfig:
-        keys = {**self.base, **params}
+    def config(self, params: dict[str, Any], seed: int | None = None) -> ExperimentConfig:
+        keys = {**self.base, **params, **({"seed": seed} if seed is not None else {})}
         if not keys.get("val_samples_per_client"):
             keys["val_samples_per_client"] = make_config(keys).test_samples_per_client
         # the embedded engine: pruning stops a trial from its round callback, which Flower's runtime would
         # swallow; every engine gives the same result (engine is a run-only key)
         return make_config({**keys, "eval_split": "val", "engine": "embedded"})
 
+    def run_seeds(self) -> list[int]:
+        """The seeds each trial runs (the first one's rounds feed the pruner)."""
+        return self.seeds or [self.config({}).seed]
+
     def settings(self) -> dict:
         return {"base": self.base, "objective": self.objective, "space": [p.describe() for p in self.space],
                 "pruner_startup_trials": self.pruner_startup_trials,
-                "pruner_warmup_rounds": self.pruner_warmup_rounds}
+                "pruner_warmup_rounds": self.pruner_warmup_rounds,
+                **({"seeds": self.seeds} if self.seeds else {})}  # absent: studies made before seeds existed
 
 
 def make_study(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                method: str | None = None, trials: int | None = None, maximize: str | dict | None = None,
                search: list[str] | None = None, space: dict[str, Any] | None = None,
-               pruner_startup_trials: int | None = None, pruner_warmup_rounds: int | None = None) -> Study:
+               pruner_startup_trials: int | None = None, pruner_warmup_rounds: int | None = None,
+               seeds: list[int] | None = None) -> Study:
     """Settings from the config's ``[tune]`` table, overridden by the arguments given; validated."""
     raw: dict[str, Any] = {}
     if toml_path is not None:
@@ -228,7 +238,10 @@ def make_study(toml_path: str | Path | None = None, overrides: dict[str, Any] | 
                   int(pruner_startup_trials if pruner_startup_trials is not None
                       else table.get("pruner_startup_trials", 3)),
                   int(pruner_warmup_rounds if pruner_warmup_rounds is not None
-                      else table.get("pruner_warmup_rounds", 1)))
+                      else table.get("pruner_warmup_rounds", 1)),
+                  [int(x) for x in (seeds if seeds is not None else table.get("seeds", []))])
+    if len(study.seeds) == 1 or len(set(study.seeds)) != len(study.seeds):
+        raise ConfigError(f"tune seeds: two or more different validation seeds to average, got {study.seeds}")
     if study.trials < 1 or study.pruner_startup_trials < 0 or study.pruner_warmup_rounds < 0:
         raise ConfigError("tune: trials >= 1, pruner_startup_trials >= 0 and pruner_warmup_rounds >= 0 needed")
     if "kstep" in study.objective and cfg.kstep == 0:
@@ -300,10 +313,8 @@ def _objective(study: Study, out: Path, progress: bool):
 
     def objective(trial) -> float:
         params = {p.name: p.suggest(trial) for p in study.space}
-        cfg = study.config(params)
         resume_run = trial.user_attrs.get("resume_run")  # relative to out, like every run_dir attribute
         run_dir = resume_run or f"trials/{trial.number:04d}"
-        run_path = out / run_dir
         trial.set_user_attr("run_dir", run_dir)
 
         def report(row: dict) -> None:
@@ -313,23 +324,36 @@ def _objective(study: Study, out: Path, progress: bool):
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"round {row['round']}: {value:.4f} below the median")
 
-        try:
-            summary = _trial_run(cfg, run_path, bool(resume_run), report, progress)
-        except KeyboardInterrupt:
-            trial.set_user_attr("interrupted", True)  # the next call continues this run
-            raise
-        except RoundFailed as e:  # e.g. every client diverged at this learning rate: a bad point, not a crash
-            trial.set_user_attr("failed_round", str(e))
-            raise optuna.TrialPruned(f"the run stopped: {e}") from None
+        summaries = []
+        for i, seed in enumerate(study.run_seeds()):  # the first seed's rounds feed the pruner
+            path = out / (run_dir if i == 0 else f"{run_dir}-seed{seed}")
+            try:
+                summaries.append(_trial_run(study.config(params, seed if study.seeds else None), path,
+                                            bool(resume_run), report if i == 0 else _ignore, progress))
+            except KeyboardInterrupt:
+                trial.set_user_attr("interrupted", True)  # the next call continues this run
+                raise
+            except RoundFailed as e:  # e.g. every client diverged at this learning rate: a bad point, not a crash
+                trial.set_user_attr("failed_round", str(e))
+                raise optuna.TrialPruned(f"the run stopped: {e}") from None
         for key in ("global_accuracy", "personalized_accuracy", "kstep_accuracy",
                     "worst_client_personalized_accuracy", "wall_seconds"):
-            trial.set_user_attr(key, summary.get(key))
-        value = final_value(study.objective, summary)
-        if value is None:
-            raise ValueError(f"trial {trial.number}: the run gave no value for the objective")
-        return value
+            trial.set_user_attr(key, _mean([s.get(key) for s in summaries]))
+        values = [final_value(study.objective, s) for s in summaries]
+        if None in values:
+            raise ValueError(f"trial {trial.number}: a run gave no value for the objective")
+        return float(np.mean(values))  # the mean over the validation seeds
 
     return objective
+
+
+def _ignore(row: dict) -> None:
+    """The rounds of a trial's second and later seeds: not reported (the pruner follows the first)."""
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if len(present) == len(values) else None
 
 
 def _trial_run(cfg: ExperimentConfig, run_path: Path, resumed: bool, report, progress: bool) -> dict:
@@ -350,16 +374,18 @@ def tune(out: str | Path, trials: int | None = None, toml_path: str | Path | Non
          search: list[str] | None = None, space: dict[str, Any] | None = None,
          pruner_startup_trials: int | None = None, pruner_warmup_rounds: int | None = None,
          enqueue: list[dict[str, Any]] = (), progress: bool = False, command: str = "",
-         timeout: float | None = None) -> dict:
+         timeout: float | None = None, seeds: list[int] | None = None) -> dict:
     """Run (or continue) the study in ``out`` until it holds ``trials`` finished (complete or pruned)
     trials; write ``study.csv``, ``best.toml``, ``report.md`` and the plots; return the best trial.
     ``enqueue``: parameter sets to try first (after the config's own values). ``timeout``: seconds after
     which no new trial starts (the running one finishes); the outputs are written from the trials finished
-    so far and the same call later continues the study (a time budget for a shared or lent machine)."""
+    so far and the same call later continues the study (a time budget for a shared or lent machine).
+    ``seeds``: two or more validation seeds; each trial runs one run per seed and scores their mean (the
+    pruner follows the first seed's rounds): settings that differ by less than a point need more than one."""
     from optuna.trial import TrialState
 
     study = make_study(toml_path, overrides, method, trials, maximize, search, space, pruner_startup_trials,
-                       pruner_warmup_rounds)
+                       pruner_warmup_rounds, seeds)
     out = Path(out)
     optuna_study = _open(study, out)
     if not optuna_study.trials:  # a new study: the config's own values first (those inside the space), then
@@ -447,7 +473,8 @@ def _report(study: Study, optuna_study, result: dict, pngs: list[str], command: 
     lines += [f"Objective (validation rows): {json.dumps(study.objective)}; space: "
               f"{'; '.join(p.describe() for p in study.space)}; TPE sampler (seeded by the config's seed "
               f"{study.config({}).seed}), median pruning once {study.pruner_startup_trials} trials finished, from "
-              f"round {study.pruner_warmup_rounds + 1} on. Trials: {result['states']}.", "",
+              f"round {study.pruner_warmup_rounds + 1} on; validation seeds {study.run_seeds()} (a trial's value is "
+              f"their mean). Trials: {result['states']}.", "",
               f"**Best: trial {result['best_trial']}**, objective {100 * result['best_value']:.2f}, "
               f"{json.dumps(result['best_params'])} -> [best.toml](best.toml)", "",
               "| trial | state | " + " | ".join(p.name for p in study.space)

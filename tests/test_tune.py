@@ -187,3 +187,28 @@ def test_timeout_stops_starting_trials_writes_outputs_and_the_study_continues(ti
     assert load_config(out / "best.toml").lr == _study(out).trials[0].params["lr"]
     assert main(args) == 0
     assert [t.state.name for t in _study(out).trials] == ["COMPLETE"] * 3
+
+
+def test_seeds_average_each_trial_over_validation_seeds(tiny_overrides, tmp_path):
+    """--seeds 0,1: every trial runs once per seed (the first seed's run is the trial's run directory) and
+    its value is the mean of the seeds' objectives, computed here from their summaries."""
+    config = tmp_path / "study.toml"
+    config.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {
+        **tiny_overrides, "rounds": 1, "method": "fedper", "partition": "dirichlet", "dirichlet_alpha": 0.5}.items()))
+    out = tmp_path / "study"
+    assert main(["tune", "--config", str(config), "--out", str(out), "--quiet", "--trials", "2", "--seeds", "3,4",
+                 "--maximize", "personalized"]) == 0
+    trials = _study(out).trials
+    assert len(trials) == 2
+    for t in trials:
+        runs = [out / t.user_attrs["run_dir"], out / f"{t.user_attrs['run_dir']}-seed4"]
+        assert [load_config(r / "config.toml").seed for r in runs] == [3, 4]
+        values = [json.loads((r / "summary.json").read_text())["personalized_accuracy"] for r in runs]
+        assert values[0] != values[1]  # two seeds, two results: the mean is not either one
+        assert t.value == pytest.approx(sum(values) / 2)
+        assert t.user_attrs["personalized_accuracy"] == pytest.approx(sum(values) / 2)
+    assert "validation seeds [3, 4]" in (out / "report.md").read_text()
+    with pytest.raises(ConfigError, match="other settings"):  # the seeds are part of the study
+        tune_mod.tune(out, trials=2, toml_path=config, maximize="personalized", seeds=[3, 5])
+    with pytest.raises(ConfigError, match="two or more different validation seeds"):
+        tune_mod.tune(tmp_path / "other", trials=1, toml_path=config, seeds=[3])
