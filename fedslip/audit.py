@@ -72,6 +72,11 @@ def _recorded(run_path: Path) -> tuple[list[Path], list[int], int]:
     return rounds, [int(np.argmax(c.proportions)) for c in partition.clients], len(partition.clients[0].proportions)
 
 
+def _round_of(path: Path) -> int:
+    """The round of an audit record (``round-<r>.safetensors``)."""
+    return int(path.stem.split("-")[1])
+
+
 def _changes(path: Path) -> dict[int, dict[str, torch.Tensor]]:
     """One round's record: each client's change of the global track, as the server received it."""
     by_client: dict[int, dict[str, torch.Tensor]] = {}
@@ -100,7 +105,7 @@ def bias_attack(run_path: Path) -> dict:
             return {"attack": "classifier_bias", "available": False, "chance": 1 / num_classes,
                     "reason": "the updates carry no classifier bias (the head stays on the clients)", "rounds": []}
         guesses = {cid: int(np.argmax(change[bias].double().numpy())) for cid, change in sorted(by_client.items())}
-        per_round.append((int(path.stem.split("-")[1]), guesses))
+        per_round.append((_round_of(path), guesses))
     return {"attack": "classifier_bias", "available": True, "tensor": bias, "chance": 1 / num_classes,
             **_score(per_round, truth)}
 
@@ -126,7 +131,7 @@ def shadow_rows(labels: np.ndarray, dominant: int, size: int, skew: float, rng: 
 def shadow_attack(run_path: Path, public_data: Path, per_class: int = 2, skew: float = 0.8) -> dict:
     """The nearest-centroid attack fit each round on shadow clients trained from that round's global track."""
     rounds, truth, num_classes = _recorded(run_path)
-    if not (run_path / AUDIT_DIR / f"global-{int(rounds[0].stem.split('-')[1]):04d}.safetensors").is_file():
+    if not (run_path / AUDIT_DIR / f"global-{_round_of(rounds[0]):04d}.safetensors").is_file():
         raise RunDirError(f"{run_path} recorded no global track per round (audit/global-<r>.safetensors; runs "
                           "audited before the shadow attack existed): run it again with --audit")
     cfg: ExperimentConfig = dataclasses.replace(load_config(run_path / "config.toml"), upload_codec="fp32",
@@ -138,7 +143,7 @@ def shadow_attack(run_path: Path, public_data: Path, per_class: int = 2, skew: f
     per_round = []
     with tempfile.TemporaryDirectory(prefix="fedslip-shadow-") as scratch:
         for path in rounds:
-            round_idx = int(path.stem.split("-")[1])
+            round_idx = _round_of(path)
             start = load_tensors(run_path / AUDIT_DIR / f"global-{round_idx:04d}.safetensors")
             centroids = []
             for k in range(num_classes):
