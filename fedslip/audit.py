@@ -69,6 +69,9 @@ def _recorded(run_path: Path) -> tuple[list[Path], list[int], int]:
         raise RunDirError(f"{run.path} has no recorded updates ({folder}/round-*.safetensors): run it with "
                           "--audit (config key audit = true)")
     partition = Partition.load(run.path / "partition.json")
+    if not partition.clients:
+        raise RunDirError(f"{run.path}: the clients brought their own data (partition = 'own'); the audit scores "
+                          "its guesses against each client's drawn class proportions, which such a run never has")
     return rounds, [int(np.argmax(c.proportions)) for c in partition.clients], len(partition.clients[0].proportions)
 
 

@@ -7,6 +7,7 @@
     fedslip tune --config cfg.toml --method fedslip --trials 12 --out runs/tune   # Optuna, validation rows
     fedslip audit runs/x              # the server's attack on a run made with --audit
     fedslip bench-engines --out DIR   # per-round time on embedded / Flower simulation / deployment
+    fedslip bench-scale --out DIR     # memory and round time at 10 / 100 / 1,000 clients
     fedslip deploy-local --workdir runs/deploy [config flags]   # SuperLink + SuperNodes on 127.0.0.1
     fedslip config-reference          # the config table of docs/configuration.md
 """
@@ -129,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark("bench-engines", "per-round time of one run on every engine (embedded, Flower simulation, "
               "flwr run, local deployment)", "bench_engines.json", "tiny").add_argument(
         "--rounds", type=int, default=3, help="rounds per run (default: 3)")
+    scale = benchmark("bench-scale", "peak memory, setup and round time at 10 / 100 / 1,000 clients with few "
+                      "sampled per round", "bench_scale.json, .md, .png", "tiny,minilm")
+    scale.add_argument("--engines", default="embedded,flower-sim", help="engines (default: embedded,flower-sim)")
+    scale.add_argument("--rows-per-client", type=int, default=8, help="training rows per client (default: 8)")
     deploy = sub.add_parser("deploy-local", help="start a Flower SuperLink and one SuperNode per client on "
                             "127.0.0.1 (TLS with --tls), run the experiment on them with `flwr run`, stop them")
     deploy.add_argument("--workdir", required=True, help="new directory: run/, nodes/<id>/ (private states), "
@@ -254,6 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(engines_table(bench_engines(args.out, backbone=args.backbone, rounds=args.rounds,
                                               data_dir=args.data_dir)))
+            return 0
+        if args.command == "bench-scale":
+            from .bench_scale import bench_scale
+            from .bench_scale import table as scale_table
+
+            print(scale_table(bench_scale(args.out, tuple(args.backbone.split(",")), tuple(args.engines.split(",")),
+                                          args.rows_per_client, data_dir=args.data_dir)))
             return 0
         if args.command == "tune":
             from .tune import tune as run_study

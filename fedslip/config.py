@@ -22,7 +22,7 @@ import tomllib
 
 METHODS = ("fedavg_lora", "dual_naive", "fedslip", "centralized", "fedper", "fedrep", "fedbabu", "fedsa_lora",
            "ditto", "feddpa_fixed")
-PARTITIONS = ("dominant", "dirichlet", "iid")
+PARTITIONS = ("dominant", "dirichlet", "iid", "own")
 HEADS = ("shared", "shared_full")
 PRIVATE_HEADS = ("none", "bias", "classifier")
 PRIVATE_PHASES = ("interleaved", "first")
@@ -72,6 +72,10 @@ class ExperimentConfig:
     rounds: int = _f(5, "Federated rounds.")
     num_clients: int = _f(4, "Number of clients.")
     fraction_fit: float = _f(1.0, "Fraction of clients sampled to train each round (at least one).")
+    eval_fraction: float = _f(1.0, "Fraction of clients whose own models are evaluated after each round (a seeded "
+                              "draw, at least one; the per-round personalized accuracy is their mean). The last "
+                              "round evaluates every client, so a 1,000-client run does not evaluate 1,000 "
+                              "clients every round.")
     seed: int = _f(0, "Seed for partitions, initialization, client sampling and batch order.")
     report_to: list[str] = _f([], f"Experiment trackers fed with every round's metrics: any of {', '.join(TRACKERS)} "
                               "(docs/usage.md, Experiment tracking; tensorboard/mlflow/wandb are optional extras).")
@@ -89,7 +93,9 @@ class ExperimentConfig:
     label_column: str = _f("label", "CSV column holding the integer class label (0-based).")
     class_names: list[str] = _f(AG_NEWS_CLASSES, "Class names, index = label. Their count is the number of "
                                 "classes.")
-    partition: str = _f("dominant", f"Client label distribution: {', '.join(PARTITIONS)}.")
+    partition: str = _f("dominant", f"Client label distribution: {', '.join(PARTITIONS)}. `own`: each client's "
+                        "rows are its own CSV file (`client_data`, or a SuperNode's `data-path` node config), split "
+                        "by the client; the server reads only the global test set (data_dir's test split).")
     dominant_fraction: float = _f(0.8, "partition=dominant: share of client i's data from class i mod C; the "
                                   "rest is spread evenly over the other classes.")
     dirichlet_alpha: float = _f(0.5, "partition=dirichlet: concentration of each client's class proportions.")
@@ -99,6 +105,11 @@ class ExperimentConfig:
                                       "train label distribution, disjoint between clients.")
     val_samples_per_client: int = _f(0, "Validation rows per client carved from the train split (disjoint from "
                                      "all train rows), same label distribution. Needed for eval_split=val.")
+    client_data: list[str] = _f([], "partition=own: one CSV/CSV.gz per client (the data directory's columns), "
+                                "client i's file i; empty in a deployment whose SuperNodes each name their own "
+                                "file (node config `data-path`). The client shuffles its file (seed) and takes "
+                                "test_samples_per_client test rows, val_samples_per_client validation rows and up "
+                                "to samples_per_client training rows.")
     global_test_samples: int = _f(2000, "Size of the stratified global test set drawn from the test split; "
                                   "0 = the whole test split.")
     eval_split: str = _f("test", "What accuracies are measured on: `test` (the report) or `val` (tuning: each "
@@ -256,6 +267,10 @@ class ExperimentConfig:
         path = self.data_dir or os.environ.get("FEDSLIP_DATA_DIR", "")
         return str(Path(path).resolve()) if path else ""
 
+    def resolved_client_data(self) -> list[str]:
+        """``client_data`` as absolute paths (saved so in a run's config.toml, like the data directory)."""
+        return [str(Path(p).resolve()) for p in self.client_data]
+
     def validate(self) -> None:
         """Check every field once, here, so that the rest of the code can trust the config."""
         def choice(name: str, allowed: tuple[str, ...]) -> None:
@@ -298,8 +313,9 @@ class ExperimentConfig:
             raise ConfigError(f"topk_fraction must be in (0, 1], got {self.topk_fraction!r}")
         if self.method == "centralized" and (self.upload_codec, self.download_codec) != ("fp32", "fp32"):
             raise ConfigError("method='centralized' sends nothing: upload_codec and download_codec must be 'fp32'")
-        if not 0 < self.fraction_fit <= 1:
-            raise ConfigError(f"fraction_fit must be in (0, 1], got {self.fraction_fit!r}")
+        for name in ("fraction_fit", "eval_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
         if not 0 <= self.private_target_sparsity < 1:
             raise ConfigError(f"private_target_sparsity must be in [0, 1), got {self.private_target_sparsity!r}")
         if not 0 < self.private_prune_rate < 1:
@@ -315,6 +331,15 @@ class ExperimentConfig:
             raise ConfigError(f"report_to: {', '.join(map(repr, unknown_trackers))} not among {', '.join(TRACKERS)}")
         if not self.text_columns:
             raise ConfigError("text_columns must name at least one column")
+        if self.client_data and self.partition != "own":
+            raise ConfigError(f"client_data names the clients' own files: it needs partition='own', not "
+                              f"{self.partition!r}")
+        if self.client_data and len(self.client_data) != self.num_clients:
+            raise ConfigError(f"client_data names {len(self.client_data)} files for num_clients={self.num_clients}: "
+                              "one file per client")
+        if self.partition == "own" and self.eval_split == "val":
+            raise ConfigError("partition='own' evaluates on test rows only: eval_split='val' would make the "
+                              "global validation set the union of the clients' rows, which the server never holds")
         if self.eval_split == "val" and self.val_samples_per_client == 0:
             raise ConfigError("eval_split='val' needs val_samples_per_client > 0")
         if not self.private_track and self.objective != "global_only":

@@ -104,18 +104,28 @@ def load_hub_split(split: str, num_labels: int) -> TextSplit:  # pragma: no cove
     return TextSplit(texts=list(ds["text"]), labels=labels, source=f"hub:{HUB_DATASET}/{split}")
 
 
-def load_splits(cfg: ExperimentConfig) -> tuple[TextSplit, TextSplit]:
-    """The train and test splits named by the config (local directory, else the hub)."""
+def load_split(cfg: ExperimentConfig, split: str) -> TextSplit:
+    """One split (``train`` / ``test``) named by the config: the local directory's file, else the hub's."""
     data_dir = cfg.resolved_data_dir()
     if not data_dir:
-        return load_hub_split("train", cfg.num_labels), load_hub_split("test", cfg.num_labels)
+        return load_hub_split(split, cfg.num_labels)
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist")
-    return tuple(  # type: ignore[return-value]
-        read_csv_split(find_split_file(root, split), cfg.text_columns, cfg.label_column, cfg.num_labels)
-        for split in ("train", "test")
-    )
+    return read_csv_split(find_split_file(root, split), cfg.text_columns, cfg.label_column, cfg.num_labels)
+
+
+def load_splits(cfg: ExperimentConfig) -> tuple[TextSplit, TextSplit]:
+    """The train and test splits named by the config (local directory, else the hub)."""
+    return load_split(cfg, "train"), load_split(cfg, "test")
+
+
+def read_own_file(cfg: ExperimentConfig, path: str | Path) -> TextSplit:
+    """A client's own data file (``partition = "own"``), with the data directory's columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"client data file {path} does not exist")
+    return read_csv_split(path, cfg.text_columns, cfg.label_column, cfg.num_labels)
 
 
 @dataclass

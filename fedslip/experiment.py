@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from .client import Client, PrivateStore
-from .config import ExperimentConfig
-from .data import Encoded, encode, load_splits
+from .config import ConfigError, ExperimentConfig
+from .data import Encoded, TextSplit, encode, load_split, load_splits, read_own_file
 from .model import TrackedModel, load_tokenizer
-from .partition import Partition, make_partition
+from .partition import ClientRows, Partition, make_partition, own_partition, own_rows
 from .storage import StateFileError, atomic_write_bytes, load_tensors, read_json, save_tensors, write_json
 
 
@@ -47,29 +47,72 @@ class Setup:
     cfg: ExperimentConfig
     tokenizer: object
     model: TrackedModel
-    partition: Partition
-    clients: list[ClientData]
-    global_eval: Encoded
+    partition: Partition | None  # None on a client's side of partition="own" (it knows its own rows only)
+    clients: list[ClientData]  # the clients this process plays (none on the server side)
+    global_eval: Encoded | None  # None where it is not needed: a client's side of partition="own"
 
 
-def prepare(cfg: ExperimentConfig) -> Setup:
+SIDES = ("all", "server", "client")
+
+
+def prepare(cfg: ExperimentConfig, side: str = "all") -> Setup:
+    """Backbone, tokenizer and data of one process's part of a run.
+
+    - ``all`` (the embedded engines: one process plays server and clients): everything.
+    - ``server`` (a Flower ServerApp): the global test set and the partition's row indices; no client's
+      rows are tokenized. With ``partition = "own"`` the server reads nothing but its own test split.
+    - ``client`` (a ClientApp): with a shared dataset, every client's rows (a Ray worker plays several
+      clients) and the global test set (a client's own model is also scored on it); with
+      ``partition = "own"`` no data at all: each client loads its own file (``own_client_data``)."""
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    if cfg.partition == "own":
+        return _prepare_own(cfg, side)
     train_split, test_split = load_splits(cfg)
     partition = make_partition(cfg, train_split.labels, test_split.labels)
     tokenizer = load_tokenizer(cfg.backbone)
     model = TrackedModel(cfg, tokenizer)
-    clients = []
-    for rows in partition.clients:
-        eval_split, eval_rows = (train_split, rows.val) if cfg.eval_split == "val" else (test_split, rows.test)
-        test = encode(tokenizer, eval_split, eval_rows, cfg.max_seq_len)
-        counts = np.bincount(test.labels.numpy(), minlength=cfg.num_labels)
-        clients.append(ClientData(train=encode(tokenizer, train_split, rows.train, cfg.max_seq_len), test=test,
-                                  majority_floor=float(counts.max() / counts.sum())))
-    if cfg.eval_split == "val":
-        global_eval = Encoded(input_ids=[i for c in clients for i in c.test.input_ids],
-                              labels=torch.cat([c.test.labels for c in clients]))
+    clients = [] if side == "server" else [
+        client_data(cfg, tokenizer, train_split, test_split, rows) for rows in partition.clients]
+    if cfg.eval_split == "val":  # the global validation set: the union of the clients' validation rows
+        global_eval = _union([encode(tokenizer, train_split, rows.val, cfg.max_seq_len) for rows in partition.clients])
     else:
         global_eval = encode(tokenizer, test_split, partition.global_test, cfg.max_seq_len)
     return Setup(cfg, tokenizer, model, partition, clients, global_eval)
+
+
+def _prepare_own(cfg: ExperimentConfig, side: str) -> Setup:
+    if side == "all" and not cfg.client_data:
+        raise ConfigError("partition='own' on the embedded engine needs client_data: one file per client")
+    test_split = load_split(cfg, "test") if side != "client" else None
+    files = [read_own_file(cfg, path) for path in cfg.client_data] if side == "all" else []  # bad files first
+    tokenizer = load_tokenizer(cfg.backbone)
+    model = TrackedModel(cfg, tokenizer)
+    if side == "client":
+        return Setup(cfg, tokenizer, model, None, [], None)
+    partition = own_partition(cfg, test_split.labels)
+    clients = [own_client_data(cfg, tokenizer, cid, own) for cid, own in enumerate(files)]
+    return Setup(cfg, tokenizer, model, partition, clients,
+                 encode(tokenizer, test_split, partition.global_test, cfg.max_seq_len))
+
+
+def client_data(cfg: ExperimentConfig, tokenizer, train_split: TextSplit, test_split: TextSplit,
+                rows: ClientRows) -> ClientData:
+    """One client's tokenized rows; its floor from its own evaluation labels."""
+    eval_split, eval_rows = (train_split, rows.val) if cfg.eval_split == "val" else (test_split, rows.test)
+    test = encode(tokenizer, eval_split, eval_rows, cfg.max_seq_len)
+    counts = np.bincount(test.labels.numpy(), minlength=cfg.num_labels)
+    return ClientData(train=encode(tokenizer, train_split, rows.train, cfg.max_seq_len), test=test,
+                      majority_floor=float(counts.max() / counts.sum()))
+
+
+def own_client_data(cfg: ExperimentConfig, tokenizer, cid: int, own: TextSplit) -> ClientData:
+    """Client ``cid``'s data from its own file (``partition = "own"``), split by the client itself."""
+    return client_data(cfg, tokenizer, own, own, own_rows(cfg, cid, len(own), own.source))
+
+
+def _union(parts: list[Encoded]) -> Encoded:
+    return Encoded(input_ids=[i for p in parts for i in p.input_ids], labels=torch.cat([p.labels for p in parts]))
 
 
 @dataclass
@@ -85,14 +128,19 @@ class Checkpoint:
 
 def build_clients(setup: Setup, run_dir: RunDir) -> list[Client]:
     return [Client(cid, setup.cfg, setup.model, setup.tokenizer, data.train, data.test, run_dir.client_dir(cid),
-                   setup.global_eval) for cid, data in enumerate(setup.clients)]
+                   clients_global_test(setup)) for cid, data in enumerate(setup.clients)]
+
+
+def clients_global_test(setup: Setup) -> Encoded | None:
+    """The global test set as the clients hold it (to score their own models on it): a shared dataset's;
+    none with ``partition = "own"``, where it is the server's alone."""
+    return None if setup.cfg.partition == "own" else setup.global_eval
 
 
 def build_pooled_trainer(setup: Setup, run_dir: RunDir) -> Client:
     """The ``centralized`` reference's trainer: one client (id ``num_clients``) holding the union of all
     clients' training rows, in client order."""
-    union = Encoded(input_ids=[i for c in setup.clients for i in c.train.input_ids],
-                    labels=torch.cat([c.train.labels for c in setup.clients]))
+    union = _union([c.train for c in setup.clients])
     cid = setup.cfg.num_clients
     return Client(cid, setup.cfg, setup.model, setup.tokenizer, union, union, run_dir.client_dir(cid))
 

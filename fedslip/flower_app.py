@@ -6,7 +6,8 @@
   with a ``FlowerEngine`` on the grid it is given; each round's valid replies are aggregated by a Flower
   strategy (``fedslip.server.make_strategy``: FedAvg, FedMedian or FedTrimmedAvg).
 - ``client_app`` answers ``train`` / ``evaluate`` / ``query`` messages by calling ``fedslip.client.Client``
-  (the embedded engine's client code). A node's client id is its ``partition-id`` (node config); its
+  (the embedded engine's client code). A node's client id is its ``partition-id`` (node config); with
+  ``partition = "own"`` its rows are the file its ``data-path`` (node config) names, nothing else; its
   private track lives in ``state-dir`` (node config; default ``<out>/clients/<partition-id>``) and
   never enters a message: ``private_guard_mod`` refuses to send any reply that carries a private tensor.
 
@@ -29,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from . import rounds
 from .client import Client
 from .config import FIELDS, PRESET_KEYS, ConfigError, ExperimentConfig, make_config
+from .data import read_own_file
 from .engines.flower import (
     CONFIG,
     IDENTIFY,
@@ -40,7 +42,7 @@ from .engines.flower import (
     payload_records,
     result_record,
 )
-from .experiment import Setup, prepare
+from .experiment import ClientData, Setup, clients_global_test, own_client_data, prepare
 from .model import PRIVATE, local_part
 from .tracking import Callback
 
@@ -85,15 +87,39 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[ExperimentConfig
 
 
 # --- ClientApp -------------------------------------------------------------------------------------
-_SETUP: dict[str, Setup] = {}  # one prepared backbone + data per process (a Ray actor serves many messages)
+_SETUP: dict[str, Setup] = {}  # one prepared backbone (+ shared data) per process: a Ray actor serves many messages
+_OWN: dict[tuple[int, str], ClientData] = {}  # partition="own": the clients' own files this process has read
 
 
 def _setup(cfg: ExperimentConfig) -> Setup:
     key = json.dumps(cfg.to_dict(), sort_keys=True)
     if key not in _SETUP:
         _SETUP.clear()
-        _SETUP[key] = prepare(cfg)
+        _OWN.clear()
+        _SETUP[key] = prepare(cfg, side="client")
     return _SETUP[key]
+
+
+def client_rows(cfg: ExperimentConfig, cid: int, node_config: dict) -> tuple[Setup, ClientData]:
+    """Client ``cid``'s backbone and data. With ``partition = "own"`` its rows come from its node's
+    ``data-path`` (a deployment: the node's own file, and no other is opened), else from the config's
+    ``client_data[cid]`` (the simulation plays every client); with a shared dataset, its partition."""
+    setup = _setup(cfg)
+    if cfg.partition != "own":
+        if "data-path" in node_config:
+            raise ConfigError("this SuperNode has a data-path but the run's partition is "
+                              f"{cfg.partition!r}: set partition = \"own\" to train on the nodes' own files")
+        return setup, setup.clients[cid]
+    if "data-path" in node_config:
+        path = str(node_config["data-path"])
+    elif cfg.client_data:
+        path = cfg.client_data[cid]
+    else:
+        raise ConfigError(f"partition='own': the SuperNode of client {cid} has no data-path; start it with "
+                          "--node-config 'partition-id=<client id> data-path=<its CSV file> state-dir=<dir>'")
+    if (cid, path) not in _OWN:
+        _OWN[(cid, path)] = own_client_data(cfg, setup.tokenizer, cid, read_own_file(cfg, path))
+    return setup, _OWN[(cid, path)]
 
 
 def private_guard_mod(msg: Message, context: Context, call_next, local_params: Sequence[str] = ()) -> Message:
@@ -135,11 +161,10 @@ def make_client_app(cfg: ExperimentConfig | None = None, state_root: Path | None
             state_dir = Path(str(context.node_config["state-dir"]))
         else:
             state_dir = (state_root or Path(options["out"]) / "clients") / str(cid)
-        setup = _setup(run_cfg)
-        data = setup.clients[cid]
+        setup, data = client_rows(run_cfg, cid, context.node_config)
         secret = context.node_config.get("dp-secret")  # local DP: noise the server cannot redraw
         return Client(cid, run_cfg, setup.model, setup.tokenizer, data.train, data.test, state_dir,
-                      setup.global_eval, noise_secret=str(secret) if secret is not None else None)
+                      clients_global_test(setup), noise_secret=str(secret) if secret is not None else None)
 
     def config(msg: Message) -> dict:
         return dict(msg.content[CONFIG])
@@ -194,9 +219,9 @@ def make_server_app(cfg: ExperimentConfig | None = None, out: Path | None = None
             return FlowerEngine(grid, setup.cfg)
 
         if run_resume:
-            rounds.start_resumed(run_out, progress, make_engine, callbacks)
+            rounds.start_resumed(run_out, progress, make_engine, callbacks, side="server")
         else:
-            rounds.start(run_cfg, run_out, run_overwrite, progress, make_engine, callbacks)
+            rounds.start(run_cfg, run_out, run_overwrite, progress, make_engine, callbacks, side="server")
 
     return app
 

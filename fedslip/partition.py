@@ -8,6 +8,9 @@ test set is a stratified (balanced where the split is) subset of the whole test 
 flwr-datasets' partitioners split a whole dataset into partitions of data-dependent size; here every
 client has a fixed size and a test set that mirrors its train distribution, so the draw is done
 directly from per-class pools (a few lines of numpy, deterministic for a seed).
+
+``partition = "own"``: no shared dataset. Each client's rows are its own file (``own_rows`` splits it,
+on the client); the server's partition holds only the global test set of its own test split.
 """
 
 from __future__ import annotations
@@ -98,6 +101,25 @@ def make_partition(cfg: ExperimentConfig, train_labels: np.ndarray, test_labels:
             proportions=[float(x) for x in p],
         ))
     return Partition(clients=clients, global_test=stratified_subset(test_labels, cfg, rng))
+
+
+def own_partition(cfg: ExperimentConfig, test_labels: np.ndarray) -> Partition:
+    """The server's partition when clients bring their own files: no client rows, only the global test set."""
+    return Partition(clients=[], global_test=stratified_subset(test_labels, cfg, np.random.default_rng(cfg.seed)))
+
+
+def own_rows(cfg: ExperimentConfig, cid: int, num_rows: int, source: str) -> ClientRows:
+    """Client ``cid``'s split of its own file of ``num_rows`` rows: shuffled with (seed, client id), then
+    ``test_samples_per_client`` test rows, ``val_samples_per_client`` validation rows and up to
+    ``samples_per_client`` training rows (fewer when the file has fewer: its own data is all it has)."""
+    held_out = cfg.test_samples_per_client + cfg.val_samples_per_client
+    if num_rows <= held_out:
+        raise DataError(f"{source} has {num_rows} rows; client {cid} needs more than test_samples_per_client + "
+                        f"val_samples_per_client = {held_out} (the rest are its training rows)")
+    order = [int(r) for r in np.random.default_rng([cfg.seed, cid]).permutation(num_rows)]
+    test = cfg.test_samples_per_client
+    return ClientRows(train=sorted(order[held_out:held_out + cfg.samples_per_client]),
+                      val=sorted(order[test:held_out]), test=sorted(order[:test]), proportions=[])
 
 
 def stratified_subset(labels: np.ndarray, cfg: ExperimentConfig, rng: np.random.Generator) -> list[int]:

@@ -31,7 +31,7 @@ from .experiment import Checkpoint, RunDir, RunDirError, Setup, build_clients, b
 from .inference import save_adapters
 from .model import GLOBAL
 from .partition import Partition
-from .server import RoundFailed, Server, UpdateError, sample_clients, validate_update
+from .server import RoundFailed, Server, UpdateError, eval_clients, sample_clients, validate_update
 from .storage import StateFileError, save_tensors
 from .tracking import Callback
 from .views import GLOBAL_TEST_VIEW
@@ -77,13 +77,15 @@ def evaluate_round(setup: Setup, engine: Engine, server: Server, round_idx: int)
                     setup.cfg.num_labels)
     views = [None, (GLOBAL,)] if model.has_private else [None]  # inference model; its global track alone
     final = round_idx == setup.cfg.rounds
-    extra = [GLOBAL_TEST_VIEW] if final and model.has_client_state else []  # each client's own model
-    results, failed = engine.evaluate(payload, round_idx, views + extra)
+    # each client's own model on the global test set, where the clients hold it (not with partition="own")
+    extra = [GLOBAL_TEST_VIEW] if final and model.has_client_state and setup.cfg.partition != "own" else []
+    evaluated = eval_clients(setup.cfg, round_idx)
+    results, failed = engine.evaluate(payload, round_idx, views + extra, evaluated)
     stop_on_unreadable_state(failed, f"the evaluation after round {round_idx}")
     personal = {cid: r[0] for cid, r in results.items()}
     local_global = {cid: r[len(views) - 1] for cid, r in results.items()}
     on_global = {}
-    if final:  # single-track methods: every client's model is the global track
+    if final and (extra or not model.has_client_state):  # single-track: every client's model is the global track
         on_global = {cid: r[-1] if extra else glob for cid, r in results.items()}
     return {
         "global_accuracy": glob["accuracy"],
@@ -98,13 +100,14 @@ def evaluate_round(setup: Setup, engine: Engine, server: Server, round_idx: int)
         "majority_floor_per_client": [health.majority_floor(personal[c]["total_per_class"]) if c in personal
                                       else None for c in range(n)],
         "failed_evaluations": {str(c): e for c, e in failed.items()},
+        **({"evaluated": evaluated} if len(evaluated) < n else {}),  # eval_fraction: the clients measured
         "_detail": {"global": glob, "personalized": personal},
     }
 
 
-def prepare_for(run_dir: RunDir, cfg: ExperimentConfig) -> Setup:
-    """``prepare(cfg)`` for an existing run, refusing data that no longer gives the run's partition."""
-    setup = prepare(cfg)
+def prepare_for(run_dir: RunDir, cfg: ExperimentConfig, side: str = "all") -> Setup:
+    """``prepare(cfg, side)`` for an existing run, refusing data that no longer gives the run's partition."""
+    setup = prepare(cfg, side)
     if Partition.load(run_dir.path / "partition.json") != setup.partition:
         raise RunDirError(f"{run_dir.path}: the data or config no longer produce the run's partition.json; "
                           f"refusing to continue an incompatible run")
@@ -124,16 +127,18 @@ def _default_engine(setup: Setup, run_dir: RunDir) -> Engine:
 
 
 def start(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
-          make_engine: MakeEngine = _default_engine, callbacks: Iterable[Callback] = ()) -> dict:
-    """A new run with the engine ``make_engine`` builds (the Flower ServerApp passes its grid's engine)."""
+          make_engine: MakeEngine = _default_engine, callbacks: Iterable[Callback] = (), side: str = "all") -> dict:
+    """A new run with the engine ``make_engine`` builds (the Flower ServerApp passes its grid's engine and
+    ``side="server"``: its process loads no client's rows, ``experiment.prepare``)."""
     started = time.perf_counter()
     run_dir = RunDir(Path(out))
     run_dir.check_writable(overwrite)  # refuse early, before minutes of loading
     tracking.check_available(cfg)
-    setup = prepare(cfg)
+    setup = prepare(cfg, side)
     run_dir.create(overwrite)
-    # the data path as resolved now (FEDSLIP_DATA_DIR included), so a resume reads the same files
-    dataclasses.replace(cfg, data_dir=cfg.resolved_data_dir()).save(run_dir.path / "config.toml")
+    # the data paths as resolved now (FEDSLIP_DATA_DIR included), so a resume reads the same files
+    dataclasses.replace(cfg, data_dir=cfg.resolved_data_dir(), client_data=cfg.resolved_client_data()).save(
+        run_dir.path / "config.toml")
     setup.partition.save(run_dir.path / "partition.json")
     start_point = Checkpoint(0, setup.model.global_state(), [], 0.0)
     return _federate(setup, run_dir, start_point, started, progress, make_engine, callbacks)
@@ -159,13 +164,13 @@ def resume_point(run_dir: RunDir) -> tuple[ExperimentConfig, Checkpoint | None]:
 
 
 def start_resumed(out: str | Path, progress: bool = True, make_engine: MakeEngine = _default_engine,
-                  callbacks: Iterable[Callback] = ()) -> dict:
+                  callbacks: Iterable[Callback] = (), side: str = "all") -> dict:
     """Continue the run in ``out`` after its last checkpoint with the engine ``make_engine`` builds."""
     started = time.perf_counter()
     run_dir = RunDir(Path(out))
     cfg, checkpoint = resume_point(run_dir)
     tracking.check_available(cfg)
-    setup = prepare_for(run_dir, cfg)
+    setup = prepare_for(run_dir, cfg, side)
     if checkpoint is None:
         checkpoint = Checkpoint(0, setup.model.global_state(), [], 0.0)
     else:

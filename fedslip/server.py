@@ -38,10 +38,23 @@ class RoundFailed(RuntimeError):
 
 def sample_clients(cfg: ExperimentConfig, round_idx: int) -> list[int]:
     """Clients that train in ``round_idx``: a seeded draw of max(1, round(fraction_fit * n))."""
-    n, k = cfg.num_clients, cfg.clients_per_round
+    return _draw(cfg, round_idx, cfg.fraction_fit, stream=101)
+
+
+def eval_clients(cfg: ExperimentConfig, round_idx: int) -> list[int]:
+    """Clients evaluated after ``round_idx``: a seeded draw of max(1, round(eval_fraction * n)), drawn
+    independently of the training sample; every client after the last round."""
+    if round_idx >= cfg.rounds:
+        return list(range(cfg.num_clients))
+    return _draw(cfg, round_idx, cfg.eval_fraction, stream=202)
+
+
+def _draw(cfg: ExperimentConfig, round_idx: int, fraction: float, stream: int) -> list[int]:
+    n = cfg.num_clients
+    k = max(1, round(fraction * n))
     if k >= n:
         return list(range(n))
-    rng = np.random.default_rng([cfg.seed, round_idx, 101])
+    rng = np.random.default_rng([cfg.seed, round_idx, stream])
     return sorted(int(c) for c in rng.choice(n, size=k, replace=False))
 
 

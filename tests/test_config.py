@@ -100,9 +100,10 @@ def test_shipped_configs_load():
         cfg = make_config(toml_path=path)
         protocols[path.stem] = (cfg.partition, cfg.num_clients, cfg.num_clients * cfg.samples_per_client)
     # the seed protocol (4 clients, 80% dominant class; 2000 rows per client on DistilBERT), and the
-    # Dirichlet protocol with seed_cpu's training rows in total, spread over 10 clients
+    # Dirichlet protocol with seed_cpu's training rows in total, spread over 10 clients; the three-organisation
+    # example (each client's own file)
     assert protocols == {"seed_cpu": ("dominant", 4, 2000), "seed_distilbert": ("dominant", 4, 8000),
-                         "dirichlet": ("dirichlet", 10, 2000)}
+                         "dirichlet": ("dirichlet", 10, 2000), "three_orgs": ("own", 3, 1500)}
     assert make_config(toml_path=REPO / "configs" / "dirichlet.toml").dirichlet_alpha == 0.3
     assert make_config(toml_path=REPO / "configs" / "seed_cpu.toml") == make_config(), \
         "seed_cpu.toml spells out the package defaults (the README's default experiment)"

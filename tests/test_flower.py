@@ -264,7 +264,7 @@ def test_flwr_run_on_a_simulation_superlink(tmp_path, data_dir):
     """`flwr run . <connection> --federation-config "num-supernodes=2 ..."` on `flower-superlink --simulation`."""
     from fedslip.launch.deployment import LocalDeployment
 
-    cfg = tiny(data_dir, method="fedslip", kstep=2)
+    cfg = tiny(data_dir, method="fedslip", kstep=2, eval_fraction=0.5)  # one client evaluated after round 1
     reference = embedded_reference(tmp_path, cfg)
     with LocalDeployment(tmp_path / "sim", num_nodes=2, simulation=True) as fed:
         fed.run({**cfg, "out": str(tmp_path / "sim" / "run")}, timeout=900)

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -128,6 +129,24 @@ def test_fraction_fit_samples_clients(tiny_cfg, tmp_path):
     rows = read_metrics(tmp_path / "r")
     assert all(len(r["participants"]) == 2 for r in rows)
     assert rows[0]["upload_bytes"] == rows[0]["download_bytes"]
+
+
+def test_eval_fraction_evaluates_a_seeded_sample_each_round_and_everyone_last(tiny_cfg, tmp_path):
+    from fedslip.server import eval_clients
+
+    cfg = tiny_cfg(method="fedslip", num_clients=4, eval_fraction=0.5, rounds=3)
+    summary = fedslip.run(cfg, tmp_path / "r", progress=False)
+    rows = read_metrics(tmp_path / "r")
+    drawn = [eval_clients(cfg, r) for r in (1, 2)]
+    assert all(len(d) == 2 for d in drawn) and drawn[0] != drawn[1]  # a fresh draw each round
+    for row, chosen in zip(rows[:2], drawn):
+        assert row["evaluated"] == chosen
+        measured = {c for c, a in enumerate(row["personalized_accuracy_per_client"]) if a is not None}
+        assert measured == set(chosen)  # only the drawn clients were evaluated, and none counts as failed
+        assert row["failed_evaluations"] == {} and row["personalized_accuracy"] == pytest.approx(
+            np.mean([row["personalized_accuracy_per_client"][c] for c in chosen]))
+    assert "evaluated" not in rows[2] and None not in rows[2]["personalized_accuracy_per_client"]
+    assert summary["complete"] and None not in summary["personalized_accuracy_per_client"]
 
 
 def test_existing_run_is_refused_and_kept(baseline_run):

@@ -19,9 +19,10 @@ class Engine(Protocol):
             ) -> tuple[dict[int, FitReply], dict[int, str], int]:
         """Train the sampled clients: replies, failures (reason), bytes sent."""
 
-    def evaluate(self, payload: bytes, after_round: int, views: list[View]
+    def evaluate(self, payload: bytes, after_round: int, views: list[View], cids: list[int] | None = None
                  ) -> tuple[dict[int, list[dict]], dict[int, str]]:
-        """Every client's results for each view on its own test rows, and failures."""
+        """The results of clients ``cids`` (default: every client) for each view on their own test rows,
+        and failures."""
 
     def kstep(self, payload: bytes, steps: int) -> tuple[dict[int, dict], dict[int, str]]:
         """Every client fine-tunes the final model for ``steps`` steps and is evaluated; persists nothing."""

@@ -62,10 +62,10 @@ class EmbeddedEngine:
         replies, failed = self._map([("fit", cid, (payload, round_idx)) for cid in cids])
         return replies, failed, len(payload) * len(cids)
 
-    def evaluate(self, payload: bytes, after_round: int, views: list[View]
+    def evaluate(self, payload: bytes, after_round: int, views: list[View], cids: list[int] | None = None
                  ) -> tuple[dict[int, list[dict]], dict[int, str]]:
-        """Every client's results for each view (``Client.evaluate``), and failures."""
-        return self._map([("evaluate", cid, (payload, views, after_round)) for cid in self.all])
+        """Clients' results for each view (``Client.evaluate``; default every client), and failures."""
+        return self._map([("evaluate", cid, (payload, views, after_round)) for cid in cids or self.all])
 
     def kstep(self, payload: bytes, steps: int) -> tuple[dict[int, dict], dict[int, str]]:
         return self._map([("kstep", cid, (payload, steps)) for cid in self.all])

@@ -15,7 +15,8 @@ any SuperNode whose key it does not know.
 
 Every process is started here, tracked by PID and stopped on exit (also when something fails). Each
 SuperNode gets ``--node-config "partition-id=<i> state-dir=<workdir>/nodes/<i>"``: its private track
-lives there and nowhere else. Flower's home (``FLWR_HOME``) and all logs stay inside ``workdir``.
+lives there and nowhere else; with ``node_data`` also ``data-path=<its file>``: its rows, and no other
+node's (``partition = "own"``). Flower's home (``FLWR_HOME``) and all logs stay inside ``workdir``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ExperimentConfig
+from ..data import DataError
 from ..flower_app import as_run_config
 from ..storage import read_json
 from .environment import flower_environment, ray_temp_dir
@@ -165,10 +167,15 @@ class LocalDeployment:
     """SuperLink + SuperNodes as local processes; ``run`` submits the app with ``flwr run`` and waits."""
 
     def __init__(self, workdir: Path, num_nodes: int, app_dir: Path = REPO, simulation: bool = False,
-                 client_cpus: int = 1, tls: bool = False, node_auth: bool = False):
+                 client_cpus: int = 1, tls: bool = False, node_auth: bool = False,
+                 node_data: dict[int, Path] | None = None):
         """``simulation=True``: a ``flower-superlink --simulation`` whose Ray runtime plays the
         ``num_nodes`` SuperNodes (``client_cpus`` cores each); no SuperNode processes. ``tls`` /
-        ``node_auth``: see the module docstring."""
+        ``node_auth``: see the module docstring. ``node_data``: each SuperNode's own data file (node
+        config ``data-path``, for runs with ``partition = "own"``)."""
+        if node_data and simulation:
+            raise DeploymentError("node_data names SuperNodes' files; the simulation has no SuperNodes "
+                                  "(use client_data in the run config)")
         if node_auth and not tls:
             raise DeploymentError("node_auth needs tls (Flower authenticates SuperNodes over TLS only)")
         self.tls, self.node_auth = tls, node_auth
@@ -186,6 +193,7 @@ class LocalDeployment:
         self.superlink: subprocess.Popen | None = None
         self.nodes: dict[int, subprocess.Popen] = {}
         self.node_ports = {i: _free_port() for i in range(num_nodes)}
+        self.node_data = {cid: Path(path).resolve() for cid, path in (node_data or {}).items()}
 
     def state_dir(self, cid: int) -> Path:
         return self.workdir / "nodes" / str(cid)
@@ -226,6 +234,8 @@ class LocalDeployment:
         SuperLink must refuse (to check that it does): ``DeploymentError`` with Flower's reason."""
         self.state_dir(cid).mkdir(parents=True, exist_ok=True)
         node_config = f'partition-id={cid} num-partitions={self.num_nodes} state-dir="{self.state_dir(cid)}"'
+        if cid in self.node_data:
+            node_config += f' data-path="{self.node_data[cid]}"'
         security = ["--insecure"]
         if self.tls:
             security = ["--root-certificates", str(self.certs.ca)] if trust_ca else []
@@ -347,10 +357,16 @@ def run_local(cfg: ExperimentConfig, workdir: str | Path, timeout: float = 24 * 
     """Run ``cfg`` on a SuperLink and ``cfg.num_clients`` SuperNodes started on 127.0.0.1 for this call
     (``fedslip deploy-local [--tls] [--node-auth]``). The run directory is ``workdir/run``; node states
     ``workdir/nodes/<id>``; logs ``workdir/logs``; certificates and keys ``workdir/certs``,
-    ``workdir/keys``. Every process is stopped before this returns."""
+    ``workdir/keys``. With ``partition = "own"``, SuperNode i gets ``client_data[i]`` as its ``data-path``
+    and the server's run config names no client file. Every process is stopped before this returns."""
     workdir = Path(workdir).resolve()
-    with LocalDeployment(workdir, cfg.num_clients, tls=tls, node_auth=node_auth) as fed:
-        return fed.run({**flower_run_config(cfg), "out": str(workdir / "run")}, timeout=timeout)
+    node_data = dict(enumerate(cfg.resolved_client_data()))
+    for path in node_data.values():  # before any process starts (each SuperNode reads only its own)
+        if not Path(path).is_file():
+            raise DataError(f"client data file {path} does not exist")
+    with LocalDeployment(workdir, cfg.num_clients, tls=tls, node_auth=node_auth, node_data=node_data) as fed:
+        run_config = {**flower_run_config(dataclasses.replace(cfg, client_data=[])), "out": str(workdir / "run")}
+        return fed.run(run_config, timeout=timeout)
 
 
 def _stop(proc: subprocess.Popen, sig: int, grace_s: float = 15.0) -> None:
