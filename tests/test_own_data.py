@@ -192,3 +192,29 @@ def test_deployment_where_each_supernode_holds_only_its_own_file(tmp_path, data_
     clients = [p & client_files for argv, p in by_process.items() if "clientapp" in argv]
     assert server and all(p == {str((operator_dir / "test.csv").resolve())} for p in server)
     assert clients and all(len(p) <= 1 for p in clients) and set().union(*clients) == client_files
+
+
+def test_bench_scale_writes_its_table_plot_and_json_and_a_rerun_keeps_finished_points(tmp_path, data_dir,
+                                                                                   monkeypatch):
+    from fedslip import bench_scale
+
+    results = bench_scale.bench_scale(tmp_path, ("tiny",), ("embedded",), rows_per_client=4,
+                                      points=((4, 2), (8, 2)), data_dir=str(data_dir))
+    saved = json.loads((tmp_path / "bench_scale.json").read_text())
+    assert saved == json.loads(json.dumps(results)) and list(saved["points"]) == ["tiny/embedded/4/2",
+                                                                                  "tiny/embedded/8/2"]
+    for p in saved["points"].values():
+        assert p["peak_memory_mib"] > 100 and p["seconds_per_round"] > 0 and p["setup_seconds"] > 0
+        assert p["sampled"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "tiny-embedded-8-2" / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert [len(r["participants"]) for r in rows] == [2, 2, 2] and len(rows[0]["evaluated"]) == 2
+    assert (tmp_path / "bench_scale.png").stat().st_size > 0
+    assert (tmp_path / "bench_scale.md").read_text().count("| tiny | embedded |") == 2
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished point was measured again")
+
+    monkeypatch.setattr(bench_scale, "measure", refuse)
+    assert bench_scale.bench_scale(tmp_path, ("tiny",), ("embedded",), rows_per_client=4, points=((4, 2), (8, 2)),
+                                   data_dir=str(data_dir)) == saved
