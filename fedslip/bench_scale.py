@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,11 +60,10 @@ def _tree_memory(root: psutil.Process) -> int:
     return total
 
 
-def measure(values: dict, run_dir: Path, poll_s: float = 0.2) -> dict:
+def measure(values: dict, run_dir: Path, log_path: Path, poll_s: float = 0.2) -> dict:
     """``fedslip run`` of ``values`` in a child process, its process tree's peak memory sampled meanwhile."""
-    toml = run_dir.with_suffix(".toml")
+    toml = log_path.with_suffix(".toml")
     make_config(values).save(toml)
-    log_path = run_dir.with_suffix(".log")
     started = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "fedslip.cli", "run", "--config", str(toml), "--out",
@@ -88,9 +88,10 @@ def bench_scale(out: str | Path, backbones: tuple[str, ...] = ("tiny", "minilm")
                 engines: tuple[str, ...] = ("embedded", "flower-sim"), rows_per_client: int = 8,
                 points: tuple[tuple[int, int], ...] = POINTS, data_dir: str = "") -> dict:
     """Every (backbone, engine, point); finished points in ``OUT/bench_scale.json`` are kept, so a rerun
-    continues. Writes ``bench_scale.json``, ``bench_scale.md`` and ``bench_scale.png``."""
+    continues. Writes ``bench_scale.json``, ``bench_scale.md`` and ``bench_scale.png``, and each point's
+    config and log in ``OUT/logs``; the run directories (1,000 clients' private states) are temporary."""
     out = Path(out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     path = out / "bench_scale.json"
     results = read_json(path) if path.is_file() else {"rows_per_client": rows_per_client, "points": {}}
     data_dir = data_dir or os.environ.get("FEDSLIP_DATA_DIR", "")
@@ -101,8 +102,9 @@ def bench_scale(out: str | Path, backbones: tuple[str, ...] = ("tiny", "minilm")
                 if key in results["points"]:
                     continue
                 values = point_values(clients, sampled, backbone, engine, rows_per_client, data_dir)
-                run_dir = out / "runs" / key.replace("/", "-")
-                results["points"][key] = {"backbone": backbone, "engine": engine, **measure(values, run_dir)}
+                with tempfile.TemporaryDirectory() as tmp:
+                    measured = measure(values, Path(tmp) / "run", out / "logs" / f"{key.replace('/', '-')}.log")
+                results["points"][key] = {"backbone": backbone, "engine": engine, **measured}
                 write_json(path, results)
     (out / "bench_scale.md").write_text(table(results) + "\n")
     plot(results, out / "bench_scale.png")
