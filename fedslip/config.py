@@ -74,8 +74,9 @@ class ExperimentConfig:
     fraction_fit: float = _f(1.0, "Fraction of clients sampled to train each round (at least one).")
     eval_fraction: float = _f(1.0, "Fraction of clients whose own models are evaluated after each round (a seeded "
                               "draw, at least one; the per-round personalized accuracy is their mean). The last "
-                              "round evaluates every client, so a 1,000-client run does not evaluate 1,000 "
-                              "clients every round.")
+                              "round evaluates every client on its own rows, and such a sample of them also on "
+                              "the global test set, so a 1,000-client run does not evaluate 1,000 clients "
+                              "every round.")
     seed: int = _f(0, "Seed for partitions, initialization, client sampling and batch order.")
     report_to: list[str] = _f([], f"Experiment trackers fed with every round's metrics: any of {', '.join(TRACKERS)} "
                               "(docs/usage.md, Experiment tracking; tensorboard/mlflow/wandb are optional extras).")

@@ -31,7 +31,15 @@ from .experiment import Checkpoint, RunDir, RunDirError, Setup, build_clients, b
 from .inference import save_adapters
 from .model import GLOBAL
 from .partition import Partition
-from .server import RoundFailed, Server, UpdateError, eval_clients, sample_clients, validate_update
+from .server import (
+    RoundFailed,
+    Server,
+    UpdateError,
+    eval_clients,
+    global_view_clients,
+    sample_clients,
+    validate_update,
+)
 from .storage import StateFileError, save_tensors
 from .tracking import Callback
 from .views import GLOBAL_TEST_VIEW
@@ -69,7 +77,8 @@ def evaluate_round(setup: Setup, engine: Engine, server: Server, round_idx: int)
     """Global track (as the clients hold it) on the global test set; each client's inference model (and
     its global track alone, for dual-track methods) on the client's own test rows; after the last round
     also each client's inference model on the global test set (for single-track methods that is the
-    global accuracy)."""
+    global accuracy). ``eval_fraction`` < 1: a seeded sample of clients each round, every client after the
+    last one, and a sample for the global test set (``fedslip.server``)."""
     model, n, payload = setup.model, setup.cfg.num_clients, server.broadcast()
     model.load_global_state(server.reference)
     model.reset_local()  # partial sharing: the server's model holds the local parts' initial values
@@ -77,16 +86,20 @@ def evaluate_round(setup: Setup, engine: Engine, server: Server, round_idx: int)
                     setup.cfg.num_labels)
     views = [None, (GLOBAL,)] if model.has_private else [None]  # inference model; its global track alone
     final = round_idx == setup.cfg.rounds
-    # each client's own model on the global test set, where the clients hold it (not with partition="own")
-    extra = [GLOBAL_TEST_VIEW] if final and model.has_client_state and setup.cfg.partition != "own" else []
     evaluated = eval_clients(setup.cfg, round_idx)
-    results, failed = engine.evaluate(payload, round_idx, views + extra, evaluated)
+    results, failed = engine.evaluate(payload, round_idx, views, evaluated)
+    on_global = {}
+    if final and not model.has_client_state:  # single-track: every client's model is the global track
+        on_global = {cid: glob for cid in results}
+    elif final and setup.cfg.partition != "own":  # each client's own model on the global test set, where
+        # the clients hold it; a sample of eval_fraction of them (every client at 1.0): n x the global test set
+        on_global, failed_global = engine.evaluate(payload, round_idx, [GLOBAL_TEST_VIEW],
+                                                   global_view_clients(setup.cfg))
+        on_global = {cid: r[0] for cid, r in on_global.items()}
+        failed = {**failed_global, **failed}
     stop_on_unreadable_state(failed, f"the evaluation after round {round_idx}")
     personal = {cid: r[0] for cid, r in results.items()}
-    local_global = {cid: r[len(views) - 1] for cid, r in results.items()}
-    on_global = {}
-    if final and (extra or not model.has_client_state):  # single-track: every client's model is the global track
-        on_global = {cid: r[-1] if extra else glob for cid, r in results.items()}
+    local_global = {cid: r[-1] for cid, r in results.items()}
     return {
         "global_accuracy": glob["accuracy"],
         "global_loss": glob["loss"],

@@ -49,6 +49,12 @@ def eval_clients(cfg: ExperimentConfig, round_idx: int) -> list[int]:
     return _draw(cfg, round_idx, cfg.eval_fraction, stream=202)
 
 
+def global_view_clients(cfg: ExperimentConfig) -> list[int]:
+    """Clients whose own models are also scored on the global test set after the last round: a seeded
+    draw of max(1, round(eval_fraction * n)) (each costs a pass over the global test set)."""
+    return _draw(cfg, cfg.rounds, cfg.eval_fraction, stream=303)
+
+
 def _draw(cfg: ExperimentConfig, round_idx: int, fraction: float, stream: int) -> list[int]:
     n = cfg.num_clients
     k = max(1, round(fraction * n))

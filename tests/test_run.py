@@ -132,7 +132,7 @@ def test_fraction_fit_samples_clients(tiny_cfg, tmp_path):
 
 
 def test_eval_fraction_evaluates_a_seeded_sample_each_round_and_everyone_last(tiny_cfg, tmp_path):
-    from fedslip.server import eval_clients
+    from fedslip.server import eval_clients, global_view_clients
 
     cfg = tiny_cfg(method="fedslip", num_clients=4, eval_fraction=0.5, rounds=3)
     summary = fedslip.run(cfg, tmp_path / "r", progress=False)
@@ -147,6 +147,10 @@ def test_eval_fraction_evaluates_a_seeded_sample_each_round_and_everyone_last(ti
             np.mean([row["personalized_accuracy_per_client"][c] for c in chosen]))
     assert "evaluated" not in rows[2] and None not in rows[2]["personalized_accuracy_per_client"]
     assert summary["complete"] and None not in summary["personalized_accuracy_per_client"]
+    # after the last round a sample of clients is also scored on the global test set (n x its size at 1.0)
+    scored = global_view_clients(cfg)
+    on_global = summary["personalized_global_test_accuracy_per_client"]
+    assert len(scored) == 2 and {c for c, a in enumerate(on_global) if a is not None} == set(scored)
 
 
 def test_existing_run_is_refused_and_kept(baseline_run):
