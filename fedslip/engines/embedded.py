@@ -65,7 +65,8 @@ class EmbeddedEngine:
     def evaluate(self, payload: bytes, after_round: int, views: list[View], cids: list[int] | None = None
                  ) -> tuple[dict[int, list[dict]], dict[int, str]]:
         """Clients' results for each view (``Client.evaluate``; default every client), and failures."""
-        return self._map([("evaluate", cid, (payload, views, after_round)) for cid in cids or self.all])
+        chosen = self.all if cids is None else cids
+        return self._map([("evaluate", cid, (payload, views, after_round)) for cid in chosen])
 
     def kstep(self, payload: bytes, steps: int) -> tuple[dict[int, dict], dict[int, str]]:
         return self._map([("kstep", cid, (payload, steps)) for cid in self.all])

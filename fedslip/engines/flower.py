@@ -202,7 +202,7 @@ class FlowerEngine:
     def evaluate(self, payload: bytes, after_round: int, views: list[View], cids: list[int] | None = None
                  ) -> tuple[dict[int, list[dict]], dict[int, str]]:
         content = self._content(payload, round=int(after_round), views=encode_views(views))
-        replies, failed, _ = self._exchange(cids or self.all, MessageType.EVALUATE, content)
+        replies, failed, _ = self._exchange(self.all if cids is None else cids, MessageType.EVALUATE, content)
         return {cid: result_of(r.content) for cid, r in replies.items()}, failed
 
     def kstep(self, payload: bytes, steps: int) -> tuple[dict[int, dict], dict[int, str]]:
