@@ -26,6 +26,15 @@ def _cell(values: list[float | None], pct: bool = True) -> str:
     return f"{mean:.1f} ± {scale * float(np.std(values, ddof=1)):.1f}" if pct else f"{mean:.3g}"
 
 
+def _attack(results: list[dict | None]) -> str:
+    """Mean accuracy over the seeds, with the right guesses out of all of them (4 clients x 5 rounds per seed)."""
+    found = [r for r in results if r is not None]
+    if not found:
+        return "-"
+    right = sum(round(r["accuracy"] * r["guesses"]) for r in found)
+    return f"{_cell([r['accuracy'] for r in found])} ({right}/{sum(r['guesses'] for r in found)})"
+
+
 def rows(root: Path) -> list[str]:
     lines = []
     for setting in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -38,11 +47,29 @@ def rows(root: Path) -> list[str]:
                                                          json.loads(attacks.read_text())))
         for method, runs in sorted(by_method.items()):
             summaries, audits = zip(*runs)
-            bias = [a["accuracy"] if a["available"] else None for a in audits]
-            shadow = [a["shadow"]["accuracy"] if "shadow" in a else None for a in audits]
+            bias = _attack([a if a["available"] else None for a in audits])
+            shadow = _attack([a.get("shadow") for a in audits])
             utility = [_cell([s[k] for s in summaries]) for k in ("global_accuracy", "personalized_accuracy")]
-            lines.append(f"| {setting.name} | {method} | {len(runs)} | {utility[0]} | {utility[1]} | {_cell(bias)} | "
-                         f"{_cell(shadow)} | {_cell([s.get('dp_epsilon') for s in summaries], pct=False)} |")
+            lines.append(f"| {setting.name} | {method} | {len(runs)} | {utility[0]} | {utility[1]} | {bias} | "
+                         f"{shadow} | {_cell([s.get('dp_epsilon') for s in summaries], pct=False)} |")
+    return lines
+
+
+def per_round_rows(root: Path) -> list[str]:
+    """Each attack's accuracy per round (mean over the seeds), per setting and method."""
+    lines = []
+    for setting in sorted(p for p in root.iterdir() if p.is_dir()):
+        for method in sorted({r.name.rsplit("-seed", 1)[0] for r in setting.glob("*-seed*")}):
+            audits = [json.loads(f.read_text()) for f in sorted(setting.glob(f"{method}-seed*/audit/audit.json"))]
+            for attack, pick in (("bias", lambda a: a if a["available"] else None),
+                                 ("shadow", lambda a: a.get("shadow"))):
+                found = [pick(a) for a in audits if pick(a) is not None]
+                if not found:
+                    continue
+                rounds = sorted({r["round"] for a in found for r in a["rounds"]})
+                cells = [_cell([next((r["accuracy"] for r in a["rounds"] if r["round"] == k), None) for a in found])
+                         for k in rounds]
+                lines.append(f"| {setting.name} | {method} | {attack} | {len(found)} | {' | '.join(cells)} |")
     return lines
 
 
@@ -58,7 +85,10 @@ def main(root: Path) -> None:
         "`-` for the bias attack: the method sends no classifier (fedper). Epsilon at delta = 1e-5 after "
         "the last round (local DP: per client against the server).", ""]
     notes = root / "notes.md"
-    text = "\n".join(head + table) + "\n" + (f"\n{notes.read_text()}" if notes.is_file() else "")
+    by_round = ["", "Per round (the attack's accuracy over the 4 clients after each round; mean ± std over the seeds):",
+                "", "| setting | method | attack | seeds | round 1 | round 2 | round 3 | round 4 | round 5 |",
+                "|---|---|---|---|---|---|---|---|---|", *per_round_rows(root)]
+    text = "\n".join(head + table + by_round) + "\n" + (f"\n{notes.read_text()}" if notes.is_file() else "")
     (root / "report.md").write_text(text)
     print(text)
 
