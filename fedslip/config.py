@@ -256,7 +256,11 @@ class ExperimentConfig:
     @property
     def clients_per_round(self) -> int:
         """Clients sampled each round: max(1, round(fraction_fit * num_clients))."""
-        return max(1, round(self.fraction_fit * self.num_clients))
+        return self.clients_for(self.fraction_fit)
+
+    def clients_for(self, fraction: float) -> int:
+        """How many clients a sampling fraction takes: max(1, round(fraction * num_clients))."""
+        return max(1, round(fraction * self.num_clients))
 
     @property
     def num_labels(self) -> int:

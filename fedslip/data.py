@@ -122,10 +122,15 @@ def load_splits(cfg: ExperimentConfig) -> tuple[TextSplit, TextSplit]:
 
 def read_own_file(cfg: ExperimentConfig, path: str | Path) -> TextSplit:
     """A client's own data file (``partition = "own"``), with the data directory's columns."""
+    return read_csv_split(check_own_file(path), cfg.text_columns, cfg.label_column, cfg.num_labels)
+
+
+def check_own_file(path: str | Path) -> Path:
+    """A client's data file, refused with one clear error when it is not there."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"client data file {path} does not exist")
-    return read_csv_split(path, cfg.text_columns, cfg.label_column, cfg.num_labels)
+    return path
 
 
 @dataclass

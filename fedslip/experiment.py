@@ -75,7 +75,8 @@ def prepare(cfg: ExperimentConfig, side: str = "all") -> Setup:
     clients = [] if side == "server" else [
         client_data(cfg, tokenizer, train_split, test_split, rows) for rows in partition.clients]
     if cfg.eval_split == "val":  # the global validation set: the union of the clients' validation rows
-        global_eval = _union([encode(tokenizer, train_split, rows.val, cfg.max_seq_len) for rows in partition.clients])
+        global_eval = _union([c.test for c in clients] if clients else  # the server side tokenizes them here
+                             [encode(tokenizer, train_split, rows.val, cfg.max_seq_len) for rows in partition.clients])
     else:
         global_eval = encode(tokenizer, test_split, partition.global_test, cfg.max_seq_len)
     return Setup(cfg, tokenizer, model, partition, clients, global_eval)

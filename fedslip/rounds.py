@@ -93,9 +93,9 @@ def evaluate_round(setup: Setup, engine: Engine, server: Server, round_idx: int)
         on_global = {cid: glob for cid in results}
     elif final and setup.cfg.partition != "own":  # each client's own model on the global test set, where
         # the clients hold it; a sample of eval_fraction of them (every client at 1.0): n x the global test set
-        on_global, failed_global = engine.evaluate(payload, round_idx, [GLOBAL_TEST_VIEW],
-                                                   global_view_clients(setup.cfg))
-        on_global = {cid: r[0] for cid, r in on_global.items()}
+        scored, failed_global = engine.evaluate(payload, round_idx, [GLOBAL_TEST_VIEW],
+                                                global_view_clients(setup.cfg))
+        on_global = {cid: r[0] for cid, r in scored.items()}
         failed = {**failed_global, **failed}
     stop_on_unreadable_state(failed, f"the evaluation after round {round_idx}")
     personal = {cid: r[0] for cid, r in results.items()}

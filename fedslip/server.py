@@ -56,8 +56,7 @@ def global_view_clients(cfg: ExperimentConfig) -> list[int]:
 
 
 def _draw(cfg: ExperimentConfig, round_idx: int, fraction: float, stream: int) -> list[int]:
-    n = cfg.num_clients
-    k = max(1, round(fraction * n))
+    n, k = cfg.num_clients, cfg.clients_for(fraction)
     if k >= n:
         return list(range(n))
     rng = np.random.default_rng([cfg.seed, round_idx, stream])

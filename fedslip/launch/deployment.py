@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ExperimentConfig
-from ..data import DataError
+from ..data import check_own_file
 from ..flower_app import as_run_config
 from ..storage import read_json
 from .environment import flower_environment, ray_temp_dir
@@ -362,8 +362,7 @@ def run_local(cfg: ExperimentConfig, workdir: str | Path, timeout: float = 24 * 
     workdir = Path(workdir).resolve()
     node_data = dict(enumerate(cfg.resolved_client_data()))
     for path in node_data.values():  # before any process starts (each SuperNode reads only its own)
-        if not Path(path).is_file():
-            raise DataError(f"client data file {path} does not exist")
+        check_own_file(path)
     with LocalDeployment(workdir, cfg.num_clients, tls=tls, node_auth=node_auth, node_data=node_data) as fed:
         run_config = {**flower_run_config(dataclasses.replace(cfg, client_data=[])), "out": str(workdir / "run")}
         return fed.run(run_config, timeout=timeout)
