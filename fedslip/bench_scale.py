@@ -4,15 +4,16 @@
     fedslip bench-scale --out runs/bs --backbones tiny --engines embedded     # the quick check
 
 Each point is one ``fedslip run`` in its own process: FedSLIP on IID rows, ``rows_per_client`` training rows
-and half as many test rows per client, 3 rounds, K-step off, at 10, 100 and 1,000 clients with 10 clients
+and half as many test rows per client, 4 rounds, K-step off, at 10, 100 and 1,000 clients with 10 clients
 sampled to train and 10 to be evaluated per round (``fraction_fit`` = ``eval_fraction`` = 10 / clients),
 and at 1,000 clients with 100 sampled: round time should follow the sampled clients, not the federation.
 Reported per point:
 
 - peak memory of the run's whole process tree (Ray's processes included), the sum of the processes'
   proportional set sizes (PSS: shared pages counted once), sampled every 0.2 s with psutil;
-- setup seconds: from the process start until round 1 begins (imports, data, backbone, clients, Ray);
-- seconds per round: the mean of the rounds before the last (the last one evaluates every client);
+- setup seconds: from the process start until round 1 begins (imports, data, backbone, clients);
+- the first round's seconds (flower-sim starts its Ray workers and their backbones in it);
+- seconds per round: the mean of the rounds between the first and the last (the steady state);
 - the last round's seconds (training + the final evaluation of every client).
 
 A benchmark measures; it asserts nothing.
@@ -45,7 +46,7 @@ def point_values(clients: int, sampled: int, backbone: str, engine: str, rows_pe
                  data_dir: str) -> dict:
     return dict(method="fedslip", backbone=backbone, engine=engine, num_clients=clients, partition="iid",
                 samples_per_client=rows_per_client, test_samples_per_client=max(1, rows_per_client // 2),
-                global_test_samples=200, rounds=3, fraction_fit=sampled / clients, eval_fraction=sampled / clients,
+                global_test_samples=200, rounds=4, fraction_fit=sampled / clients, eval_fraction=sampled / clients,
                 kstep=0, batch_size=8, data_dir=data_dir)
 
 
@@ -80,7 +81,8 @@ def measure(values: dict, run_dir: Path, log_path: Path, poll_s: float = 0.2) ->
     seconds = [r["seconds"] for r in rows]
     return {"clients": values["num_clients"], "sampled": round(values["fraction_fit"] * values["num_clients"]),
             "peak_memory_mib": peak / MIB, "setup_seconds": (first_row or 0.0) - seconds[0],
-            "seconds_per_round": sum(seconds[:-1]) / (len(seconds) - 1), "last_round_seconds": seconds[-1],
+            "first_round_seconds": seconds[0], "seconds_per_round": sum(seconds[1:-1]) / (len(seconds) - 2),
+            "last_round_seconds": seconds[-1],
             "wall_seconds": read_json(run_dir / "summary.json")["wall_seconds"]}
 
 
@@ -112,12 +114,12 @@ def bench_scale(out: str | Path, backbones: tuple[str, ...] = ("tiny", "minilm")
 
 
 def table(results: dict) -> str:
-    lines = ["| backbone | engine | clients | sampled per round | peak memory (MiB) | setup s | s per round | "
-             "last round s (evaluates all) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| backbone | engine | clients | sampled per round | peak memory (MiB) | setup s | first round s | "
+             "s per round | last round s (evaluates all) |", "|---|---|---|---|---|---|---|---|---|"]
     for p in results["points"].values():
         lines.append(f"| {p['backbone']} | {p['engine']} | {p['clients']} | {p['sampled']} | "
-                     f"{p['peak_memory_mib']:.0f} | {p['setup_seconds']:.1f} | {p['seconds_per_round']:.2f} | "
-                     f"{p['last_round_seconds']:.1f} |")
+                     f"{p['peak_memory_mib']:.0f} | {p['setup_seconds']:.1f} | {p['first_round_seconds']:.1f} | "
+                     f"{p['seconds_per_round']:.2f} | {p['last_round_seconds']:.1f} |")
     return "\n".join(lines)
 
 

@@ -48,6 +48,7 @@ is applied after every step (``masking.py``). It lives in ``<state_dir>/private.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ from . import codecs, comm, masking, privacy
 from .config import ExperimentConfig
 from .data import Encoded, eval_batches, train_batches
 from .model import GLOBAL, PRIVATE, TrackedModel, shape_mismatch
-from .storage import StateFileError, load_tensors_and_metadata, read_metadata, save_tensors
+from .storage import StateFileError, load_tensors_and_metadata, read_json, read_metadata, save_tensors, write_json
 from .views import GLOBAL_TEST_VIEW, View
 
 
@@ -270,6 +271,11 @@ class PrivateStore:
         assert what in self.KINDS, what
         return self.dir / f"{what}{'.prev' if previous else ''}.safetensors"
 
+    @property
+    def rows_path(self) -> Path:
+        """``rows.json``: the fingerprint of the rows this client's state was made with (``Client.check_rows``)."""
+        return self.dir / "rows.json"
+
     def exists(self, what: str) -> bool:
         return self.path(what).is_file()
 
@@ -352,6 +358,10 @@ class FitReply:
     wire_bytes: int  # size of the reply as the engine carried it (the payload, or the Flower message)
 
 
+class ClientRowsChanged(ValueError):
+    """A client's rows differ from those it started the run with (a changed data file or data-path)."""
+
+
 class Client:
     """A federated client. ``fit`` and ``evaluate`` take and return serialized payloads only, so any
     engine (in-process or Flower) can carry the messages."""
@@ -364,6 +374,29 @@ class Client:
         self.store = PrivateStore(state_dir)
         self.uses_mask = cfg.private_track and cfg.private_target_sparsity > 0
         self.upload, self.download = codecs.of(cfg, "upload"), codecs.of(cfg, "download")
+        self._rows_checked = False
+
+    def check_rows(self) -> None:
+        """Refuse to go on with rows other than those this client started the run with. The first call of a
+        run records their fingerprint in the state directory (``rows.json``); a resumed run, a later
+        ``fedslip kstep`` or a restarted SuperNode compares against it. With ``partition = "own"`` only the
+        client sees its file, so only the client can tell that it changed between a run and its resume."""
+        if self._rows_checked:
+            return
+        record = {"train_rows": len(self.train), "eval_rows": len(self.test),
+                  "sha256": hashlib.sha256((self.train.digest() + self.test.digest()).encode()).hexdigest()}
+        path = self.store.rows_path
+        if path.is_file():
+            held = read_json(path)
+            if held != record:
+                raise ClientRowsChanged(
+                    f"client {self.cid}: its rows are not the ones it started this run with ({path}: "
+                    f"{held.get('train_rows')} training / {held.get('eval_rows')} evaluation rows then, "
+                    f"{record['train_rows']} / {record['eval_rows']} now, or the same counts with other "
+                    "contents): its data file or data-path changed; restore it, or start a new run")
+        else:
+            write_json(path, record)
+        self._rows_checked = True
 
     # --- private state --------------------------------------------------------------------
     def _load_private(self, before_round: float) -> masking.Mask | None:
@@ -447,6 +480,7 @@ class Client:
 
     # --- federated API -----------------------------------------------------------------------
     def fit(self, payload: bytes, round_idx: int) -> FitReply:
+        self.check_rows()
         global_state, received_round = self.receive(payload)
         self.model.load_global_state(global_state)
         mask = self._load_private(before_round=round_idx)
@@ -472,6 +506,7 @@ class Client:
         + its private track as of ``after_round``), the tracks named (``("global",)``), or
         ``GLOBAL_TEST_VIEW`` = its inference model on the balanced global test set. One call for all
         views, so a networked engine sends one message per client, not one per view."""
+        self.check_rows()
         self.model.load_global_state(self.receive(payload)[0])
         self._load_private(before_round=after_round + 1)
         results = []
@@ -488,6 +523,7 @@ class Client:
     def kstep(self, payload: bytes, steps: int) -> dict:
         """Fine-tune the final model for ``steps`` local steps (no FedProx; global track at ``kstep_lr``),
         evaluate; persists nothing."""
+        self.check_rows()
         self.model.load_global_state(self.receive(payload)[0])
         mask = self._load_private(before_round=self.cfg.rounds + 1)
         train_local(self.model, self.tokenizer, self.train, self.cfg, steps,

@@ -8,6 +8,7 @@ Without a directory the hub dataset ``fancyzhx/ag_news`` is loaded through ``dat
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,26 +134,61 @@ def check_own_file(path: str | Path) -> Path:
     return path
 
 
-@dataclass
 class Encoded:
-    """Token ids of a set of rows, tokenized once per run and padded per batch."""
+    """Token ids of a set of rows, tokenized once per run and padded per batch.
 
-    input_ids: list[list[int]]
-    labels: torch.Tensor
+    The ids of all rows are one flat int32 array with row offsets: a client's rows live for the whole
+    run, and as Python lists of ints they cost ~45 bytes per token (~2.8 KB per 64-token row, 34 MiB for
+    1,000 clients of 12 rows), as an array 4."""
+
+    def __init__(self, input_ids: Sequence[Sequence[int]], labels: torch.Tensor):
+        lengths = np.fromiter((len(r) for r in input_ids), dtype=np.int64, count=len(input_ids))
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.tokens = np.fromiter((t for r in input_ids for t in r), dtype=np.int32, count=int(self.offsets[-1]))
+        self.lengths = lengths
+        self.labels = labels
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.lengths)
+
+    def row(self, i: int) -> list[int]:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]].tolist()
+
+    @property
+    def input_ids(self) -> list[list[int]]:
+        """Every row's ids as lists (what a tokenizer returns)."""
+        return [self.row(i) for i in range(len(self))]
+
+    def digest(self) -> str:
+        """SHA-256 of the rows (ids and labels): equal exactly when the rows are."""
+        h = hashlib.sha256()
+        for part in (self.offsets, self.tokens, self.labels.numpy()):
+            h.update(np.ascontiguousarray(part).tobytes())
+        return h.hexdigest()
+
+    @classmethod
+    def union(cls, parts: Sequence[Encoded]) -> Encoded:
+        """The rows of ``parts`` in order."""
+        return cls([r for p in parts for r in p.input_ids], torch.cat([p.labels for p in parts]))
 
 
 def encode(tokenizer, split: TextSplit, rows: Sequence[int], max_seq_len: int) -> Encoded:
     texts = [split.texts[i] for i in rows]
     ids = tokenizer(texts, truncation=True, max_length=max_seq_len)["input_ids"] if texts else []
-    return Encoded(input_ids=list(ids), labels=torch.as_tensor(split.labels[list(rows)], dtype=torch.long))
+    return Encoded(ids, labels=torch.as_tensor(split.labels[list(rows)], dtype=torch.long))
+
+
+PAD_MULTIPLE = 8  # batches are padded to a multiple of this many tokens
 
 
 def collate(tokenizer, data: Encoded, idx: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Dynamic padding: pad to the longest sequence of this batch, not to max_seq_len."""
-    batch = tokenizer.pad({"input_ids": [data.input_ids[i] for i in idx]}, return_tensors="pt")
+    """Dynamic padding: pad to the longest sequence of this batch (rounded up to ``PAD_MULTIPLE``), not to
+    max_seq_len. The rounding bounds the number of distinct batch shapes: bf16 kernels on a CPU (oneDNN)
+    keep compiled code per input shape, and with one shape per sequence length a federation whose clients
+    each bring new lengths grew by ~70 MiB over 1,000 clients (tiny backbone); a multiple of 8 is also
+    what GPU tensor cores want. Padded positions are masked, so a row's logits do not depend on it."""
+    batch = tokenizer.pad({"input_ids": [data.row(i) for i in idx]}, return_tensors="pt",
+                          pad_to_multiple_of=PAD_MULTIPLE)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
             "labels": data.labels[list(idx)]}
 
@@ -175,7 +211,7 @@ def train_batches(tokenizer, data: Encoded, batch_size: int, generator: torch.Ge
             chunk = batch_size * GROUP_CHUNK_BATCHES
             batches = []
             for c in range(0, len(order), chunk):
-                rows = sorted(order[c:c + chunk], key=lambda i: len(data.input_ids[i]))
+                rows = sorted(order[c:c + chunk], key=lambda i: data.lengths[i])
                 batches += [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         else:
@@ -189,7 +225,7 @@ def train_batches(tokenizer, data: Encoded, batch_size: int, generator: torch.Ge
 
 def eval_batches(tokenizer, data: Encoded, batch_size: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """(row indices, batch) in length-grouped order, so that little compute goes to padding."""
-    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    order = sorted(range(len(data)), key=lambda i: data.lengths[i])
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         yield idx, collate(tokenizer, data, idx)

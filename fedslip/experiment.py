@@ -75,7 +75,7 @@ def prepare(cfg: ExperimentConfig, side: str = "all") -> Setup:
     clients = [] if side == "server" else [
         client_data(cfg, tokenizer, train_split, test_split, rows) for rows in partition.clients]
     if cfg.eval_split == "val":  # the global validation set: the union of the clients' validation rows
-        global_eval = _union([c.test for c in clients] if clients else  # the server side tokenizes them here
+        global_eval = Encoded.union([c.test for c in clients] if clients else  # the server side tokenizes them here
                              [encode(tokenizer, train_split, rows.val, cfg.max_seq_len) for rows in partition.clients])
     else:
         global_eval = encode(tokenizer, test_split, partition.global_test, cfg.max_seq_len)
@@ -112,10 +112,6 @@ def own_client_data(cfg: ExperimentConfig, tokenizer, cid: int, own: TextSplit) 
     return client_data(cfg, tokenizer, own, own, own_rows(cfg, cid, len(own), own.source))
 
 
-def _union(parts: list[Encoded]) -> Encoded:
-    return Encoded(input_ids=[i for p in parts for i in p.input_ids], labels=torch.cat([p.labels for p in parts]))
-
-
 @dataclass
 class Checkpoint:
     round: int
@@ -141,7 +137,7 @@ def clients_global_test(setup: Setup) -> Encoded | None:
 def build_pooled_trainer(setup: Setup, run_dir: RunDir) -> Client:
     """The ``centralized`` reference's trainer: one client (id ``num_clients``) holding the union of all
     clients' training rows, in client order."""
-    union = _union([c.train for c in setup.clients])
+    union = Encoded.union([c.train for c in setup.clients])
     cid = setup.cfg.num_clients
     return Client(cid, setup.cfg, setup.model, setup.tokenizer, union, union, run_dir.client_dir(cid))
 
@@ -183,6 +179,7 @@ class RunDir:
             if client.name.isdigit():
                 store = PrivateStore(client)
                 files += [store.path(kind, previous) for kind in store.KINDS for previous in (False, True)]
+                files.append(store.rows_path)
                 files += [client / ADAPTER_DIR / f for f in ADAPTER_FILES]
         return [f for f in files if f.is_file()]
 

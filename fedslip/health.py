@@ -11,6 +11,8 @@ at the metrics history after each round and returns what a user must not miss:
   reports: the server never reads client labels);
 - ``loss_not_finite``: a training loss that is NaN or infinite;
 - ``loss_rising``: the mean training loss rose in each of the last two rounds, by ``RISE_FACTOR`` overall;
+  when those rounds trained different clients (``fraction_fit`` < 1) their training losses are means over
+  different data, so the global test loss (the same rows every round) is compared instead;
 - ``client_behind``: a client's personalized accuracy more than ``CLIENT_GAP`` below the median of the
   clients (three or more clients evaluated).
 
@@ -73,6 +75,16 @@ def _entry(round_idx: int, symptom: str, detail: str, **values) -> dict:
     return {"round": round_idx, "symptom": symptom, "detail": detail, "advice": ADVICE[symptom], **values}
 
 
+def _comparable_loss(rows: list[dict]) -> tuple[str, str]:
+    """The loss whose rise over ``rows`` means the run is going wrong: the clients' mean training loss when
+    the same clients trained in each row, else the global test loss (sampled clients: a round of clients
+    with harder data is not a rising loss)."""
+    participants = [tuple(h["participants"]) for h in rows if "participants" in h]
+    if len(set(participants)) > 1:
+        return "global_loss", "global test loss"
+    return "train_loss", "mean training loss"
+
+
 def check_round(history: list[dict]) -> list[dict]:
     """Health entries for the last row of ``history`` (metrics rows as in ``metrics.jsonl``, which carry
     ``global_chance`` and ``majority_floor_per_client``)."""
@@ -82,11 +94,12 @@ def check_round(history: list[dict]) -> list[dict]:
     loss = row.get("train_loss")
     if loss is not None and not math.isfinite(loss):
         found.append(_entry(r, "loss_not_finite", f"mean training loss {loss}", train_loss=loss))
-    losses = [h.get("train_loss") for h in history[-3:]]
+    key, name = _comparable_loss(history[-3:])
+    losses = [h.get(key) for h in history[-3:]]
     if (len(losses) == 3 and all(v is not None and math.isfinite(v) for v in losses)
             and losses[0] < losses[1] < losses[2] and losses[2] > RISE_FACTOR * losses[0]):
-        found.append(_entry(r, "loss_rising", "mean training loss " + " -> ".join(f"{v:.4f}" for v in losses),
-                            train_loss=losses))
+        found.append(_entry(r, "loss_rising", f"{name} " + " -> ".join(f"{v:.4f}" for v in losses),
+                            **{key: losses}))
     if len(history) < 2:
         return found
     pair = history[-2:]

@@ -135,6 +135,11 @@ def method_color(method: str) -> str:
     return METHOD_COLORS.get(method) or OTHER_COLORS[zlib.crc32(method.encode()) % len(OTHER_COLORS)]
 
 
+def _percent_cells(values: np.ndarray) -> str:
+    """Accuracies as table cells in %, ``–`` where NaN (not evaluated)."""
+    return " | ".join("–" if np.isnan(v) else f"{100 * v:.1f}" for v in values)
+
+
 def per_client_stats(runs: list[RunRecord], key: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Mean and sample std over ``runs`` (the seeds of one method) of the per-client list ``summary[key]``
     (None entries, failed evaluations, are left out); std 0 where fewer than two seeds have a value.
@@ -144,8 +149,8 @@ def per_client_stats(runs: list[RunRecord], key: str) -> tuple[np.ndarray, np.nd
         return None
     per = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
     count = np.sum(~np.isnan(per), axis=0)
-    mean = np.nanmean(per, axis=0)
-    std = np.zeros_like(mean)
+    mean = np.divide(np.nansum(per, axis=0), count, out=np.full(per.shape[1], np.nan), where=count > 0)
+    std = np.zeros_like(mean)  # a client no seed evaluated (a sampled view) stays NaN, without numpy's warning
     several = count > 1
     std[several] = np.nanstd(per[:, several], axis=0, ddof=1)
     return mean, std
@@ -340,18 +345,20 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "") -> dict:
         lines += ["## Verdict", "", *verdict, ""]
     lines += health_section(runs)
     lines += ["## Per client", "", "Personalized accuracy (zero-shot) per client, mean over seeds, next to the "
-              "majority-class floor of that client's test rows (a constant predictor of its dominant class).", "",
+              "majority-class floor of that client's test rows (a constant predictor of its dominant class); "
+              "`–`: a client no seed scored (with `eval_fraction` < 1 only a sample of clients also scores its "
+              "model on the global test set).", "",
               "| method | " + " | ".join(f"client {i}" for i in range(c.num_clients)) + " |",
               "|---|" + "---|" * c.num_clients]
     for m in sorted(agg):
         mine = [r for r in runs if r.method == m]
         zero_shot, _ = per_client_stats(mine, "personalized_accuracy_per_client")
-        lines.append(f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in zero_shot) + " |")
+        lines.append(f"| {m} | {_percent_cells(zero_shot)} |")
         for key, label in (("kstep_accuracy_per_client", "+ K-step"),
                            ("personalized_global_test_accuracy_per_client", "on the global test set")):
             stats = per_client_stats(mine, key)
             if stats is not None and (key.startswith("kstep") or any(r.cfg.private_track for r in mine)):
-                lines.append(f"| {m} {label} | " + " | ".join(f"{100 * v:.1f}" for v in stats[0]) + " |")
+                lines.append(f"| {m} {label} | {_percent_cells(stats[0])} |")
     floors = np.mean([r.summary["majority_floor_per_client"] for r in runs], axis=0)
     lines.append("| majority floor | " + " | ".join(f"{100 * v:.1f}" for v in floors) + " |")
     lines += ["", "## Per class (global test set, global track)", "",

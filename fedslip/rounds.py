@@ -184,6 +184,9 @@ def start_resumed(out: str | Path, progress: bool = True, make_engine: MakeEngin
     cfg, checkpoint = resume_point(run_dir)
     tracking.check_available(cfg)
     setup = prepare_for(run_dir, cfg, side)
+    if side == "all":  # this process holds every client's rows: a changed one is refused before any round
+        for client in build_clients(setup, run_dir):
+            client.check_rows()
     if checkpoint is None:
         checkpoint = Checkpoint(0, setup.model.global_state(), [], 0.0)
     else:

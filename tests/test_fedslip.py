@@ -77,7 +77,7 @@ def test_private_state_stays_in_the_client_directories(fedslip_run):
     for c in range(cfg.num_clients):
         names = sorted(p.name for p in (out / "clients" / str(c)).iterdir())
         assert names == ["mask.prev.safetensors", "mask.safetensors", "private.prev.safetensors",
-                         "private.safetensors"]
+                         "private.safetensors", "rows.json"]
 
 
 def test_mask_is_binary_reaches_target_on_schedule_and_zeros_stay_zero(fedslip_run):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -205,6 +206,7 @@ def test_bench_scale_writes_its_table_plot_and_json_and_a_rerun_keeps_finished_p
                                                                                   "tiny/embedded/8/2"]
     for p in saved["points"].values():
         assert p["peak_memory_mib"] > 100 and p["seconds_per_round"] > 0 and p["setup_seconds"] > 0
+        assert p["first_round_seconds"] > 0
         assert p["sampled"] == 2
     point = fedslip.load_config(tmp_path / "logs" / "tiny-embedded-8-2.toml")
     assert (point.num_clients, point.fraction_fit, point.eval_fraction) == (8, 0.25, 0.25)
@@ -217,3 +219,28 @@ def test_bench_scale_writes_its_table_plot_and_json_and_a_rerun_keeps_finished_p
     monkeypatch.setattr(bench_scale, "measure", refuse)
     assert bench_scale.bench_scale(tmp_path, ("tiny",), ("embedded",), rows_per_client=4, points=((4, 2), (8, 2)),
                                    data_dir=str(data_dir)) == saved
+
+
+def test_a_client_whose_file_changed_is_refused_on_resume_and_kstep(tmp_path, data_dir, operator_dir):
+    """Only the client sees its file: it records its rows' fingerprint (rows.json) and refuses other rows."""
+    from fedslip.client import ClientRowsChanged
+    from fedslip.server import RoundFailed
+
+    files = write_org_files(tmp_path / "orgs", data_dir)
+    out = tmp_path / "run"
+    fedslip.run(own_cfg(operator_dir, files), out, progress=False)
+    assert all((out / "clients" / str(c) / "rows.json").is_file() for c in range(2))
+    assert fedslip.kstep(out, steps=1)["kstep_accuracy"] is not None  # same rows: fine
+    unfinished = tmp_path / "unfinished"  # resume re-evaluates the last round
+    shutil.copytree(out, unfinished)
+    (unfinished / "summary.json").unlink()
+    original = files[1].read_bytes()
+    frame = pd.read_csv(files[1], keep_default_na=False)
+    frame.iloc[::-1].assign(title=frame.title.iloc[::-1].str.upper()).to_csv(files[1], index=False)  # same count
+    with pytest.raises(ClientRowsChanged, match=r"client 1: its rows are not the ones it started this run with"):
+        fedslip.resume(unfinished, progress=False)
+    assert not (unfinished / "summary.json").exists()
+    with pytest.raises(RoundFailed, match="client 1: its rows are not the ones"):
+        fedslip.kstep(out, steps=1)
+    files[1].write_bytes(original)
+    assert fedslip.resume(unfinished, progress=False)["global_accuracy"] is not None

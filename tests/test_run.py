@@ -7,6 +7,7 @@ import re
 import stat
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from fedslip.config import ConfigError
 from fedslip.data import DataError
 from fedslip.experiment import RunDirError
 from fedslip.model import BackboneError
+from fedslip.report import build_report, load_run
 
 ROUND_KEYS = {"round", "global_accuracy", "personalized_accuracy", "personalized_accuracy_per_client",
               "train_loss", "upload_bytes", "download_bytes", "seconds", "private_bytes_transmitted"}
@@ -151,6 +153,14 @@ def test_eval_fraction_evaluates_a_seeded_sample_each_round_and_everyone_last(ti
     scored = global_view_clients(cfg)
     on_global = summary["personalized_global_test_accuracy_per_client"]
     assert len(scored) == 2 and {c for c, a in enumerate(on_global) if a is not None} == set(scored)
+    # the report shows the clients outside that sample as "–", and numpy warns about nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_report([load_run(tmp_path / "r")], tmp_path / "report")
+    row = next(line for line in (tmp_path / "report" / "report.md").read_text().splitlines()
+               if line.startswith("| fedslip on the global test set |"))
+    cells = row.strip("|").split("|")[1:]
+    assert [i for i, cell in enumerate(cells) if cell.strip() == "–"] == sorted(set(range(4)) - set(scored))
 
 
 def test_existing_run_is_refused_and_kept(baseline_run):
@@ -184,8 +194,8 @@ def test_overwrite_replaces_only_run_files(baseline_run, tiny_cfg, tmp_path):
         f.write_text("keep me")
     fedslip.run(tiny_cfg(rounds=2), out, overwrite=True, progress=False)
     assert len(read_metrics(out)) == 2 and all(f.read_text() == "keep me" for f in mine)
-    # the fedslip run's private state went (fedavg_lora writes none); emptied client folders too
-    assert sorted(p.name for p in (out / "clients").rglob("*")) == ["0", "notes.txt"]
+    # the fedslip run's private state went (fedavg_lora keeps only its rows' fingerprint, rows.json)
+    assert sorted({p.name for p in (out / "clients").rglob("*") if p.is_file()}) == ["notes.txt", "rows.json"]
 
 
 def test_overwrite_refuses_a_directory_without_a_runs_config(tiny_cfg, tmp_path):

@@ -93,3 +93,22 @@ def test_group_by_length_sees_every_row_once_per_pass_with_less_padding():
     again = one_pass(True)
     assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(grouped, again))  # deterministic
     assert not all(torch.equal(a["labels"], b["labels"]) for a, b in zip(grouped, one_pass(True, seed=2)))
+
+
+def test_batches_are_padded_to_a_multiple_and_rows_stored_compactly():
+    """Few distinct batch shapes (bf16 CPU kernels keep code per shape: memory grew with the clients before),
+    and the ids held as one int32 array give back exactly the tokenizer's rows."""
+    from fedslip.data import PAD_MULTIPLE, Encoded, collate, eval_batches
+
+    tokenizer = load_tokenizer("tiny")
+    rows = [[101] + [1000 + k] * (n - 2) + [102] for k, n in enumerate((3, 9, 17, 5, 2))]
+    data = Encoded(input_ids=rows, labels=torch.arange(5))
+    assert data.input_ids == rows and data.lengths.tolist() == [3, 9, 17, 5, 2]
+    assert data.tokens.dtype.itemsize == 4 and data.tokens.size == sum(map(len, rows))
+    both = Encoded.union([data, Encoded(input_ids=rows[:2], labels=torch.arange(2))])
+    assert both.input_ids == rows + rows[:2] and both.labels.tolist() == [0, 1, 2, 3, 4, 0, 1]
+    batch = collate(tokenizer, data, [0, 1])  # longest 9 -> 16
+    assert batch["input_ids"].shape == (2, 16) and batch["input_ids"][0, :3].tolist() == rows[0]
+    assert batch["attention_mask"].sum(1).tolist() == [3, 9]
+    shapes = {b["input_ids"].shape[1] for _, b in eval_batches(tokenizer, data, 1)}
+    assert shapes == {8, 16, 24} and all(s % PAD_MULTIPLE == 0 for s in shapes)
