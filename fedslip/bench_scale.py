@@ -1,7 +1,7 @@
 """``fedslip bench-scale --out DIR``: memory and time as the federation grows, few clients sampled per round.
 
     fedslip bench-scale --out docs/results/bench_scale                        # tiny + MiniLM, embedded + flower-sim
-    fedslip bench-scale --out runs/bs --backbones tiny --engines embedded     # the quick check
+    fedslip bench-scale --out runs/bs --backbone tiny --engines embedded      # the quick check
 
 Each point is one ``fedslip run`` in its own process: FedSLIP on IID rows, ``rows_per_client`` training rows
 and half as many test rows per client, 4 rounds, K-step off, at 10, 100 and 1,000 clients with 10 clients

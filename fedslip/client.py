@@ -389,6 +389,7 @@ class Client:
         if path.is_file():
             held = read_json(path)
             if held != record:
+                held = held if isinstance(held, dict) else {}
                 raise ClientRowsChanged(
                     f"client {self.cid}: its rows are not the ones it started this run with ({path}: "
                     f"{held.get('train_rows')} training / {held.get('eval_rows')} evaluation rows then, "
