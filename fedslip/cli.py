@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild report.md, results.json and plots from finished runs")
     report.add_argument("paths", nargs="+", help="run directories or folders of them (e.g. a compare --out)")
     report.add_argument("--out", default=None, help="where to write (default: the single path given)")
+    report.add_argument("--command", dest="made_by", default="", help="the command that made the runs, shown "
+                        "in the report (default: the one OUT/results.json recorded)")
     def benchmark(name: str, help: str, output: str, backbone: str) -> argparse.ArgumentParser:
         bench = sub.add_parser(name, help=f"{help}; writes OUT/{output}")
         bench.add_argument("--out", required=True, help=f"directory for {output}")
@@ -293,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.out is None and len(args.paths) != 1:
                 raise ConfigError("report with several paths needs --out")
             out = args.out or args.paths[0]
-            build_report(find_runs(args.paths), out)
+            build_report(find_runs(args.paths), out, args.made_by)
             print(f"{out}/report.md")
             return 0
         if args.command == "deploy-local":

@@ -20,4 +20,4 @@ $FEDSLIP "${common[@]}" --methods fedslip --lr 0.006021952010466462 --private-lr
     --kstep-lr 0.001 $EXTRA >/dev/null &
 b=$!
 wait $a; wait $b
-$FEDSLIP report "$OUT"
+$FEDSLIP report "$OUT" --command "SEEDS=$SEEDS scripts/cross_device.sh"

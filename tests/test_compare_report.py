@@ -88,6 +88,12 @@ def test_report_cli_rebuilds_from_run_directories(compared, tmp_path):
     assert single.returncode == 0, single.stderr
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert sorted(r["method"] for r in results["runs"]) == ["fedavg_lora", "fedslip"]
+    named = subprocess.run([sys.executable, "-m", "fedslip.cli", "report", str(run_dir_for(out, "fedslip", 0)),
+                            str(run_dir_for(out, "fedavg_lora", 0)), "--out", str(tmp_path / "two"), "--command",
+                            "scripts/x.sh"], capture_output=True, text=True)  # runs made by a script
+    assert named.returncode == 0, named.stderr
+    assert "Command: `scripts/x.sh`" in (tmp_path / "two" / "report.md").read_text()
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["command"] == "scripts/x.sh"
     empty = subprocess.run([sys.executable, "-m", "fedslip.cli", "report", str(tmp_path / "two")],
                            capture_output=True, text=True)
     assert empty.returncode == 2 and "no finished run" in empty.stderr
