@@ -35,6 +35,11 @@ def _attack(results: list[dict | None]) -> str:
     return f"{_cell([r['accuracy'] for r in found])} ({right}/{sum(r['guesses'] for r in found)})"
 
 
+# each attack's result in an audit.json (None where it did not run: no classifier sent, no public data)
+ATTACKS = {"bias": lambda audit: audit if audit["available"] else None,
+           "shadow": lambda audit: audit.get("shadow")}
+
+
 def rows(root: Path) -> list[str]:
     lines = []
     for setting in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -47,8 +52,7 @@ def rows(root: Path) -> list[str]:
                                                          json.loads(attacks.read_text())))
         for method, runs in sorted(by_method.items()):
             summaries, audits = zip(*runs)
-            bias = _attack([a if a["available"] else None for a in audits])
-            shadow = _attack([a.get("shadow") for a in audits])
+            bias, shadow = (_attack([pick(a) for a in audits]) for pick in ATTACKS.values())
             utility = [_cell([s[k] for s in summaries]) for k in ("global_accuracy", "personalized_accuracy")]
             lines.append(f"| {setting.name} | {method} | {len(runs)} | {utility[0]} | {utility[1]} | {bias} | "
                          f"{shadow} | {_cell([s.get('dp_epsilon') for s in summaries], pct=False)} |")
@@ -61,8 +65,7 @@ def per_round_rows(root: Path) -> list[str]:
     for setting in sorted(p for p in root.iterdir() if p.is_dir()):
         for method in sorted({r.name.rsplit("-seed", 1)[0] for r in setting.glob("*-seed*")}):
             audits = [json.loads(f.read_text()) for f in sorted(setting.glob(f"{method}-seed*/audit/audit.json"))]
-            for attack, pick in (("bias", lambda a: a if a["available"] else None),
-                                 ("shadow", lambda a: a.get("shadow"))):
+            for attack, pick in ATTACKS.items():
                 found = [pick(a) for a in audits if pick(a) is not None]
                 if not found:
                     continue

@@ -242,5 +242,8 @@ def test_a_client_whose_file_changed_is_refused_on_resume_and_kstep(tmp_path, da
     assert not (unfinished / "summary.json").exists()
     with pytest.raises(RoundFailed, match="client 1: its rows are not the ones"):
         fedslip.kstep(out, steps=1)
+    (out / "clients" / "0" / "rows.json").write_text("[]")  # a record that is not one: the same clear error
+    with pytest.raises(RoundFailed, match="client 0: its rows are not the ones"):
+        fedslip.kstep(out, steps=1)
     files[1].write_bytes(original)
     assert fedslip.resume(unfinished, progress=False)["global_accuracy"] is not None
