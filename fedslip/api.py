@@ -98,7 +98,8 @@ def kstep(out: str | Path, steps: int, lr: float | None = None) -> dict:
     cfg = dataclasses.replace(cfg, kstep=steps, kstep_lr=cfg.kstep_lr if lr is None else lr)
     setup = prepare_for(run_dir, cfg)
     engine = EmbeddedEngine(build_clients(setup, run_dir))
-    results, failed = engine.kstep(comm.encode(load_tensors(run_dir.path / "global.safetensors")), steps)
+    final = comm.encode(load_tensors(run_dir.path / "global.safetensors"))
+    results, failed = engine.kstep(dict.fromkeys(range(cfg.num_clients), final), steps)
     if failed:
         raise RoundFailed(f"K-step failed on client(s) {sorted(failed)}: {failed}")
     accuracies = per_client(results, cfg.num_clients)

@@ -439,12 +439,15 @@ class Client:
     def receive(self, payload: bytes) -> tuple[dict[str, torch.Tensor], int | None]:
         """The global track a download carries, and the round it belongs to (None for fp32 weights,
         which say nothing about it). A compressed download is a change to the global track this client
-        holds (its ``reference``); the sum is its new reference. Receiving the same download again (a
+        holds (its ``reference``); the sum is its new reference. A full-state download (the server's
+        answer to a client that missed one) is decoded alone. Receiving the same download again (a
         retry, or evaluation then training on one round's global track) gives the same tensors."""
         tensors, meta = comm.read(payload)
         if "codec" not in meta:
             return tensors, None
         layout = self.model.global_shapes()
+        if codecs.is_full(payload):  # it missed a download: the whole state, nothing to add it to
+            return codecs.unpack_full(payload, self.download, layout), codecs.payload_rounds(payload)[1]
         change, base, round_idx = codecs.unpack(payload, self.download, layout)
         held = self.store.load_round("reference", round_idx, layout)
         if held is not None:  # applied before (a resumed server resends it): the sum it gave then

@@ -69,6 +69,13 @@ class Codec:
         return self.name == "fp32"
 
     @property
+    def full_state(self) -> Codec:
+        """The codec of a full-state download (``pack_full``): the dense format of this codec's values.
+        Top-k of a whole state would zero most weights, and no later download can fix that for a client
+        off the chain of changes."""
+        return Codec(self.values, self.topk_fraction, self.granularity) if self.sparse else self
+
+    @property
     def sparse(self) -> bool:
         return self.name.startswith("topk")
 
@@ -202,6 +209,36 @@ def unpack(payload: bytes, codec: Codec, layout: Layout) -> tuple[dict[str, torc
     except (KeyError, ValueError):
         raise PayloadError(f"payload metadata lacks valid base/round: {meta}") from None
     return codec.decode(wire, layout), base, round_idx
+
+
+def pack_full(codec: Codec, state: dict[str, torch.Tensor], round_idx: int) -> bytes:
+    """The full state of the global track of ``round_idx`` for a client that holds no reference of the
+    previous round: ``state`` compressed with ``codec.full_state``, marked ``full``, base -1 (zeros)."""
+    return comm.encode(codec.full_state.encode(state), metadata={
+        "codec": codec.full_state.name, "layout": layout_digest(layout_of(state)), "base": "-1",
+        "round": str(round_idx), "full": "1"})
+
+
+def is_full(payload: bytes) -> bool:
+    """Whether a payload is a full-state download (``pack_full``)."""
+    return comm.metadata(payload).get("full") == "1"
+
+
+def unpack_full(payload: bytes, codec: Codec, layout: Layout) -> dict[str, torch.Tensor]:
+    """The global track a full-state download carries (``pack_full`` with ``codec``)."""
+    state, base, _ = unpack(payload, codec.full_state, layout)
+    if base != -1:
+        raise PayloadError(f"a full-state download must have base -1, not {base}")
+    return state
+
+
+def payload_rounds(payload: bytes) -> tuple[int, int]:
+    """(base round, round) of a compressed payload, from its header alone."""
+    meta = comm.metadata(payload)
+    try:
+        return int(meta["base"]), int(meta["round"])
+    except (KeyError, ValueError):
+        raise PayloadError(f"payload metadata lacks valid base/round: {meta}") from None
 
 
 def apply(reference: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -41,6 +41,15 @@ def read(payload: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, header.get("__metadata__") or {}
 
 
+def metadata(payload: bytes) -> dict[str, str]:
+    """The header metadata of a payload, without decoding its tensors."""
+    try:
+        header = json.loads(payload[8:header_bytes(payload)])
+    except (ValueError, struct.error) as e:
+        raise PayloadError(f"payload of {len(payload)} bytes is not valid safetensors: {e}") from None
+    return header.get("__metadata__") or {} if isinstance(header, dict) else {}
+
+
 def decode(payload: bytes) -> dict[str, torch.Tensor]:
     return read(payload)[0]
 

@@ -121,6 +121,7 @@ class Checkpoint:
     config: dict | None = None  # ExperimentConfig.experiment_dict() of the run (None in older checkpoints)
     reference: dict[str, torch.Tensor] | None = None  # lossy download codec: what the clients hold
     download: bytes | None = None  # lossy download codec: the last download sent (resent on resume)
+    held: dict[int, int] | None = None  # lossy download codec: the reference round each client holds
 
 
 def build_clients(setup: Setup, run_dir: RunDir) -> list[Client]:
@@ -218,8 +219,10 @@ class RunDir:
                     "download": f"download-{checkpoint.round:05d}.safetensors"}
             save_tensors(folder / wire["reference"], checkpoint.reference)
             atomic_write_bytes(folder / wire["download"], checkpoint.download)
+        held = {} if checkpoint.held is None else {"held": {str(c): r for c, r in sorted(checkpoint.held.items())}}
         write_json(folder / "state.json", {"round": checkpoint.round, "global": name, "history": checkpoint.history,
-                                           "elapsed": checkpoint.elapsed, "config": checkpoint.config, **wire})
+                                           "elapsed": checkpoint.elapsed, "config": checkpoint.config, **wire,
+                                           **held})
         for old in self._checkpoint_tensor_files():
             if old.name not in (name, *wire.values()):
                 old.unlink()
@@ -258,9 +261,15 @@ class RunDir:
             if not named_file("download").is_file():
                 raise StateFileError(f"{named_file('download')} does not exist")
             download = named_file("download").read_bytes()
+        held = meta.get("held")
+        if held is not None:
+            try:
+                held = {int(c): int(r) for c, r in held.items()}
+            except (AttributeError, TypeError, ValueError):
+                raise StateFileError(f"{state_path}: 'held' must map client ids to rounds") from None
         return Checkpoint(round=meta["round"], global_state=tensors, history=meta["history"],
                           elapsed=float(meta["elapsed"]), config=meta.get("config"), reference=reference,
-                          download=download)
+                          download=download, held=held)
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / "summary.json", summary)

@@ -69,6 +69,15 @@ def mean_present(values: list[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
+def sum_over_payloads(payloads: dict[int, bytes], measure: Callable[[bytes], int]) -> int:
+    """``measure`` summed over the clients' payloads, computed once per distinct payload (most clients
+    of a round share one)."""
+    counts: dict[int, list] = {}
+    for payload in payloads.values():
+        counts.setdefault(id(payload), [payload, 0])[1] += 1
+    return sum(measure(payload) * k for payload, k in counts.values())
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
@@ -79,7 +88,7 @@ def evaluate_round(setup: Setup, engine: Engine, server: Server, round_idx: int)
     also each client's inference model on the global test set (for single-track methods that is the
     global accuracy). ``eval_fraction`` < 1: a seeded sample of clients each round, every client after the
     last one, and a sample for the global test set (``fedslip.server``)."""
-    model, n, payload = setup.model, setup.cfg.num_clients, server.broadcast()
+    model, n = setup.model, setup.cfg.num_clients
     model.load_global_state(server.reference)
     model.reset_local()  # partial sharing: the server's model holds the local parts' initial values
     glob = evaluate(model, setup.tokenizer, setup.global_eval, (GLOBAL,), setup.cfg.eval_batch_size,
@@ -87,14 +96,16 @@ def evaluate_round(setup: Setup, engine: Engine, server: Server, round_idx: int)
     views = [None, (GLOBAL,)] if model.has_private else [None]  # inference model; its global track alone
     final = round_idx == setup.cfg.rounds
     evaluated = eval_clients(setup.cfg, round_idx)
-    results, failed = engine.evaluate(payload, round_idx, views, evaluated)
+    results, failed = engine.evaluate(server.downloads(evaluated), round_idx, views)
+    server.delivered(results)
     on_global = {}
     if final and not model.has_client_state:  # single-track: every client's model is the global track
         on_global = {cid: glob for cid in results}
     elif final and setup.cfg.partition != "own":  # each client's own model on the global test set, where
         # the clients hold it; a sample of eval_fraction of them (every client at 1.0): n x the global test set
-        scored, failed_global = engine.evaluate(payload, round_idx, [GLOBAL_TEST_VIEW],
-                                                global_view_clients(setup.cfg))
+        scored, failed_global = engine.evaluate(server.downloads(global_view_clients(setup.cfg)), round_idx,
+                                                [GLOBAL_TEST_VIEW])
+        server.delivered(scored)
         on_global = {cid: r[0] for cid, r in scored.items()}
         failed = {**failed_global, **failed}
     stop_on_unreadable_state(failed, f"the evaluation after round {round_idx}")
@@ -233,17 +244,18 @@ def check_same_experiment(cfg: ExperimentConfig, checkpoint: Checkpoint, config_
 def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, started: float,
             progress: bool, trackers: tracking.Trackers) -> dict:
     cfg = setup.cfg
-    server = Server(cfg, start.global_state, start.round, start.reference, start.download)
+    server = Server(cfg, start.global_state, start.round, start.reference, start.download, start.held)
     history = list(start.history)
     evaluation = None
     for round_idx in tqdm(range(start.round + 1, cfg.rounds + 1), desc="rounds", disable=not progress or None,
                           initial=start.round, total=cfg.rounds):
         t0 = time.perf_counter()
         cids = sample_clients(cfg, round_idx)
-        download = server.broadcast()
+        downloads = server.downloads(cids)
         if cfg.audit:  # the global track the clients train from this round (shadow clients start from it)
             save_tensors(run_dir.path / AUDIT_DIR / f"global-{round_idx:04d}.safetensors", server.reference)
-        replies, failed, download_bytes = engine.fit(download, cids, round_idx)
+        replies, failed, download_bytes = engine.fit(downloads, round_idx)
+        server.delivered(replies)
         stop_on_unreadable_state(failed, f"round {round_idx}")
         try:
             outcome = server.aggregate({cid: (r.payload, r.num_examples) for cid, r in replies.items()}, failed,
@@ -264,7 +276,8 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
             "rejected": {str(c): reason for c, reason in outcome.rejected.items()},
             "upload_bytes": sum(r.wire_bytes for r in replies.values()),
             "download_bytes": download_bytes,
-            "private_bytes_transmitted": comm.private_bytes(download, cfg.local_params) * len(cids)
+            "full_state_downloads": 0 if server.download.lossless else sum_over_payloads(downloads, codecs.is_full),
+            "private_bytes_transmitted": sum_over_payloads(downloads, lambda d: comm.private_bytes(d, cfg.local_params))
             + sum(comm.private_bytes(r.payload, cfg.local_params) for r in replies.values()),
         }
         if setup.model.has_private:
@@ -291,13 +304,13 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
         if row["health"] and cfg.strict_health:
             raise health.HealthError.of(row, run_dir.path)
 
-    final_payload = server.broadcast()
     if evaluation is None:  # resumed after the last round: evaluate the final state again
         evaluation = evaluate_round(setup, engine, server, cfg.rounds)
     run_dir.save_global(server.reference)  # the global track the clients hold and were evaluated with
     summary = _summary(cfg, setup, history, evaluation["_detail"])
     if cfg.kstep > 0:
-        kstep, kstep_failed = engine.kstep(final_payload, cfg.kstep)
+        kstep, kstep_failed = engine.kstep(server.downloads(range(cfg.num_clients)), cfg.kstep)
+        server.delivered(kstep)
         stop_on_unreadable_state(kstep_failed, "K-step")
         summary["kstep_accuracy_per_client"] = per_client(kstep, cfg.num_clients)
         summary["kstep_accuracy"] = mean_present(summary["kstep_accuracy_per_client"])

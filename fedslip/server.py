@@ -160,13 +160,19 @@ class Server:
     """
 
     def __init__(self, cfg: ExperimentConfig, initial_state: dict[str, torch.Tensor], round_idx: int = 0,
-                 reference: dict[str, torch.Tensor] | None = None, download: bytes | None = None):
+                 reference: dict[str, torch.Tensor] | None = None, download: bytes | None = None,
+                 held: dict[int, int] | None = None):
         self.cfg, self.round = cfg, round_idx
         self.state = initial_state
         self.strategy = make_strategy(cfg)
         self.upload, self.download = codecs.of(cfg, "upload"), codecs.of(cfg, "download")
         self.layout = codecs.layout_of(initial_state)
         self.full_payload_bytes = len(comm.encode(initial_state))
+        # lossy downloads: the round of the shared reference each client confirmed it holds (a client that
+        # missed a download is absent and gets the full state, ``download_for``)
+        self.held: dict[int, int] = dict(held or {})
+        self._sent_full: set[int] = set()  # clients sent this round's full-state download
+        self._full: tuple[bytes, dict[str, torch.Tensor]] | None = None  # (payload, what it decodes to)
         if self.download.lossless:
             self.reference, self.payload = self.state, comm.encode(self.state)
         elif reference is not None and download is not None:  # resumed: what the clients hold and were sent
@@ -182,23 +188,64 @@ class Server:
         update, _, _ = codecs.unpack(self.payload, self.download, self.layout)
         self.reference = codecs.apply(self.reference, update)
 
-    def resume_state(self) -> tuple[dict[str, torch.Tensor] | None, bytes | None]:
+    def resume_state(self) -> tuple[dict[str, torch.Tensor] | None, bytes | None, dict[int, int] | None]:
         """What a checkpoint keeps besides ``state`` to resume exactly: with a lossy download codec the
-        clients' reference and the download they were last sent; nothing with fp32."""
-        return (None, None) if self.download.lossless else (self.reference, self.payload)
+        clients' reference, the download they were last sent and which client holds which round's
+        reference; nothing with fp32."""
+        return (None, None, None) if self.download.lossless else (self.reference, self.payload, dict(self.held))
 
     def broadcast(self) -> bytes:
-        """This round's download: the weights (fp32) or the change since the clients' reference."""
+        """This round's download as the clients on the chain receive it: the weights (fp32) or the change
+        since the reference they hold (``download_for`` picks each client's)."""
         return self.payload
+
+    @property
+    def _base(self) -> int:
+        """The round whose reference this round's change applies to (-1: zeros, the first download)."""
+        return codecs.payload_rounds(self.payload)[0]
+
+    def download_for(self, cid: int) -> bytes:
+        """What client ``cid`` is sent of this round's global track. fp32: the weights. A lossy codec: the
+        change ``broadcast()`` carries to a client that holds its base (the previous round's reference,
+        or this round's already), else the full state (``codecs.pack_full``): a client that was not
+        sampled, failed or joined late cannot apply a change to a reference it never received."""
+        if self.download.lossless or self._base < 0 or self.held.get(cid) in (self._base, self.round):
+            return self.payload
+        if self._full is None:
+            payload = codecs.pack_full(self.download, self.state, self.round)
+            self._full = payload, codecs.unpack_full(payload, self.download, self.layout)
+        self._sent_full.add(cid)
+        return self._full[0]
+
+    def downloads(self, cids: Iterable[int]) -> dict[int, bytes]:
+        """``download_for`` each client in ``cids``."""
+        return {cid: self.download_for(cid) for cid in cids}
+
+    def delivered(self, cids: Iterable[int]) -> None:
+        """Clients that answered a message of this round: a client sent the change now holds this round's
+        reference; one sent the full state holds its own decoding of it, off the chain of changes."""
+        if self.download.lossless:
+            return
+        for cid in cids:
+            if cid in self._sent_full:
+                self.held.pop(cid, None)
+            else:
+                self.held[cid] = self.round
 
     def payload_limit(self) -> int:
         return self.cfg.max_payload_bytes or 2 * self.full_payload_bytes
 
-    def received_weights(self, payload: bytes) -> dict[str, torch.Tensor]:
-        """A client's global track as its reply carries it: the weights (fp32), or the reference of this
-        round plus the decoded update. An update of another round's reference is refused."""
+    def received_weights(self, cid: int, payload: bytes) -> dict[str, torch.Tensor]:
+        """A client's global track as its reply carries it, placed on the shared reference: the weights
+        (fp32), or the reference of this round plus the decoded update. A client that trained from the
+        full-state download changed its own decoding of it: its change is placed on the reference, so
+        every client's change counts alike. An update of another round's reference is refused."""
         if self.upload.lossless:
-            return comm.decode(payload)
+            weights = comm.decode(payload)
+            if cid in self._sent_full and self._full is not None:
+                full = self._full[1]
+                weights = {n: self.reference[n] + (w - full[n]) if n in full else w for n, w in weights.items()}
+            return weights
         update, base, _ = codecs.unpack(payload, self.upload, self.layout)
         if base != self.round:
             raise UpdateError(f"update of the global track of round {base}; this round's is {self.round}")
@@ -217,7 +264,7 @@ class Server:
             try:
                 if len(payload) > limit:
                     raise UpdateError(f"payload of {len(payload)} bytes exceeds the limit of {limit}")
-                update = self.received_weights(payload)
+                update = self.received_weights(cid, payload)
                 validate_update(update, self.reference, self.cfg.max_update_norm)
                 if num_examples <= 0:
                     raise UpdateError(f"num_examples={num_examples} must be > 0")
@@ -241,6 +288,7 @@ class Server:
             aggregated = privacy.add_noise(aggregated, self.cfg, round_idx)
         previous = self.round
         self.round = round_idx
+        self._sent_full, self._full = set(), None
         if self.download.lossless:
             self.state = self.reference = aggregated
             self.payload = comm.encode(self.state)

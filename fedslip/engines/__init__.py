@@ -15,16 +15,19 @@ from ..views import View
 
 
 class Engine(Protocol):
-    def fit(self, payload: bytes, cids: list[int], round_idx: int
+    """Each call takes ``payloads``: what each client it addresses receives (client id -> serialized
+    payload; with a lossy download codec a client that missed a download gets another payload than the
+    rest, ``server.Server.download_for``)."""
+
+    def fit(self, payloads: dict[int, bytes], round_idx: int
             ) -> tuple[dict[int, FitReply], dict[int, str], int]:
         """Train the sampled clients: replies, failures (reason), bytes sent."""
 
-    def evaluate(self, payload: bytes, after_round: int, views: list[View], cids: list[int] | None = None
+    def evaluate(self, payloads: dict[int, bytes], after_round: int, views: list[View]
                  ) -> tuple[dict[int, list[dict]], dict[int, str]]:
-        """The results of clients ``cids`` (default: every client) for each view on their own test rows,
-        and failures."""
+        """The clients' results for each view on their own test rows, and failures."""
 
-    def kstep(self, payload: bytes, steps: int) -> tuple[dict[int, dict], dict[int, str]]:
-        """Every client fine-tunes the final model for ``steps`` steps and is evaluated; persists nothing."""
+    def kstep(self, payloads: dict[int, bytes], steps: int) -> tuple[dict[int, dict], dict[int, str]]:
+        """The clients fine-tune the final model for ``steps`` steps and are evaluated; persists nothing."""
 
     def close(self) -> None: ...

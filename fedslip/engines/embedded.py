@@ -41,7 +41,6 @@ class EmbeddedEngine:
 
     def __init__(self, clients: list[Client]):
         self.clients = clients
-        self.all = [c.cid for c in clients]
 
     def _run(self, calls: list[Call]) -> list[tuple[bool, Any]]:
         return [_call(self.clients[cid], method, args) for method, cid, args in calls]
@@ -56,20 +55,19 @@ class EmbeddedEngine:
                 log.warning("client %d failed during %s: %s", cid, method, value)
         return results, failed
 
-    def fit(self, payload: bytes, cids: list[int], round_idx: int
+    def fit(self, payloads: dict[int, bytes], round_idx: int
             ) -> tuple[dict[int, FitReply], dict[int, str], int]:
-        """Replies, failures, and the bytes sent (the payload once per sampled client)."""
-        replies, failed = self._map([("fit", cid, (payload, round_idx)) for cid in cids])
-        return replies, failed, len(payload) * len(cids)
+        """Replies, failures, and the bytes sent (each sampled client's payload)."""
+        replies, failed = self._map([("fit", cid, (payload, round_idx)) for cid, payload in payloads.items()])
+        return replies, failed, sum(map(len, payloads.values()))
 
-    def evaluate(self, payload: bytes, after_round: int, views: list[View], cids: list[int] | None = None
+    def evaluate(self, payloads: dict[int, bytes], after_round: int, views: list[View]
                  ) -> tuple[dict[int, list[dict]], dict[int, str]]:
-        """Clients' results for each view (``Client.evaluate``; default every client), and failures."""
-        chosen = self.all if cids is None else cids
-        return self._map([("evaluate", cid, (payload, views, after_round)) for cid in chosen])
+        """Clients' results for each view (``Client.evaluate``), and failures."""
+        return self._map([("evaluate", cid, (payload, views, after_round)) for cid, payload in payloads.items()])
 
-    def kstep(self, payload: bytes, steps: int) -> tuple[dict[int, dict], dict[int, str]]:
-        return self._map([("kstep", cid, (payload, steps)) for cid in self.all])
+    def kstep(self, payloads: dict[int, bytes], steps: int) -> tuple[dict[int, dict], dict[int, str]]:
+        return self._map([("kstep", cid, (payload, steps)) for cid, payload in payloads.items()])
 
     def close(self) -> None:
         pass
@@ -83,9 +81,9 @@ class CentralizedEngine(EmbeddedEngine):
         super().__init__(clients)
         self.pooled = pooled
 
-    def fit(self, payload: bytes, cids: list[int], round_idx: int
+    def fit(self, payloads: dict[int, bytes], round_idx: int
             ) -> tuple[dict[int, FitReply], dict[int, str], int]:
-        ok, value = _call(self.pooled, "fit", (payload, round_idx))
+        ok, value = _call(self.pooled, "fit", (next(iter(payloads.values())), round_idx))
         if not ok:
             log.warning("centralized training failed: %s", value)
             return {}, {self.pooled.cid: value}, 0
@@ -115,7 +113,6 @@ class ParallelEngine(EmbeddedEngine):
     """Clients spread over worker processes; each worker loads the backbone and every client's data once."""
 
     def __init__(self, cfg: ExperimentConfig, run_path: str, workers: int):
-        self.all = list(range(cfg.num_clients))
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
         self.pool = ctx.Pool(workers, initializer=_worker_init, initargs=(cfg.to_dict(), run_path, threads))

@@ -3,9 +3,9 @@
 The round loop, aggregation, evaluation, checkpointing and the summary are the embedded engine's code
 (``fedslip.rounds``); this engine only turns its three calls into Flower messages:
 
-    fit(payload, cids, round)        -> ``train`` messages to the clients' nodes, replies = updated global track
-    evaluate(payload, round, tracks) -> ``evaluate`` messages, replies = accuracy on each client's test rows
-    kstep(payload, steps)            -> ``query`` messages (op=kstep), replies = accuracy after K local steps
+    fit(payloads, round)              -> ``train`` messages to the clients' nodes, replies = updated global track
+    evaluate(payloads, round, tracks) -> ``evaluate`` messages, replies = accuracy on each client's test rows
+    kstep(payloads, steps)            -> ``query`` messages (op=kstep), replies = accuracy after K local steps
 
 Clients are found by their ``partition-id`` (Flower's node config): the engine asks every node it has not
 seen yet (``query`` op=identify), so a SuperNode that restarts under a new node id is found again. A
@@ -94,7 +94,6 @@ class FlowerEngine:
 
     def __init__(self, grid: Grid, cfg: ExperimentConfig):
         self.grid, self.cfg = grid, cfg
-        self.all = list(range(cfg.num_clients))
         self.nodes: dict[int, int] = {}  # client id (partition-id) -> node id
         self.timeout = cfg.reply_timeout or None
 
@@ -183,15 +182,21 @@ class FlowerEngine:
         return replies
 
     @staticmethod
-    def _content(payload: bytes, **config) -> Callable[[int], RecordDict]:
-        records = payload_records(payload)
-        return lambda cid: RecordDict({**records, CONFIG: ConfigRecord({"client-id": int(cid), **config})})
+    def _content(payloads: dict[int, bytes], **config) -> Callable[[int], RecordDict]:
+        """Each client's message: its payload's records (decoded once per distinct payload) and config."""
+        decoded: dict[int, dict] = {}
+
+        def content(cid: int) -> RecordDict:
+            payload = payloads[cid]
+            records = decoded.setdefault(id(payload), payload_records(payload))
+            return RecordDict({**records, CONFIG: ConfigRecord({"client-id": int(cid), **config})})
+        return content
 
     # --- the engine interface ------------------------------------------------------------------
-    def fit(self, payload: bytes, cids: list[int], round_idx: int
+    def fit(self, payloads: dict[int, bytes], round_idx: int
             ) -> tuple[dict[int, FitReply], dict[int, str], int]:
-        replies, failed, sent = self._exchange([int(c) for c in cids], MessageType.TRAIN,
-                                               self._content(payload, round=int(round_idx)))
+        replies, failed, sent = self._exchange([int(c) for c in payloads], MessageType.TRAIN,
+                                               self._content(payloads, round=int(round_idx)))
         fits = {}
         for cid, reply in replies.items():
             result = result_of(reply.content)
@@ -199,15 +204,15 @@ class FlowerEngine:
                                  wire_bytes=message_bytes(reply))
         return fits, failed, sent
 
-    def evaluate(self, payload: bytes, after_round: int, views: list[View], cids: list[int] | None = None
+    def evaluate(self, payloads: dict[int, bytes], after_round: int, views: list[View]
                  ) -> tuple[dict[int, list[dict]], dict[int, str]]:
-        content = self._content(payload, round=int(after_round), views=encode_views(views))
-        replies, failed, _ = self._exchange(self.all if cids is None else cids, MessageType.EVALUATE, content)
+        content = self._content(payloads, round=int(after_round), views=encode_views(views))
+        replies, failed, _ = self._exchange(list(payloads), MessageType.EVALUATE, content)
         return {cid: result_of(r.content) for cid, r in replies.items()}, failed
 
-    def kstep(self, payload: bytes, steps: int) -> tuple[dict[int, dict], dict[int, str]]:
-        replies, failed, _ = self._exchange(self.all, MessageType.QUERY, self._content(payload, op=KSTEP,
-                                                                                       steps=steps))
+    def kstep(self, payloads: dict[int, bytes], steps: int) -> tuple[dict[int, dict], dict[int, str]]:
+        replies, failed, _ = self._exchange(list(payloads), MessageType.QUERY, self._content(payloads, op=KSTEP,
+                                                                                             steps=steps))
         return {cid: result_of(r.content) for cid, r in replies.items()}, failed
 
     def close(self) -> None:
