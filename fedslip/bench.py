@@ -131,14 +131,14 @@ def bench(out: str | Path, backbone: str = "minilm", steps: int = 20, data_dir: 
         cfg = make_config({**base, "precision": "auto", "local_steps": steps})
         setup = prepare(cfg)
         payload = setup.model.global_state()
-        message = comm.encode(payload)
+        message = dict.fromkeys([0, 1], comm.encode(payload))
         sequential = EmbeddedEngine(build_clients(setup, RunDir(Path(tmp) / "seq")))
-        sequential.fit(message, [0, 1], 1)  # warmup
-        seq = _timed(lambda: sequential.fit(message, [0, 1], 2))
+        sequential.fit(message, 1)  # warmup
+        seq = _timed(lambda: sequential.fit(message, 2))
         parallel = ParallelEngine(cfg, str(Path(tmp) / "par"), 2)
         try:
-            parallel.fit(message, [0, 1], 1)  # warmup (workers load the backbone)
-            par = _timed(lambda: parallel.fit(message, [0, 1], 2))
+            parallel.fit(message, 1)  # warmup (workers load the backbone)
+            par = _timed(lambda: parallel.fit(message, 2))
         finally:
             parallel.close()
         results["clients_fit_seconds"] = {"sequential": seq, "parallel_2_workers": par, "speedup": seq / par}
