@@ -40,8 +40,18 @@ Each loss names the tensors it trains (``backward(inputs=...)``), so the gradien
 depends only on the losses of this step, never on what an earlier call left behind: FedProx adds
 exactly mu * (g_t - g_t^round) to every global tensor's gradient, and nothing to private ones.
 
+K-step (after the last round, the same protocol for every method): exactly ``kstep`` AdamW steps on
+the client's own training rows, at one learning rate ``kstep_lr``, no FedProx, on the loss of the
+method's inference model (the parameters its zero-shot prediction uses)::
+
+      L_K = CE(f(x; inference tracks), y)     -> updates kstep_parameters (``kstep_params``)
+
+``inference`` trains every tensor of the inference model (fedslip: g and p together on
+CE(f(x; g + p)), the mask kept; ditto: the personal model; partial sharing: shared and local parts;
+feddpa_fixed: g and p on its mix), ``head`` only its classifier head (FedBABU's head-only variant).
+
 The private track trains only in rounds ``private_warmup_rounds < r`` and (if set)
-``r <= private_freeze_round``; its lottery-ticket mask (LoRA tensors only, never the private head)
+``r <= private_freeze_round``; its magnitude-pruning mask (LoRA tensors only, never the private head)
 is applied after every step (``masking.py``). It lives in ``<state_dir>/private.safetensors``
 (+ ``mask.safetensors``, ``rewind.safetensors``) and is never part of a reply.
 """
@@ -62,10 +72,10 @@ from tqdm import tqdm  # the text bar: tqdm.auto wants ipywidgets in a notebook 
 
 from . import codecs, comm, masking, privacy
 from .config import ExperimentConfig
-from .data import Encoded, eval_batches, train_batches
+from .data import Encoded, batch_rows, eval_batches, train_batches
 from .model import GLOBAL, PRIVATE, TrackedModel, shape_mismatch
 from .storage import StateFileError, load_tensors_and_metadata, read_json, read_metadata, save_tensors, write_json
-from .views import GLOBAL_TEST_VIEW, View
+from .views import GLOBAL_TEST_VIEW, SERVER_MODEL_VIEW, View
 
 
 def proximal_term(params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor],
@@ -95,9 +105,18 @@ def run_seed(*parts: int) -> int:
 
 @dataclass
 class TrainResult:
-    steps: int
+    steps: int  # batches (local optimizer steps; a batch that trains both tracks counts once)
     loss: float  # mean CE of the global-track objective (global-only logits; combined for joint)
     private_loss: float | None  # mean CE of the private objective (separated only)
+    sample_passes: int = 0  # forward/backward passes x rows: a batch whose two losses train is counted twice
+
+
+def reference_passes(data: Encoded, cfg: ExperimentConfig, seed: int) -> int:
+    """What one round of fedavg_lora costs this client: the rows of ``local_steps`` batches, each with one
+    forward/backward pass (the same batch stream ``train_local`` draws). The unit of "training passes vs
+    fedavg_lora" (``rounds._summary``)."""
+    generator = torch.Generator().manual_seed(seed)
+    return sum(map(len, batch_rows(data, cfg.batch_size, generator, local_steps(cfg, len(data)), cfg.group_by_length)))
 
 
 def backward_step(model: TrackedModel, batch: dict[str, torch.Tensor], cfg: ExperimentConfig,
@@ -165,21 +184,21 @@ def ditto_step(model: TrackedModel, batch: dict[str, torch.Tensor], cfg: Experim
     return global_loss, private_loss
 
 
-def step_schedule(cfg: ExperimentConfig, steps: int, train_private: bool, kstep: bool = False) -> list[Step]:
-    """What each local batch of a round (or of K-step) trains.
+def step_schedule(cfg: ExperimentConfig, steps: int, train_private: bool) -> list[Step]:
+    """What each local batch of a round trains.
 
     ``interleaved``: every batch trains the global track, every ``private_every``-th also the private
     one. ``first``: a private phase of ``private_local_steps`` batches (0 = ceil(steps / private_every))
     against the global track as received this round (sg[g_round]), then ``steps`` global-only batches.
     Local parts (``local_params``) train with the global track (``local_phase = "joint"``: FedPer,
     FedSA-LoRA), in a phase of their own first (``"first"``: FedRep's head phase, body frozen, then the
-    body with the head frozen), or not at all during federation (``"frozen"``: FedBABU, whose K-step
-    then trains the head alone).
+    body with the head frozen), or not at all during federation (``"frozen"``: FedBABU; K-step trains
+    them, ``kstep_train``).
     """
     local = bool(cfg.local_params)
     if local and cfg.local_phase == "frozen":
-        return [Step(False, False, True)] * steps if kstep else [Step(True, False, False)] * steps
-    if local and cfg.local_phase == "first" and not kstep:
+        return [Step(True, False, False)] * steps
+    if local and cfg.local_phase == "first":
         return [Step(False, False, True)] * (cfg.local_first_steps or steps) + [Step(True, False, False)] * steps
     if train_private and cfg.private_phase == "first":
         private_steps = cfg.private_local_steps or -(-steps // cfg.private_every)
@@ -189,7 +208,7 @@ def step_schedule(cfg: ExperimentConfig, steps: int, train_private: bool, kstep:
 
 def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentConfig, steps: int,
                 train_private: bool, mask: masking.Mask | None, prox_reference: dict | None,
-                seed: int, desc: str = "local", lr: float | None = None, kstep: bool = False) -> TrainResult:
+                seed: int, desc: str = "local", lr: float | None = None) -> TrainResult:
     """Run the round's local optimizer steps (``step_schedule``) of the configured objective, each track
     with its own AdamW (the global track's, with its local parts, at ``lr``, default ``cfg.lr``)."""
     torch.manual_seed(seed)  # dropout
@@ -202,9 +221,9 @@ def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentCo
     mu = cfg.fedprox_mu if prox_reference is not None else 0.0
     if mu or (cfg.objective == "ditto" and prox_reference is not None):  # ditto pulls p toward it
         prox_reference = {n: t.to(model.device) for n, t in prox_reference.items()}
-    losses, private_losses = [], []
+    losses, private_losses, passes = [], [], 0
     model.model.train()
-    schedule = step_schedule(cfg, steps, train_private, kstep)
+    schedule = step_schedule(cfg, steps, train_private)
     batches = train_batches(tokenizer, data, cfg.batch_size, generator, len(schedule), cfg.group_by_length)
     for (global_now, private_now, local_now), batch in zip(schedule, tqdm(batches, total=len(schedule), desc=desc,
                                                                            leave=False, disable=None)):
@@ -216,6 +235,7 @@ def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentCo
             losses.append(loss)
         if private_loss is not None:
             private_losses.append(private_loss)
+        passes += len(batch["labels"]) * ((loss is not None) + (private_loss is not None))
         if global_now or local_now:
             opt_g.step()
         if private_now:
@@ -224,8 +244,50 @@ def train_local(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentCo
             opt_p.step()
             if mask is not None:
                 masking.apply_mask(p_params, mask)
-    return TrainResult(steps=steps, loss=float(np.mean(losses)) if losses else float("nan"),
-                       private_loss=float(np.mean(private_losses)) if private_losses else None)
+    return TrainResult(steps=len(schedule), loss=float(np.mean(losses)) if losses else float("nan"),
+                       private_loss=float(np.mean(private_losses)) if private_losses else None, sample_passes=passes)
+
+
+HEAD_MARKS = (".modules_to_save.", f"head.{PRIVATE}.")  # peft's copy of the head modules; the private head
+
+
+def kstep_parameters(model: TrackedModel, cfg: ExperimentConfig) -> dict[str, torch.nn.Parameter]:
+    """What K-step fine-tunes: every trainable tensor of the inference model (``kstep_params =
+    "inference"``: the global track with its local parts where it runs, the private track where it
+    runs), or only its classifier head (``"head"``)."""
+    tracks = model.inference_tracks()
+    params = {**(model.global_params if GLOBAL in tracks else {}), **(model.local_params if GLOBAL in tracks else {}),
+              **(model.private_params if PRIVATE in tracks else {})}
+    if cfg.kstep_params == "head":
+        params = {n: p for n, p in params.items() if any(mark in n for mark in HEAD_MARKS)}
+    return params
+
+
+def kstep_train(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentConfig, steps: int,
+                mask: masking.Mask | None, seed: int, desc: str = "k-step") -> TrainResult:
+    """K-step (module docstring): ``steps`` AdamW steps at ``kstep_lr`` (0 = ``lr``) on the inference
+    model's CE, training ``kstep_parameters`` together; the private mask stays applied."""
+    torch.manual_seed(seed)  # dropout
+    generator = torch.Generator().manual_seed(seed)
+    params = kstep_parameters(model, cfg)
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.kstep_lr or cfg.lr, weight_decay=cfg.weight_decay)
+    tracks = model.inference_tracks()
+    losses, passes = [], 0
+    model.model.train()
+    batches = train_batches(tokenizer, data, cfg.batch_size, generator, steps, cfg.group_by_length)
+    for batch in tqdm(batches, total=steps, desc=desc, leave=False, disable=None):
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model.logits(batch, tracks), batch["labels"].to(model.device))
+        loss.backward(inputs=list(params.values()))
+        if mask is not None:
+            masking.mask_gradients(model.private_params, mask)
+        optimizer.step()
+        if mask is not None:
+            masking.apply_mask(model.private_params, mask)
+        losses.append(loss.item())
+        passes += len(batch["labels"])
+    return TrainResult(steps=steps, loss=float(np.mean(losses)) if losses else float("nan"), private_loss=None,
+                       sample_passes=passes)
 
 
 @torch.inference_mode()
@@ -250,7 +312,7 @@ def evaluate(model: TrackedModel, tokenizer, data: Encoded, tracks: tuple[str, .
 
 
 class PrivateStore:
-    """A client's private state directory: private track, lottery-ticket mask, rewind point, and with
+    """A client's private state directory: private track, magnitude-pruning mask, rewind point, and with
     lossy codecs the global track it holds (``reference``) and its error-feedback ``residual``.
 
     ``private.safetensors`` and ``mask.safetensors`` carry the round they were written after (in the
@@ -489,12 +551,13 @@ class Client:
         self.model.load_global_state(global_state)
         mask = self._load_private(before_round=round_idx)
         trains_private = private_trains(self.cfg, round_idx)
+        seed = run_seed(self.cfg.seed, round_idx, self.cid)
         result = train_local(self.model, self.tokenizer, self.train, self.cfg,
                              local_steps(self.cfg, len(self.train)), trains_private, mask,
-                             global_state, run_seed(self.cfg.seed, round_idx, self.cid),
-                             desc=f"round {round_idx} client {self.cid}")
+                             global_state, seed, desc=f"round {round_idx} client {self.cid}")
         metrics = {"train_loss": result.loss, "private_train_loss": result.private_loss,
-                   "steps": result.steps, "private_trained": trains_private}
+                   "steps": result.steps, "private_trained": trains_private, "sample_passes": result.sample_passes,
+                   "reference_passes": reference_passes(self.train, self.cfg, seed)}
         check_finite({**self.model.global_state(), **self.model.private_state()}, round_idx)
         if self.model.has_client_state:
             sparsity = self._end_of_round_private(round_idx, mask, trains_private)
@@ -508,31 +571,36 @@ class Client:
                  after_round: float = float("inf")) -> list[dict]:
         """Accuracy on this client's own test rows of each view: ``None`` = its inference model (global
         + its private track as of ``after_round``), the tracks named (``("global",)``), or
-        ``GLOBAL_TEST_VIEW`` = its inference model on the balanced global test set. One call for all
-        views, so a networked engine sends one message per client, not one per view."""
+        ``GLOBAL_TEST_VIEW`` = its inference model on the balanced global test set, ``SERVER_MODEL_VIEW``
+        = the global adapter with its local parts at their initial values (partial sharing). One call for
+        all views, so a networked engine sends one message per client, not one per view."""
         self.check_rows()
         self.model.load_global_state(self.receive(payload)[0])
         self._load_private(before_round=after_round + 1)
         results = []
         for view in views:
-            data = self.test
+            data, own_parts = self.test, None
             if view == GLOBAL_TEST_VIEW:
                 if self.global_test is None:
                     raise ValueError(f"client {self.cid} holds no global test set")
                 view, data = None, self.global_test
+            elif view == SERVER_MODEL_VIEW:
+                own_parts = self.model.private_state()
+                self.model.reset_local()
+                view = (GLOBAL,)
             results.append(evaluate(self.model, self.tokenizer, data, view or self.model.inference_tracks(),
                                     self.cfg.eval_batch_size, self.cfg.num_labels))
+            if own_parts is not None:
+                self.model.load_private_state(own_parts)
         return results
 
     def kstep(self, payload: bytes, steps: int) -> dict:
-        """Fine-tune the final model for ``steps`` local steps (no FedProx; global track at ``kstep_lr``),
-        evaluate; persists nothing."""
+        """Fine-tune the final inference model for ``steps`` steps (``kstep_train``), evaluate it; persists
+        nothing. The result carries the K-step's ``sample_passes``."""
         self.check_rows()
         self.model.load_global_state(self.receive(payload)[0])
         mask = self._load_private(before_round=self.cfg.rounds + 1)
-        train_local(self.model, self.tokenizer, self.train, self.cfg, steps,
-                    private_trains(self.cfg, self.cfg.rounds), mask, None,
-                    run_seed(self.cfg.seed, self.cfg.rounds + 1, self.cid), desc=f"k-step client {self.cid}",
-                    lr=self.cfg.kstep_lr or self.cfg.lr, kstep=True)
-        return evaluate(self.model, self.tokenizer, self.test, self.model.inference_tracks(),
-                        self.cfg.eval_batch_size, self.cfg.num_labels)
+        result = kstep_train(self.model, self.tokenizer, self.train, self.cfg, steps, mask,
+                             run_seed(self.cfg.seed, self.cfg.rounds + 1, self.cid), desc=f"k-step client {self.cid}")
+        return {**evaluate(self.model, self.tokenizer, self.test, self.model.inference_tracks(),
+                           self.cfg.eval_batch_size, self.cfg.num_labels), "sample_passes": result.sample_passes}

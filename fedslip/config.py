@@ -32,6 +32,7 @@ PRUNE_SCOPES = ("matrix", "global")
 LOCAL_PARTS = ("head", "lora_A", "lora_B")
 LOCAL_PHASES = ("joint", "first", "frozen")
 EVAL_SPLITS = ("test", "val")
+KSTEP_PARAMS = ("inference", "head")
 ENGINES = ("embedded", "flower-sim")
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 DP_MODES = ("central", "local")
@@ -41,7 +42,7 @@ TRACKERS = ("csv", "tensorboard", "mlflow", "wandb")
 # the allowed values of every string field with a fixed set of them (validation and the CLI's choices)
 CHOICES = {"method": METHODS, "engine": ENGINES, "partition": PARTITIONS, "head": HEADS, "objective": OBJECTIVES,
            "precision": PRECISIONS, "private_prune_scope": PRUNE_SCOPES, "eval_split": EVAL_SPLITS,
-           "local_phase": LOCAL_PHASES, "aggregation": AGGREGATIONS, "dp_mode": DP_MODES,
+           "local_phase": LOCAL_PHASES, "kstep_params": KSTEP_PARAMS, "aggregation": AGGREGATIONS, "dp_mode": DP_MODES,
            "private_head": PRIVATE_HEADS,
            "private_phase": PRIVATE_PHASES, "upload_codec": CODECS, "download_codec": CODECS,
            "quant_granularity": GRANULARITIES}
@@ -150,9 +151,13 @@ class ExperimentConfig:
                                "that message.")
     kstep: int = _f(25, "After the last round each client fine-tunes its final model for this many local "
                     "steps and is evaluated again (the baseline's K-step personalization); 0 = skip.")
-    kstep_lr: float = _f(1e-3, "Learning rate of the global track during K-step; 0 = `lr`. Tune it (with `kstep`) "
-                         "on validation rows: `fedslip kstep --run DIR --steps N --lr X` re-runs K-step on a "
-                         "finished run.")
+    kstep_lr: float = _f(1e-3, "Learning rate of K-step, for every tensor it trains; 0 = `lr`. Tune it (with "
+                         "`kstep`) on validation rows: `fedslip kstep --run DIR --steps N --lr X` re-runs K-step "
+                         "on a finished run.")
+    kstep_params: str = _f("inference", "What K-step trains, on the loss of the method's inference model: "
+                           "`inference` = every tensor that model uses (fedslip: global + private tracks together, "
+                           "mask kept; ditto: the personal model), `head` = its classifier head only (FedBABU's "
+                           "head-only fine-tune).")
     # --- server: aggregation and update validation -----------------------------------------
     aggregation: str = _f("fedavg", "Server aggregation of the global track: `fedavg` (sample-weighted mean), "
                           "`median` or `trimmed_mean` (coordinate-wise, robust to outlier clients), with "
@@ -222,8 +227,9 @@ class ExperimentConfig:
                            "classifier). Zero at start; never pruned; never sent.")
     private_phase: str = _f(FROM_PRESET, "objective=separated: `interleaved` = the private loss on the same "
                             "batches as the global loss, against the locally trained global track; `first` = "
-                            "each round starts with a private phase against the global track as received "
-                            "(the one it is combined with at inference), then the global phase.")
+                            "each round starts with a private phase against the global track as received this "
+                            "round (sg[g_round]), then the global phase; at inference the private track is "
+                            "combined with the next aggregate, not with g_round.")
     private_every: int = _f(1, "Take the private loss on every k-th local batch only (1 = every batch): less "
                             "compute per round for the separated objective.")
     private_local_steps: int = _f(0, "private_phase=first: batches in each round's private phase; 0 = "
@@ -232,7 +238,7 @@ class ExperimentConfig:
     private_warmup_rounds: int = _f(FROM_PRESET, "Rounds (from round 1) in which the private track is frozen and only "
                                     "the global track trains.")
     private_freeze_round: int = _f(FROM_PRESET, "After this round the private track stops training; 0 = never.")
-    private_target_sparsity: float = _f(FROM_PRESET, "Lottery-ticket mask: final share of private weights pruned "
+    private_target_sparsity: float = _f(FROM_PRESET, "Magnitude-pruning mask: final share of private weights pruned "
                                         "(0 = no mask).")
     private_prune_rate: float = _f(FROM_PRESET, "Share of the still-unmasked private weights pruned at the end of "
                                    "each pruning round.")

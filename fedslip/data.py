@@ -198,7 +198,15 @@ GROUP_CHUNK_BATCHES = 16  # group_by_length: rows are sorted by length within ch
 
 def train_batches(tokenizer, data: Encoded, batch_size: int, generator: torch.Generator,
                   steps: int, group_by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """``steps`` shuffled batches, reshuffling at each pass over the data (epochs continue seamlessly).
+    """``steps`` shuffled batches (``batch_rows``), collated."""
+    for idx in batch_rows(data, batch_size, generator, steps, group_by_length):
+        yield collate(tokenizer, data, idx)
+
+
+def batch_rows(data: Encoded, batch_size: int, generator: torch.Generator, steps: int,
+               group_by_length: bool = False) -> Iterator[list[int]]:
+    """The row indices of ``steps`` shuffled batches, reshuffling at each pass over the data (epochs
+    continue seamlessly).
 
     ``group_by_length``: each shuffled chunk of ``GROUP_CHUNK_BATCHES`` batches is sorted by length and
     cut into batches, then the batches are shuffled, so a batch holds rows of similar length and
@@ -219,7 +227,7 @@ def train_batches(tokenizer, data: Encoded, batch_size: int, generator: torch.Ge
         for idx in batches:
             if done == steps:
                 return
-            yield collate(tokenizer, data, idx)
+            yield idx
             done += 1
 
 

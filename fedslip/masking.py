@@ -1,4 +1,8 @@
-"""Dynamic lottery-ticket mask of the private track: iterative magnitude pruning, rewinding, sparsity.
+"""The private track's mask: iterative magnitude pruning, optional rewinding, sparsity.
+
+With rewinding (``private_rewind_round >= 0``) the survivors restart from an earlier point: a
+lottery-ticket mask (Frankle & Carbin 2019). Without it (every preset) it is plain iterative magnitude
+pruning, and the docs call it so.
 
 At the end of each pruning round the client removes ``prune_rate`` of the still-unmasked private
 weights with the smallest |w| (per weight matrix, or over the whole private track), never going past

@@ -211,7 +211,7 @@ class TrackedModel:
         self.global_params = {n: p for n, p in adapter.items() if n not in self.local_params}
         self.initial_local = self._read(self.local_params)  # the seeded init: the same on every client
         self.private_params = {n: p for n, p in named.items() if f".{PRIVATE}." in n and self._in_head(n)}
-        self.private_lora = frozenset(self.private_params)  # what the lottery-ticket mask prunes
+        self.private_lora = frozenset(self.private_params)  # what the magnitude-pruning mask prunes
         self.private_params.update(self._private_head(cfg.private_head if self.has_private else "none"))
         self._active: tuple[str, ...] = ()
         self.run_through(self.inference_tracks())

@@ -6,11 +6,12 @@ Each round, with k clients sampled (``fraction_fit``), A the accepted ones and g
 clients trained from:
 
     u_i  = w_i - g,   u_i <- u_i * min(1, C / ||u_i||_2)           (clipped, over the whole global track)
-    g'   = g + (1/|A|) * sum_{i in A} u_i + N(0, (sigma * C / k)^2 I)  (uniform mean, Gaussian noise)
+    g'   = g + (1/|A|) * sum_{i in A} u_i + N(0, (sigma * C / |A|)^2 I)  (uniform mean, Gaussian noise)
 
 ``C = dp_clip``, ``sigma = dp_noise_multiplier``: Flower's ``DifferentialPrivacyServerSideFixedClipping``
 rule (McMahan et al. 2018, arXiv:1710.06963), with Flower's own clipping and standard-deviation
-functions; the noise is drawn from a generator seeded per run and round, so a DP run is as
+functions; the noise is calibrated to the updates the mean divides by (|A|, as Flower's wrapper does
+with the results it aggregates), so a rejected or failed client does not leave the sum under-noised; the noise is drawn from a generator seeded per run and round, so a DP run is as
 deterministic as any other. The mean is unweighted (Flower's DP wrappers require uniform weights: a
 client's influence must not grow with its row count). The private track never leaves the client, so it
 is never clipped or noised.
@@ -73,9 +74,10 @@ def clip(weights: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
     return {n: torch.from_numpy(np.asarray(a)).to(weights[n].dtype) for n, a in zip(names, arrays)}
 
 
-def noise_std(cfg: ExperimentConfig) -> float:
-    """Standard deviation of the noise on each coordinate of the mean: sigma * C / k (Flower's rule)."""
-    return compute_stdv(cfg.dp_noise_multiplier, cfg.dp_clip, cfg.clients_per_round)
+def noise_std(cfg: ExperimentConfig, averaged: int) -> float:
+    """Standard deviation of the noise on each coordinate of a mean of ``averaged`` clipped updates:
+    sigma * C / |A| (Flower's rule; the mean's sensitivity is C / |A|)."""
+    return compute_stdv(cfg.dp_noise_multiplier, cfg.dp_clip, averaged)
 
 
 def gaussian(tensors: dict[str, torch.Tensor], std: float, words: list[int]) -> dict[str, torch.Tensor]:
@@ -88,9 +90,11 @@ def gaussian(tensors: dict[str, torch.Tensor], std: float, words: list[int]) -> 
             for n, t in sorted(tensors.items())}
 
 
-def add_noise(mean: dict[str, torch.Tensor], cfg: ExperimentConfig, round_idx: int) -> dict[str, torch.Tensor]:
-    """Central DP: the aggregated global track plus N(0, (sigma * C / k)^2), seeded by run and round."""
-    return gaussian(mean, noise_std(cfg), [cfg.seed, round_idx, 0xD9])
+def add_noise(mean: dict[str, torch.Tensor], cfg: ExperimentConfig, round_idx: int,
+              averaged: int) -> dict[str, torch.Tensor]:
+    """Central DP: the mean of ``averaged`` clipped updates plus N(0, (sigma * C / |A|)^2), seeded by run
+    and round."""
+    return gaussian(mean, noise_std(cfg, averaged), [cfg.seed, round_idx, 0xD9])
 
 
 def privatize(weights: dict[str, torch.Tensor], received: dict[str, torch.Tensor], cfg: ExperimentConfig,

@@ -42,7 +42,7 @@ from .server import (
 )
 from .storage import StateFileError, save_tensors
 from .tracking import Callback
-from .views import GLOBAL_TEST_VIEW
+from .views import GLOBAL_TEST_VIEW, SERVER_MODEL_VIEW
 
 log = logging.getLogger("fedslip")
 MIB = 1024 * 1024
@@ -78,6 +78,11 @@ def sum_over_payloads(payloads: dict[int, bytes], measure: Callable[[bytes], int
     return sum(measure(payload) * k for payload, k in counts.values())
 
 
+def ratio(part: int, whole: int) -> float | None:
+    """part / whole, None (JSON null) when there is no whole (a round without replies)."""
+    return part / whole if whole else None
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
@@ -93,7 +98,9 @@ def evaluate_round(setup: Setup, engine: Engine, server: Server, round_idx: int)
     model.reset_local()  # partial sharing: the server's model holds the local parts' initial values
     glob = evaluate(model, setup.tokenizer, setup.global_eval, (GLOBAL,), setup.cfg.eval_batch_size,
                     setup.cfg.num_labels)
-    views = [None, (GLOBAL,)] if model.has_private else [None]  # inference model; its global track alone
+    # the inference model, and the global track alone: for partial sharing the global adapter with the
+    # local parts at their initial values (a client's own parts are not the global track)
+    views = [None, (GLOBAL,)] if model.has_private else [None, SERVER_MODEL_VIEW] if model.local_params else [None]
     final = round_idx == setup.cfg.rounds
     evaluated = eval_clients(setup.cfg, round_idx)
     results, failed = engine.evaluate(server.downloads(evaluated), round_idx, views)
@@ -271,6 +278,10 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
             "round": round_idx,
             **{k: v for k, v in evaluation.items() if not k.startswith("_")},
             "train_loss": mean_present([r.metrics["train_loss"] for r in replies.values()]),
+            # compute: forward/backward sample passes of the round's local training, and fedavg_lora's on the
+            # same clients and batches (client.reference_passes)
+            "train_sample_passes": sum(r.metrics.get("sample_passes", 0) for r in replies.values()),
+            "reference_passes": sum(r.metrics.get("reference_passes", 0) for r in replies.values()),
             "participants": cids,
             "rejected_updates": len(outcome.rejected),
             "rejected": {str(c): reason for c, reason in outcome.rejected.items()},
@@ -286,6 +297,7 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
             row["private_sparsity"] = {str(c): r.metrics["private_sparsity"] for c, r in replies.items()}
         if privacy.enabled(cfg):
             row["dp_epsilon"] = privacy.epsilon(cfg, round_idx)  # None without noise: no guarantee
+        row["training_passes_vs_fedavg_lora"] = ratio(row["train_sample_passes"], row["reference_passes"])
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         row["health"] = health.check_round(history)
@@ -314,6 +326,9 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
         stop_on_unreadable_state(kstep_failed, "K-step")
         summary["kstep_accuracy_per_client"] = per_client(kstep, cfg.num_clients)
         summary["kstep_accuracy"] = mean_present(summary["kstep_accuracy_per_client"])
+        summary["kstep_sample_passes"] = sum(r.get("sample_passes", 0) for r in kstep.values())
+        summary["kstep_passes_vs_fedavg_lora"] = ratio(summary["train_sample_passes"] + summary["kstep_sample_passes"],
+                                                       summary["reference_passes"])
         summary["client_failures"] += [{"round": None, "client": cid, "stage": "kstep", "reason": why}
                                        for cid, why in sorted(kstep_failed.items())]
         log.info("k-step (%d steps) personalized accuracy %s", cfg.kstep, _pct(summary["kstep_accuracy"]))
@@ -356,7 +371,13 @@ def _summary(cfg: ExperimentConfig, setup: Setup, history: list[dict], detail: d
         "comm_bytes_per_round": float(np.mean(comm_per_round)),
         "comm_mib_per_round": float(np.mean(comm_per_round)) / MIB,
         "private_bytes_transmitted": sum(r["private_bytes_transmitted"] for r in history),
-        "kstep": cfg.kstep, "kstep_accuracy": None, "kstep_accuracy_per_client": None,
+        "kstep": cfg.kstep, "kstep_lr": cfg.kstep_lr or cfg.lr, "kstep_params": cfg.kstep_params,
+        "kstep_accuracy": None, "kstep_accuracy_per_client": None,
+        # compute (docs/run-directory.md): sample passes of federated training and of K-step, and their
+        # ratio to what fedavg_lora spends on the same clients, rounds and batches
+        "train_sample_passes": sum(r.get("train_sample_passes", 0) for r in history),
+        "reference_passes": sum(r.get("reference_passes", 0) for r in history),
+        "kstep_sample_passes": 0,
         "global_track_params": sum(t.numel() for t in setup.model.global_params.values()),
         # what each client keeps and never sends: its private track and the local parts of its global adapter
         "private_track_params": sum(t.numel() for t in setup.model.private_state().values()),
@@ -364,6 +385,8 @@ def _summary(cfg: ExperimentConfig, setup: Setup, history: list[dict], detail: d
         "device": str(setup.model.device),
         "versions": _versions(),
     }
+    summary["training_passes_vs_fedavg_lora"] = ratio(summary["train_sample_passes"], summary["reference_passes"])
+    summary["kstep_passes_vs_fedavg_lora"] = summary["training_passes_vs_fedavg_lora"]  # until K-step runs
     if "private_sparsity" in last:
         summary["private_sparsity"] = last["private_sparsity"]
     summary["client_failures"] = _client_failures(history)

@@ -285,7 +285,7 @@ class Server:
             arrays, _ = self.strategy.aggregate_train(round_idx, valid)
         aggregated = {n: t.to(self.state[n].dtype) for n, t in arrays.to_torch_state_dict().items()}
         if privacy.central(self.cfg):
-            aggregated = privacy.add_noise(aggregated, self.cfg, round_idx)
+            aggregated = privacy.add_noise(aggregated, self.cfg, round_idx, averaged=len(valid))
         previous = self.round
         self.round = round_idx
         self._sent_full, self._full = set(), None

@@ -1,5 +1,5 @@
 """Accuracy against the private track's density (issue 12): finished FedSLIP runs that differ only in the
-lottery-ticket mask's target sparsity (and the prune rate that reaches it).
+magnitude-pruning mask's target sparsity (and the prune rate that reaches it).
 
     T=docs/results/tuning_runs   # config, metrics, summary of the second/third hand passes (docs/results/tuning.md)
     python scripts/density_plot.py docs/results/density $T/fedslip_phase-first_sparsity0 \
@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def private_density(summary: dict) -> float:
-    """Share of the private LoRA weights left by the lottery-ticket mask, mean over clients."""
+    """Share of the private LoRA weights left by the magnitude-pruning mask, mean over clients."""
     sparsity = list(summary["private_sparsity"].values())
     return 1 - sum(sparsity) / len(sparsity)
 

@@ -63,13 +63,29 @@ def test_noise_of_the_configured_scale_is_added_to_the_mean(tiny_cfg):
     server = Server(cfg, {n: t.clone() for n, t in initial.items()})
     first, second = noise(1, server), noise(2, server)
     expected = sigma * clip_norm / k
-    assert privacy.noise_std(cfg) == pytest.approx(expected)
+    assert privacy.noise_std(cfg, k) == pytest.approx(expected)
     for drawn in (first, second):  # 20,200 draws: the sample std is within 2% of sigma at > 5 standard errors
         assert abs(drawn.std().item() - expected) < 0.02 * expected
         assert abs(drawn.mean().item()) < 5 * expected / drawn.numel() ** 0.5
     assert not torch.allclose(first, second)
     rerun = noise(1, Server(cfg, {n: t.clone() for n, t in initial.items()}))
     assert torch.equal(rerun, first)
+
+
+def test_the_noise_is_calibrated_to_the_updates_averaged(tiny_cfg):
+    """A sampled client whose update is rejected leaves a mean of 3 updates: its sensitivity is C / 3, so
+    the noise std must be sigma * C / 3, not sigma * C / 4 (the sampled count)."""
+    sigma, clip_norm, k = 2.0, 0.5, 4
+    cfg = tiny_cfg(num_clients=k, dp_clip=clip_norm, dp_noise_multiplier=sigma)
+    server = Server(cfg, _state(shape=(200, 100)))
+    before = {n: t.clone() for n, t in server.state.items()}
+    replies = {c: (comm.encode(before), 10) for c in range(k - 1)}
+    replies[k - 1] = (comm.encode({n: t * float("nan") for n, t in before.items()}), 10)  # rejected: NaN
+    outcome = server.aggregate(replies, round_idx=1)
+    assert outcome.accepted == [0, 1, 2]
+    drawn = torch.cat([(server.state[n] - before[n]).flatten() for n in sorted(before)])
+    expected = sigma * clip_norm / (k - 1)
+    assert abs(drawn.std().item() - expected) < 0.02 * expected
 
 
 def _library_epsilon(sigma, rounds, delta, q=None):
