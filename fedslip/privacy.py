@@ -11,8 +11,9 @@ clients trained from:
 ``C = dp_clip``, ``sigma = dp_noise_multiplier``: Flower's ``DifferentialPrivacyServerSideFixedClipping``
 rule (McMahan et al. 2018, arXiv:1710.06963), with Flower's own clipping and standard-deviation
 functions; the noise is calibrated to the updates the mean divides by (|A|, as Flower's wrapper does
-with the results it aggregates), so a rejected or failed client does not leave the sum under-noised; the noise is drawn from a generator seeded per run and round, so a DP run is as
-deterministic as any other. The mean is unweighted (Flower's DP wrappers require uniform weights: a
+with the results it aggregates), so a rejected or failed client does not leave the mean under-noised;
+the noise is drawn from a generator seeded per run and round, so a DP run is as deterministic as any
+other. The mean is unweighted (Flower's DP wrappers require uniform weights: a
 client's influence must not grow with its row count). The private track never leaves the client, so it
 is never clipped or noised.
 
