@@ -20,9 +20,9 @@ from . import comm
 from .config import ConfigError, ExperimentConfig, load_config
 from .engines.embedded import EmbeddedEngine
 from .experiment import RunDir, RunDirError, build_clients
-from .rounds import mean_present, per_client, prepare_for, resumable_config, start, start_resumed
+from .rounds import mean_present, per_client, prepare_for, ratio, resumable_config, start, start_resumed
 from .server import RoundFailed
-from .storage import load_tensors, write_json
+from .storage import load_tensors, read_json, write_json
 from .tracking import Callback
 
 log = logging.getLogger("fedslip")
@@ -81,9 +81,9 @@ def console_log(enabled: bool) -> Iterator[None]:
 
 
 def kstep(out: str | Path, steps: int, lr: float | None = None) -> dict:
-    """K-step on a finished run: every client fine-tunes the run's final model for ``steps`` local steps
-    with the global track at ``lr`` (None = the run's ``kstep_lr``; 0 = the run's ``lr``), exactly as
-    the run's own K-step would with those settings, and is evaluated on the run's evaluation rows.
+    """K-step on a finished run: every client fine-tunes the run's final model for ``steps`` steps at
+    ``lr`` (None = the run's ``kstep_lr``; 0 = the run's ``lr``), exactly as the run's own K-step would
+    with those settings (docs/methods.md, K-step), and is evaluated on the run's evaluation rows.
     Nothing of the run is changed; the result is also written to ``out/kstep/steps<N>-lr<X>.json``.
     Tune K-step on a run with ``eval_split = "val"`` only.
 
@@ -104,9 +104,37 @@ def kstep(out: str | Path, steps: int, lr: float | None = None) -> dict:
         raise RoundFailed(f"K-step failed on client(s) {sorted(failed)}: {failed}")
     accuracies = per_client(results, cfg.num_clients)
     effective_lr = cfg.kstep_lr or cfg.lr
+    summary = read_json(run_dir.path / "summary.json")
+    passes = sum(r.get("sample_passes", 0) for r in results.values())
     result = {"run": str(run_dir.path), "eval_split": cfg.eval_split, "kstep": steps, "kstep_lr": effective_lr,
-              "kstep_accuracy": mean_present(accuracies), "kstep_accuracy_per_client": accuracies}
+              "kstep_params": cfg.kstep_params, "kstep_accuracy": mean_present(accuracies),
+              "kstep_accuracy_per_client": accuracies, "kstep_sample_passes": passes,
+              "kstep_passes_vs_fedavg_lora": ratio(summary.get("train_sample_passes", 0) + passes,
+                                                   summary.get("reference_passes", 0))}
     write_json(run_dir.path / "kstep" / f"steps{steps}-lr{effective_lr:g}.json", result)
     return result
 
 
+def equal_compute_steps(out: str | Path, match: str | Path) -> int:
+    """K-step steps per client that bring run ``out`` (e.g. fedavg_lora) to the training passes run
+    ``match`` (e.g. fedslip, zero-shot) spent in its federation: K = ceil((passes of ``match`` - passes
+    of ``out``) / (clients x batch_size)). The baseline a reviewer asks for first: the same compute,
+    spent on fine-tuning instead of a private track.
+
+        fedslip kstep --run runs/fedavg_lora --match-compute runs/fedslip
+    """
+    summaries = {}
+    for name, path in (("run", Path(out)), ("match", Path(match))):
+        if not (path / "summary.json").is_file():
+            raise RunDirError(f"{path} holds no finished run (no summary.json)")
+        summaries[name] = read_json(path / "summary.json")
+        if not summaries[name].get("train_sample_passes"):
+            raise RunDirError(f"{path}: its summary.json records no training passes (a run made before compute "
+                              "was recorded); rerun it")
+    cfg = load_config(Path(out) / "config.toml")
+    extra = summaries["match"]["train_sample_passes"] - summaries["run"]["train_sample_passes"]
+    if extra <= 0:
+        spent = (summaries["match"]["train_sample_passes"], summaries["run"]["train_sample_passes"])
+        raise ConfigError(f"{match} spent no more training passes than {out} ({spent[0]} vs {spent[1]}): "
+                          "nothing to match")
+    return -(-extra // (cfg.num_clients * cfg.batch_size))

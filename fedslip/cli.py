@@ -112,8 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     kstep = sub.add_parser("kstep", help="re-run K-step on a finished run with other steps / learning rate "
                            "(to tune K-step on a validation run); writes RUN/kstep/steps<N>-lr<X>.json")
     kstep.add_argument("--run", required=True, help="finished run directory")
-    kstep.add_argument("--steps", type=int, required=True, help="local fine-tuning steps per client")
-    kstep.add_argument("--lr", type=float, default=None, help="global-track learning rate (default: the run's "
+    steps = kstep.add_mutually_exclusive_group(required=True)
+    steps.add_argument("--steps", type=int, help="local fine-tuning steps per client")
+    steps.add_argument("--match-compute", metavar="RUN", default=None,
+                       help="as many steps as bring this run to the training passes RUN spent (the "
+                       "equal-compute K-step baseline: e.g. fedavg_lora's run matched to fedslip's)")
+    kstep.add_argument("--lr", type=float, default=None, help="K-step learning rate (default: the run's "
                        "kstep_lr; 0 = the run's lr)")
     report = sub.add_parser("report", help="rebuild report.md, results.json and plots from finished runs")
     report.add_argument("paths", nargs="+", help="run directories or folders of them (e.g. a compare --out)")
@@ -287,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(audit_table(run_audit(args.run, args.public_data, args.shadow_per_class, args.shadow_skew)))
             return 0
         if args.command == "kstep":
-            print(json.dumps(api.kstep(args.run, args.steps, args.lr), indent=2))
+            steps = args.steps if args.match_compute is None else api.equal_compute_steps(args.run, args.match_compute)
+            print(json.dumps(api.kstep(args.run, steps, args.lr), indent=2))
             return 0
         if args.command == "report":
             from .report import build_report, find_runs

@@ -88,3 +88,24 @@ def test_fedslip_kstep_trains_both_tracks_and_keeps_the_mask(tiny_cfg, tmp_path)
     for n, m in mask.items():
         assert torch.count_nonzero(after[n][~m]) == 0, n  # pruned weights stay pruned
         assert not torch.equal(after[n][m], start[n][m]), n  # kept ones trained
+
+
+def test_the_equal_compute_kstep_spends_the_passes_the_other_method_spent(tiny_cfg, tmp_path):
+    """fedslip's federation costs more passes than fedavg_lora's (its private phase); the matched
+    K-step gives fedavg_lora those passes, and the record says so. 1.0x for fedavg_lora itself."""
+    import fedslip
+    base = fedslip.run(tiny_cfg(method="fedavg_lora", kstep=1), tmp_path / "fedavg", progress=False)
+    other = fedslip.run(tiny_cfg(method="fedslip", private_warmup_rounds=0, kstep=0), tmp_path / "fedslip",
+                        progress=False)
+    assert base["training_passes_vs_fedavg_lora"] == 1.0
+    assert other["training_passes_vs_fedavg_lora"] == 2.0  # private phase as long as the global one, every round
+    assert base["kstep_sample_passes"] == 4 * 16  # 4 clients x 1 step of 16 rows
+    steps = fedslip.equal_compute_steps(tmp_path / "fedavg", tmp_path / "fedslip")
+    extra = other["train_sample_passes"] - base["train_sample_passes"]
+    assert steps == -(-extra // (4 * 16))
+    result = fedslip.kstep(tmp_path / "fedavg", steps)
+    assert result["kstep_sample_passes"] == steps * 4 * 16
+    assert result["kstep_passes_vs_fedavg_lora"] == pytest.approx(
+        (base["train_sample_passes"] + result["kstep_sample_passes"]) / base["reference_passes"])
+    with pytest.raises(fedslip.ConfigError, match="no more training passes"):
+        fedslip.equal_compute_steps(tmp_path / "fedslip", tmp_path / "fedavg")
