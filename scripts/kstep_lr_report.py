@@ -1,0 +1,44 @@
+"""docs/results/kstep_lr/report.md and kstep_lr.json from scripts/kstep_lr.sh's runs: each preset's K-step
+accuracy on validation rows at every learning rate of the grid, and the chosen kstep_lr (the best one;
+ties go to the smaller rate).
+
+    python scripts/kstep_lr_report.py [docs/results/kstep_lr]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/kstep_lr")
+rows, chosen = [], {}
+for run in sorted(root.glob("*/run")):
+    method = run.parent.name
+    summary = json.loads((run / "summary.json").read_text())
+    results = sorted((json.loads(p.read_text()) for p in (run / "kstep").glob("*.json")), key=lambda r: r["kstep_lr"])
+    if not results:
+        continue
+    best = max(results, key=lambda r: (r["kstep_accuracy"], -r["kstep_lr"]))
+    chosen[method] = {"kstep_lr": best["kstep_lr"], "kstep": best["kstep"], "kstep_accuracy": best["kstep_accuracy"],
+                      "zero_shot_accuracy": summary["personalized_accuracy"], "run": str(run)}
+    rows.append((method, summary, results, best))
+
+grid = sorted({r["kstep_lr"] for _, _, results, _ in rows for r in results})
+lines = [
+    "# kstep_lr per method (validation rows)", "",
+    "Each preset's best validation trial (docs/results/tuning/<preset>/best.json) re-run on validation rows (seed 0),",
+    "then `fedslip kstep` at every learning rate below (the one K-step protocol, docs/methods.md). Made with:", "",
+    "```bash", "JOBS=2 scripts/kstep_lr.sh && python scripts/kstep_lr_report.py", "```", "",
+    "| method | zero-shot | " + " | ".join(f"K-step at {lr:g}" for lr in grid) + " | chosen kstep_lr | K-step steps |",
+    "|---|---|" + "---|" * len(grid) + "---|---|",
+]
+for method, summary, results, best in rows:
+    at = {r["kstep_lr"]: r["kstep_accuracy"] for r in results}
+    cells = [f"{100 * at[lr]:.1f}" if lr in at else "–" for lr in grid]
+    lines.append(f"| {method} | {100 * summary['personalized_accuracy']:.1f} | " + " | ".join(cells)
+                 + f" | {best['kstep_lr']:g} | {best['kstep']} |")
+lines += ["", "Accuracies in %, mean over the 4 clients' validation rows; one validation seed (0)."]
+(root / "report.md").write_text("\n".join(lines) + "\n")
+(root / "kstep_lr.json").write_text(json.dumps(chosen, indent=2) + "\n")
+print("\n".join(lines))
