@@ -30,15 +30,19 @@ lines = [
     "Each preset's best validation trial (docs/results/tuning/<preset>/best.json) re-run on validation rows (seed 0),",
     "then `fedslip kstep` at every learning rate below (the one K-step protocol, docs/methods.md). Made with:", "",
     "```bash", "JOBS=2 scripts/kstep_lr.sh && python scripts/kstep_lr_report.py", "```", "",
-    "| method | zero-shot | " + " | ".join(f"K-step at {lr:g}" for lr in grid) + " | chosen kstep_lr | K-step steps |",
-    "|---|---|" + "---|" * len(grid) + "---|---|",
+    "| method | zero-shot | " + " | ".join(f"K-step at {lr:g}" for lr in grid)
+    + " | chosen kstep_lr | K-step steps | training passes vs fedavg_lora | with K-step |",
+    "|---|---|" + "---|" * len(grid) + "---|---|---|---|",
 ]
 for method, summary, results, best in rows:
     at = {r["kstep_lr"]: r["kstep_accuracy"] for r in results}
     cells = [f"{100 * at[lr]:.1f}" if lr in at else "–" for lr in grid]
     lines.append(f"| {method} | {100 * summary['personalized_accuracy']:.1f} | " + " | ".join(cells)
-                 + f" | {best['kstep_lr']:g} | {best['kstep']} |")
-lines += ["", "Accuracies in %, mean over the 4 clients' validation rows; one validation seed (0)."]
+                 + f" | {best['kstep_lr']:g} | {best['kstep']} | {summary['training_passes_vs_fedavg_lora']:.2f}x"
+                 f" | {best['kstep_passes_vs_fedavg_lora']:.2f}x |")
+lines += ["", "Accuracies in %, mean over the 4 clients' validation rows; one validation seed (0). Training passes",
+          "vs fedavg_lora: forward/backward sample passes of the federation over fedavg_lora's on the same clients",
+          "and batches; with K-step: federation + the K-step's passes, over the same denominator."]
 (root / "report.md").write_text("\n".join(lines) + "\n")
 (root / "kstep_lr.json").write_text(json.dumps(chosen, indent=2) + "\n")
 print("\n".join(lines))
