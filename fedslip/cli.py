@@ -72,6 +72,10 @@ def _command(argv: Sequence[str] | None) -> str:
     return "fedslip " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
 
+ALLOW_INCOMPLETE = ("count runs that lost clients (client_failures) in the report's verdict; without it they "
+                    "are marked in every table and plot and left out of the verdict's comparisons")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedslip", description="Personalized federated fine-tuning with "
                                      "dual-track LoRA.")
@@ -107,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--method-config", action="append", default=[], metavar="METHOD=TOML",
                          help="a config file for one method, in place of --config (e.g. its tuned best.toml); "
                          "repeatable")
+    compare.add_argument("--allow-incomplete", action="store_true", help=ALLOW_INCOMPLETE)
     compare.add_argument("--quiet", action="store_true", help="no progress bars or round log")
     add_config_flags(compare)
     kstep = sub.add_parser("kstep", help="re-run K-step on a finished run with other steps / learning rate "
@@ -124,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="where to write (default: the single path given)")
     report.add_argument("--command", dest="made_by", default="", help="the command that made the runs, shown "
                         "in the report (default: the one OUT/results.json recorded)")
+    report.add_argument("--allow-incomplete", action="store_true", help=ALLOW_INCOMPLETE)
     def benchmark(name: str, help: str, output: str, backbone: str) -> argparse.ArgumentParser:
         bench = sub.add_parser(name, help=f"{help}; writes OUT/{output}")
         bench.add_argument("--out", required=True, help=f"directory for {output}")
@@ -249,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = compare([m.strip() for m in args.methods.split(",") if m.strip()],
                               args.seeds, args.out,
                               config_overrides(args), args.config, command=_command(argv),
-                              progress=not args.quiet, method_configs=method_configs)
+                              progress=not args.quiet, method_configs=method_configs,
+                              allow_incomplete=args.allow_incomplete)
             print(f"{args.out}/report.md")
             print(json.dumps({m: {k: v["mean"] for k, v in a.items() if isinstance(v, dict)}
                               for m, a in results["by_method"].items()}, indent=2))
@@ -300,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.out is None and len(args.paths) != 1:
                 raise ConfigError("report with several paths needs --out")
             out = args.out or args.paths[0]
-            build_report(find_runs(args.paths), out, args.made_by)
+            build_report(find_runs(args.paths), out, args.made_by, allow_incomplete=args.allow_incomplete)
             print(f"{out}/report.md")
             return 0
         if args.command == "deploy-local":

@@ -28,11 +28,12 @@ def run_dir_for(out: Path, method: str, seed: int) -> Path:
 
 def compare(methods: list[str], seeds: list[int], out: str | Path, overrides: dict[str, Any] | None = None,
             toml_path: str | Path | None = None, command: str = "", progress: bool = True,
-            method_configs: dict[str, str | Path] | None = None) -> dict:
+            method_configs: dict[str, str | Path] | None = None, allow_incomplete: bool = False) -> dict:
     """Run (or skip / resume) each method x seed, then write ``results.json``, ``report.md`` and PNGs.
 
     ``method_configs``: a TOML file per method that replaces ``toml_path`` for that method (e.g. the
-    ``best.toml`` of its ``fedslip tune`` study, so that every method runs at its own tuned settings)."""
+    ``best.toml`` of its ``fedslip tune`` study, so that every method runs at its own tuned settings).
+    ``allow_incomplete``: count runs that lost clients in the report's verdict (``report.build_report``)."""
     if not methods or not seeds:
         raise ValueError("compare needs at least one method and one seed")
     unknown = sorted(set(method_configs or {}) - set(methods))
@@ -57,4 +58,4 @@ def compare(methods: list[str], seeds: list[int], out: str | Path, overrides: di
             log.info("running %s", path)
             api.run(cfg, path, progress=progress)
     runs = [load_run(run_dir_for(out, m, s)) for s in seeds for m in methods]
-    return build_report(sorted(runs, key=lambda r: (r.method, r.cfg.seed)), Path(out), command)
+    return build_report(sorted(runs, key=lambda r: (r.method, r.cfg.seed)), Path(out), command, allow_incomplete)

@@ -14,7 +14,11 @@ at the metrics history after each round and returns what a user must not miss:
   when those rounds trained different clients (``fraction_fit`` < 1) their training losses are means over
   different data, so the global test loss (the same rows every round) is compared instead;
 - ``client_behind``: a client's personalized accuracy more than ``CLIENT_GAP`` below the median of the
-  clients (three or more clients evaluated).
+  clients (three or more clients evaluated);
+- ``client_failed``: a client failed this round (training raised, its update was rejected, or its
+  evaluation failed: the row's ``rejected`` and ``failed_evaluations``); from round 1, without waiting for
+  a second round: the round's means then cover the clients that answered only, and a run built on them
+  must not pass for a complete one (``fedslip report`` marks it and keeps it out of its verdict).
 
 The three accuracy symptoms are flagged when they held in this round and the one before and the
 accuracy did not improve by more than ``STUCK_GAIN`` in between; the global one from round 2 on, the
@@ -52,6 +56,9 @@ ADVICE = {
                    f"for this data; {TUNE_HINT}",
     "client_behind": "one client's accuracy is far below the others': check its data (labels, size, "
                      "language) and its entries in client_failures",
+    "client_failed": "the round's accuracies and update average over the clients that answered only, so the run "
+                     "is not comparable with a complete one; the reason names the cause (client_failures in "
+                     "summary.json lists every failure): fix it and run again",
 }
 
 
@@ -90,7 +97,7 @@ def check_round(history: list[dict]) -> list[dict]:
     ``global_chance`` and ``majority_floor_per_client``)."""
     row = history[-1]
     r = row["round"]
-    found = []
+    found = _client_failed(row)
     loss = row.get("train_loss")
     if loss is not None and not math.isfinite(loss):
         found.append(_entry(r, "loss_not_finite", f"mean training loss {loss}", train_loss=loss))
@@ -120,6 +127,17 @@ def check_round(history: list[dict]) -> list[dict]:
                                 f"vs the clients' median {100 * median:.1f}%", client=cid, accuracy=acc,
                                 median=median))
     return found
+
+
+def _client_failed(row: dict) -> list[dict]:
+    """One entry naming every client that failed in this row's round, at any stage."""
+    failures = [{"client": int(cid), "stage": stage, "reason": why}
+                for stage, key in (("fit", "rejected"), ("evaluate", "failed_evaluations"))
+                for cid, why in sorted((row.get(key) or {}).items(), key=lambda item: int(item[0]))]
+    if not failures:
+        return []
+    detail = "; ".join(f"client {f['client']} ({f['stage']}): {f['reason']}" for f in failures)
+    return [_entry(row["round"], "client_failed", detail, failures=failures)]
 
 
 def stuck(pair: list[dict], symptom) -> bool:

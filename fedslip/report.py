@@ -3,11 +3,15 @@
     fedslip report docs/results/seed_cpu            # a compare directory (rebuilt from its runs)
     fedslip report runs/a runs/b --out reports/ab   # any run directories
 
-Every number comes from the runs' own ``summary.json`` / ``metrics.jsonl``; nothing is typed in.
+Every number comes from the runs' own ``summary.json`` / ``metrics.jsonl``; nothing is typed in. A run
+that lost clients (``client_failures``, or ``complete`` false) is marked in every table and plot and left
+out of the verdict unless ``allow_incomplete``. Everything is built before the first file is written, so a
+failure leaves no ``results.json`` or plot without its ``report.md``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import zlib
 from collections import defaultdict
@@ -17,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import PRESET_KEYS, ConfigError, ExperimentConfig, load_config
-from .storage import atomic_write_bytes, read_json, write_json
+from .paired import Paired, pair
+from .storage import atomic_write_bytes, read_json
 
 
 @dataclass
@@ -47,6 +52,25 @@ def find_runs(paths: list[Path]) -> list[RunRecord]:
     if not found:
         raise FileNotFoundError(f"no finished run (summary.json) under {', '.join(map(str, paths))}")
     return sorted(found, key=lambda r: (r.method, r.cfg.seed))
+
+
+INCOMPLETE = "(incomplete)"  # the mark of a method with a run that lost clients, in every table and plot
+
+
+def lost_clients(run: RunRecord) -> str | None:
+    """Why ``run`` is incomplete: clients that failed in some round or K-step (``client_failures``) or final
+    accuracies that miss a client (``complete`` false); its means then cover the clients that answered only.
+    None for a complete run, and for runs written before these keys existed."""
+    failures = run.summary.get("client_failures") or []
+    why = [f"{len(failures)} client failure{'s' if len(failures) != 1 else ''}"] if failures else []
+    if run.summary.get("complete") is False:
+        why.append("final accuracies without every client")
+    return ", ".join(why) or None
+
+
+def labelled(method: str, runs: list[RunRecord]) -> str:
+    """``method``, followed by ``INCOMPLETE`` when one of its runs lost clients."""
+    return f"{method} {INCOMPLETE}" if any(lost_clients(r) for r in runs if r.method == method) else method
 
 
 def check_same_settings(method: str, runs: list[RunRecord]) -> None:
@@ -82,9 +106,11 @@ def aggregate(runs: list[RunRecord]) -> dict:
             **{key: _stats([x.get(key) for x in s]) for key in
                ("global_accuracy", "personalized_accuracy", "kstep_accuracy", "comm_mib_per_round",
                 "global_track_local_accuracy", "personalized_global_test_accuracy", "private_bytes_transmitted",
-                "wall_seconds", "worst_client_personalized_accuracy")},
+                "wall_seconds", "worst_client_personalized_accuracy", "train_sample_passes",
+                "kstep_sample_passes", "training_passes_vs_fedavg_lora", "kstep_passes_vs_fedavg_lora")},
             "seconds_per_round": _stats([float(np.mean([row["seconds"] for row in r.rounds])) for r in rs]),
             "devices": sorted({str(x.get("device")) for x in s}),
+            "incomplete_runs": [r.path.name for r in rs if lost_clients(r)],
         }
     return out
 
@@ -95,29 +121,154 @@ def _pct(stat: dict) -> str:
     return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}" if stat["n"] > 1 else f"{100 * stat['mean']:.1f}"
 
 
-def _verdict(agg: dict) -> list[str]:
-    """Plain statements comparing fedslip with fedavg_lora (only when both are present)."""
-    if not {"fedslip", "fedavg_lora"} <= set(agg):
+def _compute(a: dict) -> str:
+    """The compute cell of a method: its federated training passes relative to fedavg_lora's on the same config
+    and, where it ran K-step, the same with the K-step passes added; ``–`` for runs that did not record them."""
+    training, with_kstep = a["training_passes_vs_fedavg_lora"]["mean"], a["kstep_passes_vs_fedavg_lora"]["mean"]
+    cell = "–" if training is None else f"{training:.2f}x"
+    if with_kstep is not None and a["kstep_accuracy"]["mean"] is not None:
+        cell += f"; + K-step: {with_kstep:.2f}x"
+    return cell
+
+
+BASELINE = "fedavg_lora"  # the verdict's baseline
+VERDICT_METRICS = {"personalized_accuracy": "zero-shot personalized", "kstep_accuracy": "after K-step",
+                   "global_accuracy": "global"}
+
+
+@dataclass
+class Comparison:
+    """``method``'s ``metric`` against ``reference``'s ``reference_metric``, paired by seed, in points."""
+    method: str
+    metric: str
+    reference: str
+    reference_metric: str
+    role: str  # why this reference: "baseline", "best other" or "baseline and best other"
+    paired: Paired
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "metric": self.metric, "reference": self.reference,
+                "reference_metric": self.reference_metric, "role": self.role, "unit": "points",
+                **self.paired.to_dict()}
+
+
+def _points_by_seed(runs: list[RunRecord], method: str, metric: str) -> dict[int, float | None]:
+    return {r.cfg.seed: None if r.summary.get(metric) is None else 100 * r.summary[metric]
+            for r in runs if r.method == method}
+
+
+def _left_out_runs(runs: list[RunRecord], methods: tuple[str, ...], allow_incomplete: bool) -> dict[int, str]:
+    """Seed -> why it is not paired: a run of ``methods`` that lost clients (unless ``allow_incomplete``)."""
+    reasons: dict[int, list[str]] = defaultdict(list)
+    for r in runs:
+        if r.method in methods and not allow_incomplete and lost_clients(r):
+            reasons[r.cfg.seed].append(f"`{r.path.name}` lost clients ({lost_clients(r)})")
+    return {seed: "; ".join(why) for seed, why in reasons.items()}
+
+
+def compare_pair(runs: list[RunRecord], method: str, metric: str, reference: str, reference_metric: str,
+                 role: str = "", allow_incomplete: bool = False) -> Comparison:
+    """One paired comparison (``fedslip.paired``) over the seeds both methods ran."""
+    paired = pair(_points_by_seed(runs, method, metric), _points_by_seed(runs, reference, reference_metric),
+                  method, reference, _left_out_runs(runs, (method, reference), allow_incomplete))
+    return Comparison(method, metric, reference, reference_metric, role, paired)
+
+
+def paired_comparisons(runs: list[RunRecord], allow_incomplete: bool = False) -> list[Comparison]:
+    """For each accuracy of ``VERDICT_METRICS`` and each method: the method against the baseline and against
+    the best other method (the highest mean of that accuracy over the runs the verdict counts)."""
+    counted = [r for r in runs if allow_incomplete or not lost_clients(r)]
+    found = []
+    for metric in VERDICT_METRICS:
+        means = {}
+        for m in sorted({r.method for r in counted}):
+            values = [v for v in _points_by_seed(counted, m, metric).values() if v is not None]
+            if values:
+                means[m] = float(np.mean(values))
+        for m in means:
+            references = {BASELINE: "baseline"} if BASELINE in means and m != BASELINE else {}
+            best = max((o for o in means if o != m), key=means.get, default=None)
+            if best is not None:
+                references[best] = "baseline and best other" if best in references else "best other"
+            found += [compare_pair(runs, m, metric, ref, metric, role, allow_incomplete)
+                      for ref, role in references.items()]
+    return found
+
+
+def _interval_text(p: Paired) -> str:
+    interval = p.interval
+    if interval is None:
+        return "undefined (1 seed)" if p.n == 1 else "–"
+    return f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
+
+
+def _paired_phrase(p: Paired) -> str:
+    """``95% interval [a, b] over n seeds: reading`` (or why there is no interval)."""
+    if p.n < 2:
+        return f"{p.n} seed, no interval: {p.reading}" if p.n else p.reading
+    return f"95% interval {_interval_text(p)} over {p.n} seeds: {p.reading}"
+
+
+def _targets(runs: list[RunRecord], agg: dict, allow_incomplete: bool) -> list[dict]:
+    """FedSLIP's targets against fedavg_lora (and the centralized reference), each a paired comparison."""
+    if not {"fedslip", BASELINE} <= set(agg):
         return []
-    f, b = agg["fedslip"], agg["fedavg_lora"]
-    lines = []
-    if f["personalized_accuracy"]["mean"] is not None and b["kstep_accuracy"]["mean"] is not None:
-        diff = 100 * (f["personalized_accuracy"]["mean"] - b["kstep_accuracy"]["mean"])
-        lines.append(f"- FedSLIP's zero-shot personalized accuracy is {diff:+.2f} points from fedavg_lora + K-step: "
-                     f"the target (>= +0.5) is {'met' if diff >= 0.5 else 'not met'}.")
-    gdiff = 100 * (f["global_accuracy"]["mean"] - b["global_accuracy"]["mean"])
-    lines.append(f"- FedSLIP's global accuracy is {gdiff:+.2f} points from fedavg_lora's: the target (>= -0.5) is "
-                 f"{'met' if gdiff >= -0.5 else 'not met'}.")
-    if "centralized" in agg:
-        cdiff = 100 * (f["global_accuracy"]["mean"] - agg["centralized"]["global_accuracy"]["mean"])
-        met = "met" if cdiff >= -1.5 else "not met"
-        lines.append(f"- FedSLIP's global accuracy is {cdiff:+.2f} points from the centralized reference (same "
-                     f"rows and steps on one machine): the target (within 1.5) is {met}.")
-    same = f["comm_mib_per_round"]["mean"] == b["comm_mib_per_round"]["mean"]
-    lines.append(f"- Bytes per round {'equal' if same else 'differ from'} the baseline's "
-                 f"({f['comm_mib_per_round']['mean']:.3f} vs {b['comm_mib_per_round']['mean']:.3f} MiB); private "
-                 f"bytes transmitted: {f['private_bytes_transmitted']['mean']:.0f}.")
-    return lines
+    targets = [("personalized_accuracy", BASELINE, "kstep_accuracy", 0.5,
+                "zero-shot personalized accuracy", "fedavg_lora + K-step", "the target (>= +0.5)"),
+               ("global_accuracy", BASELINE, "global_accuracy", -0.5, "global accuracy", "fedavg_lora's",
+                "the target (>= -0.5)"),
+               ("global_accuracy", "centralized", "global_accuracy", -1.5, "global accuracy", "the centralized "
+                "reference (same rows and steps on one machine)", "the target (within 1.5)")]
+    found = []
+    for metric, reference, reference_metric, bound, what, against, target in targets:
+        if reference not in agg or agg[reference][reference_metric]["mean"] is None:
+            continue
+        c = compare_pair(runs, "fedslip", metric, reference, reference_metric, "target", allow_incomplete)
+        met = c.paired.n and c.paired.mean >= bound
+        text = (f"FedSLIP's {what} is {c.paired.mean:+.2f} points from {against} ({_paired_phrase(c.paired)}): "
+                f"{target} is {'met' if met else 'not met'}." if c.paired.n else
+                f"FedSLIP's {what} against {against}: not compared (no seed with both runs).")
+        found.append({**c.to_dict(), "target": bound, "met": bool(met), "text": text})
+    return found
+
+
+def verdict(runs: list[RunRecord], agg: dict, allow_incomplete: bool = False) -> tuple[list[str], dict]:
+    """The verdict section's lines and its record for ``results.json``: every paired comparison, FedSLIP's
+    targets, and the runs left out. A run that lost clients is left out unless ``allow_incomplete``."""
+    if len(agg) < 2:
+        return [], {}
+    comparisons = paired_comparisons(runs, allow_incomplete)
+    targets = _targets(runs, agg, allow_incomplete)
+    lines = [f"- {t['text']}" for t in targets]
+    if {"fedslip", BASELINE} <= set(agg):
+        f, b = agg["fedslip"], agg[BASELINE]
+        same = f["comm_mib_per_round"]["mean"] == b["comm_mib_per_round"]["mean"]
+        lines.append(f"- Bytes per round {'equal' if same else 'differ from'} the baseline's "
+                     f"({f['comm_mib_per_round']['mean']:.3f} vs {b['comm_mib_per_round']['mean']:.3f} MiB); "
+                     f"private bytes transmitted: {f['private_bytes_transmitted']['mean']:.0f}.")
+    lines += ["", "Each method against the baseline (fedavg_lora) and against the best other method on each "
+              "accuracy, paired by seed (the runs of a seed share the partition and the initialization): the "
+              "difference per seed in points, their mean and its 95% interval (t over seeds). Ahead / behind: "
+              "the whole interval above / below 0; else no measurable difference (also with one seed, where "
+              "the interval is undefined).", "",
+              "| method | against | accuracy | difference per seed (points) | mean | 95% interval | reading |",
+              "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        p = c.paired
+        per_seed = ", ".join(f"{s}: {d:+.2f}" for s, d in zip(p.seeds, p.differences)) or "–"
+        mean = "–" if p.mean is None else f"{p.mean:+.2f}"
+        lines.append(f"| {labelled(c.method, runs)} | {labelled(c.reference, runs)}, {c.role} | "
+                     f"{VERDICT_METRICS[c.metric]} | {per_seed} | {mean} | {_interval_text(p)} | {p.reading} |")
+    left_out = sorted({why for c in comparisons for why in c.paired.left_out})
+    if left_out:
+        lines += ["", "Not paired: " + "; ".join(left_out) + "."]
+    included = sorted(r.path.name for r in runs if lost_clients(r)) if allow_incomplete else []
+    if included:
+        lines += ["", f"Included at `--allow-incomplete` although they lost clients (their means cover the "
+                  f"clients that answered only): {', '.join(f'`{n}`' for n in included)}."]
+    record = {"allow_incomplete": allow_incomplete, "paired": [c.to_dict() for c in comparisons],
+              "targets": targets, "left_out": left_out}
+    return lines, record
 
 
 # One colour per method in every plot of every report (scripts that plot methods can use it too), so a method
@@ -156,6 +307,15 @@ def per_client_stats(runs: list[RunRecord], key: str) -> tuple[np.ndarray, np.nd
     return mean, std
 
 
+def majority_floors(runs: list[RunRecord]) -> np.ndarray:
+    """Each client's majority-class floor, mean over ``runs``; NaN for a client no run evaluated (a client
+    whose evaluation failed has no class counts, so no floor)."""
+    floors = np.array([[np.nan if f is None else f for f in r.summary["majority_floor_per_client"]] for r in runs],
+                      dtype=float)
+    count = np.sum(~np.isnan(floors), axis=0)
+    return np.divide(np.nansum(floors, axis=0), count, out=np.full(floors.shape[1], np.nan), where=count > 0)
+
+
 def _subplots(figsize: tuple[float, float], *grid: int, **kw):
     """A figure and its axes without pyplot: no backend switch and no global figure state, so a report
     is written on a machine without a display and a notebook keeps its inline plots."""
@@ -176,7 +336,8 @@ def accuracy_per_round_figure(runs: list[RunRecord]):
             curves = np.array([[row[key] for row in r.rounds] for r in runs if r.method == m], dtype=float)
             x = np.arange(1, curves.shape[1] + 1)
             mean = 100 * curves.mean(0)
-            ax.plot(x, mean, marker="o", color=method_color(m), label=f"{m} (n={len(curves)})")
+            label = f"{m} (n={len(curves)})" + (f" {INCOMPLETE}" if labelled(m, runs) != m else "")
+            ax.plot(x, mean, marker="o", color=method_color(m), label=label)
             if len(curves) > 1:
                 std = 100 * curves.std(0, ddof=1)
                 ax.fill_between(x, mean - std, mean + std, color=method_color(m), alpha=0.2)
@@ -195,19 +356,20 @@ def per_client_figure(runs: list[RunRecord]):
     K-step, mean over seeds with ± std error bars, and the client's majority-class floor. The y-axis starts a
     little below the lowest bar or error bar (not at 0), so that differences of a point or two in the 80-100
     range stay visible. Bar containers are labelled ``<method> zero-shot``, ``<method> + K-step`` and
-    ``majority-class floor``."""
+    ``majority-class floor`` (with ``INCOMPLETE`` after the method's labels where a run lost clients)."""
     methods = sorted({r.method for r in runs})
     num_clients = runs[0].cfg.num_clients
     bars = []  # (label, mean, std or None (one seed: no error bar), colour, hatch)
     for m in methods:
         mine = [r for r in runs if r.method == m]
-        for key, label, hatch in (("personalized_accuracy_per_client", f"{m} zero-shot", None),
-                                  ("kstep_accuracy_per_client", f"{m} + K-step", "//")):
+        mark = f" {INCOMPLETE}" if labelled(m, runs) != m else ""
+        for key, label, hatch in (("personalized_accuracy_per_client", f"{m} zero-shot{mark}", None),
+                                  ("kstep_accuracy_per_client", f"{m} + K-step{mark}", "//")):
             stats = per_client_stats(mine, key)
             if stats is not None:
                 bars.append((label, 100 * stats[0], 100 * stats[1] if len(mine) > 1 else None, method_color(m),
                              hatch))
-    floors = 100 * np.mean([r.summary["majority_floor_per_client"] for r in runs], axis=0)
+    floors = 100 * majority_floors(runs)
     bars.append(("majority-class floor", floors, None, FLOOR_COLOR, None))
 
     fig, ax = _subplots((max(8, 1.0 + 0.35 * len(bars) * num_clients), 4.5))
@@ -235,7 +397,8 @@ def bytes_per_round_figure(runs: list[RunRecord]):
     fig, ax = _subplots((6, 3.5))
     for m in methods:  # one labelled bar per method
         mib = np.mean([r.summary["comm_mib_per_round"] for r in runs if r.method == m])
-        ax.bar_label(ax.bar(m, mib, color=method_color(m), label=m), fmt="%.3f MiB")
+        ax.bar_label(ax.bar(labelled(m, runs), mib, color=method_color(m), label=labelled(m, runs)),
+                     fmt="%.3f MiB")
     ax.set_ylabel("MiB per round (upload + download, all clients)")
     ax.set_title("Communication per round", fontsize=10)
     fig.tight_layout()
@@ -246,29 +409,90 @@ FIGURES = {"accuracy_per_round.png": accuracy_per_round_figure, "per_client_accu
            "bytes_per_round.png": bytes_per_round_figure}
 
 
-def plot(runs: list[RunRecord], out: Path) -> list[str]:
-    """Write ``FIGURES`` into ``out``; return their file names."""
+def render_figures(runs: list[RunRecord]) -> dict[str, bytes]:
+    """``FIGURES`` as PNG bytes, by file name (written by ``build_report`` once everything is built)."""
+    pngs = {}
     for name, make in FIGURES.items():
-        make(runs).savefig(out / name, dpi=110)
-    return list(FIGURES)
+        buffer = io.BytesIO()
+        make(runs).savefig(buffer, format="png", dpi=110)
+        pngs[name] = buffer.getvalue()
+    return pngs
 
 
-def per_method_settings(runs: list[RunRecord]) -> str:
-    """The settings that differ between the federated methods beyond their presets (each method at its own,
-    e.g. tuned, config: ``compare --method-config``), as a sentence; "" when they share one config."""
-    configs = {}
+def federated_configs(runs: list[RunRecord]) -> dict[str, ExperimentConfig]:
+    """The config of each federated method (the first run of each; a method's runs differ in their seed only)."""
+    configs: dict[str, ExperimentConfig] = {}
     for r in runs:
         if r.method != "centralized":
             configs.setdefault(r.method, r.cfg)
-    if len(configs) < 2:
-        return ""
+    return configs or {runs[0].method: runs[0].cfg}
+
+
+def _kstep_lr(cfg: ExperimentConfig) -> float:
+    return cfg.kstep_lr or cfg.lr  # kstep_lr 0 = lr
+
+
+def settings_by_method(runs: list[RunRecord]) -> dict[str, dict[str, object]]:
+    """The settings that differ between the federated methods beyond their presets (each method at its own,
+    e.g. tuned, config: ``compare --method-config``): key -> {method: value}. ``kstep_lr`` is the learning
+    rate K-step used (``lr`` where ``kstep_lr`` is 0), listed only when some method ran K-step."""
+    configs = federated_configs(runs)
     first = next(iter(configs.values()))
-    ignore = ("method", "seed", *PRESET_KEYS)
+    ignore = ("method", "seed", "kstep_lr", *PRESET_KEYS)
     keys = sorted({k for cfg in configs.values() for k in cfg.experiment_diff(first.experiment_dict(), ignore)})
-    if not keys:
+    differing = {k: {m: getattr(cfg, k) for m, cfg in configs.items()} for k in keys}
+    kstep_lrs = {m: _kstep_lr(cfg) for m, cfg in configs.items()}
+    if len(set(kstep_lrs.values())) > 1 and any(cfg.kstep for cfg in configs.values()):
+        differing["kstep_lr"] = kstep_lrs
+    return dict(sorted(differing.items()))
+
+
+def per_method_settings(runs: list[RunRecord]) -> str:
+    """``settings_by_method`` as a sentence; "" when the federated methods share one config."""
+    differing = settings_by_method(runs)
+    if not differing:
         return ""
     return " Per method (each its own config): " + "; ".join(
-        f"{k} " + ", ".join(f"{m} {getattr(cfg, k)}" for m, cfg in configs.items()) for k in keys) + "."
+        f"{k} " + ", ".join(f"{m} {v}" for m, v in values.items()) for k, values in differing.items()) + "."
+
+
+def settings_line(runs: list[RunRecord]) -> str:
+    """The report's "Settings" line: the values every federated method shares; a setting that differs between
+    them says "per method" and is listed, per method, at the end (``per_method_settings``)."""
+    c = next(iter(federated_configs(runs).values()))
+    summary = next(r.summary for r in runs if r.cfg is c)
+    differing = settings_by_method(runs)
+
+    def shared(keys: tuple[str, ...], name: str, text: str) -> str:
+        return f"{name} per method" if any(k in differing for k in keys) else text
+
+    federated_lrs = {cfg.lr for cfg in federated_configs(runs).values()}
+    other_lrs = sorted({r.cfg.lr for r in runs if r.method == "centralized" and r.cfg.lr not in federated_lrs})
+    global_test = len(json.loads((runs[0].path / "partition.json").read_text())["global_test"])
+    partition = f"partition `{c.partition}`" + (f" (dominant fraction {c.dominant_fraction})"
+                                                if c.partition == "dominant" else "")
+    epochs = f"local epochs {c.local_epochs if not c.local_steps else f'{c.local_steps} steps'}"
+    parts = [
+        shared(("backbone",), "backbone", f"backbone `{c.backbone}`"),
+        shared(("num_clients",), "clients", f"{c.num_clients} clients"),
+        shared(("partition", "dominant_fraction"), "partition", partition),
+        shared(("rounds",), "rounds", f"{c.rounds} rounds"),
+        shared(("samples_per_client", "test_samples_per_client"), "rows per client",
+               f"{c.samples_per_client} train / {c.test_samples_per_client} test rows per client"),
+        f"global test set {global_test} rows",
+        shared(("lora_rank", "lora_targets"), "LoRA",
+               f"LoRA r={c.lora_rank} on {', '.join(c.lora_targets) or _default_targets(c.backbone)}"),
+        shared(("lr",), "lr", f"lr {c.lr}"),
+        shared(("batch_size",), "batch", f"batch {c.batch_size}"),
+        shared(("local_epochs", "local_steps"), "local epochs", epochs),
+        shared(("kstep", "kstep_lr"), "K-step", f"K-step {c.kstep} steps at lr {_kstep_lr(c)}" if c.kstep
+               else "no K-step"),
+        f"precision {summary.get('precision')}, device {summary.get('device')}, accuracies on the "
+        f"`{summary.get('eval_split')}` split; seeds {sorted({r.cfg.seed for r in runs})}",
+    ]
+    centralized = f"; the centralized reference at its own tuned lr {', '.join(map(str, other_lrs))}" \
+        if other_lrs else ""
+    return "Settings: " + ", ".join(parts) + centralized + "." + per_method_settings(runs)
 
 
 def health_section(runs: list[RunRecord]) -> list[str]:
@@ -292,46 +516,49 @@ def _default_targets(backbone: str) -> str:
     return "query, value" if backbone in ("minilm", "tiny") else "the architecture's default targets"
 
 
-def build_report(runs: list[RunRecord], out: Path, command: str = "") -> dict:
-    """Write ``results.json``, ``report.md`` and the PNGs into ``out``; return the results."""
+def runs_table(runs: list[RunRecord]) -> list[str]:
+    """One line per run, with whether it kept every client."""
+    def complete(r: RunRecord) -> str:
+        if lost_clients(r):
+            return f"no: {lost_clients(r)}"
+        return "–" if "complete" not in r.summary else "yes"
+
+    lines = ["## Runs", "", "| run | method | seed | every client answered | wall time (min) |",
+             "|---|---|---|---|---|"]
+    return lines + [f"| `{r.path.name}` | {r.method} | {r.cfg.seed} | {complete(r)} | "
+                    f"{r.summary['wall_seconds'] / 60:.1f} |" for r in runs]
+
+
+def build_report(runs: list[RunRecord], out: Path, command: str = "", allow_incomplete: bool = False) -> dict:
+    """Write ``results.json``, ``report.md`` and the PNGs into ``out``; return the results. A run that lost
+    clients is marked everywhere and left out of the verdict's comparisons unless ``allow_incomplete``.
+    Every file is built before the first is written: a failure leaves ``out`` as it was."""
     out = Path(out)
     agg = aggregate(runs)  # refuses mixed settings before anything is written
-    out.mkdir(parents=True, exist_ok=True)
     if not command and (out / "results.json").is_file():  # rebuilding: keep the command that made the runs
         command = read_json(out / "results.json").get("command", "")
+    verdict_lines, verdict_record = verdict(runs, agg, allow_incomplete)
     results = {"runs": [{"dir": str(r.path), "method": r.method, "seed": r.cfg.seed, "summary": r.summary}
-                        for r in runs], "by_method": agg, "command": command}
-    write_json(out / "results.json", results)
-    pngs = plot(runs, out)
-    first = next((r for r in runs if r.method != "centralized"), runs[0])  # the settings of the federated runs
-    c, summaries = first.cfg, first.summary
-    other_lrs = sorted({r.cfg.lr for r in runs if r.method == "centralized" and r.cfg.lr != c.lr})
+                        for r in runs], "by_method": agg, "verdict": verdict_record, "command": command}
+    pngs = render_figures(runs)
+    c = next(iter(federated_configs(runs).values()))
+    incomplete = [r.path.name for r in runs if lost_clients(r)]
     lines = [
         "# FedSLIP comparison report", "",
         f"Command: `{command}`" if command else "Rebuilt with `fedslip report` from the run directories.", "",
-        f"Settings: backbone `{c.backbone}`, {c.num_clients} clients, partition `{c.partition}`"
-        + (f" (dominant fraction {c.dominant_fraction})" if c.partition == "dominant" else "")
-        + f", {c.rounds} rounds, {c.samples_per_client} train / {c.test_samples_per_client} test rows per client, "
-        f"global test set {len(json.loads((runs[0].path / 'partition.json').read_text())['global_test'])} rows, "
-        f"LoRA r={c.lora_rank} on {', '.join(c.lora_targets) or _default_targets(c.backbone)}, lr {c.lr}, "
-        f"batch {c.batch_size}, "
-        f"local epochs {c.local_epochs if not c.local_steps else f'{c.local_steps} steps'}, K-step {c.kstep} steps "
-        f"at lr {c.kstep_lr or c.lr}, "
-        f"precision {summaries.get('precision')}, device {summaries.get('device')}, accuracies on the "
-        f"`{summaries.get('eval_split')}` split; seeds {sorted({r.cfg.seed for r in runs})}"
-        + (f"; the centralized reference at its own tuned lr {', '.join(map(str, other_lrs))}" if other_lrs else "")
-        + "." + per_method_settings(runs), "",
+        settings_line(runs), "",
         "| method | global accuracy | personalized accuracy (zero-shot) | worst client | after K-step | "
-        "personalized model on the global test set | MiB per round | s per round |",
-        "|---|---|---|---|---|---|---|---|",
+        "personalized model on the global test set | MiB per round | s per round | training passes vs "
+        "fedavg_lora |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     mixed = len({d for a in agg.values() for d in a["devices"]}) > 1  # then each row names its device
     for m, a in sorted(agg.items()):
         where = f" ({', '.join(a['devices'])})" if mixed else ""
-        lines.append(f"| {m} | {_pct(a['global_accuracy'])} | {_pct(a['personalized_accuracy'])} | "
+        lines.append(f"| {labelled(m, runs)} | {_pct(a['global_accuracy'])} | {_pct(a['personalized_accuracy'])} | "
                      f"{_pct(a['worst_client_personalized_accuracy'])} | {_pct(a['kstep_accuracy'])} | "
                      f"{_pct(a['personalized_global_test_accuracy'])} | {a['comm_mib_per_round']['mean']:.3f} | "
-                     f"{a['seconds_per_round']['mean']:.1f}{where} |")
+                     f"{a['seconds_per_round']['mean']:.1f}{where} | {_compute(a)} |")
     lines += ["", "Accuracies in %, mean ± sample std over seeds. Worst client = the lowest zero-shot personalized "
               "accuracy among the clients of a run. Personalized model on the global test set = each client's "
               "inference model (global + its private track) on the balanced global test set, averaged over "
@@ -339,10 +566,19 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "") -> dict:
               "methods it is the global accuracy). MiB per round = upload + download of all clients, measured "
               "from the serialized payloads (`centralized` sends nothing). s per round = wall seconds of a round "
               "(training, aggregation and evaluation), mean over rounds and seeds, on the run's device (runs "
-              "sharing a machine are slower than alone).", ""]
-    verdict = _verdict(agg)
-    if verdict:
-        lines += ["## Verdict", "", *verdict, ""]
+              "sharing a machine are slower than alone). Training passes vs fedavg_lora = the forward/backward "
+              "sample passes of the federated training, all clients, relative to fedavg_lora's on the same "
+              "config; + K-step: the K-step fine-tune's passes added (`–`: runs that did not record them)."]
+    if incomplete:
+        names = ", ".join(f"`{n}`" for n in incomplete)
+        lines += ["", f"{INCOMPLETE}: the method has a run that lost clients ({names}: a failed training, a rejected "
+                  "update, a failed evaluation or K-step; see the Runs table and "
+                  "`client_failures` in its summary.json); its means cover the clients that answered only"
+                  + (", and the verdict counts it (`--allow-incomplete`)." if allow_incomplete else
+                     ", and the verdict leaves it out (`--allow-incomplete` counts it).")]
+    lines.append("")
+    if verdict_lines:
+        lines += ["## Verdict", "", *verdict_lines, ""]
     lines += health_section(runs)
     lines += ["## Per client", "", "Personalized accuracy (zero-shot) per client, mean over seeds, next to the "
               "majority-class floor of that client's test rows (a constant predictor of its dominant class); "
@@ -353,23 +589,25 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "") -> dict:
     for m in sorted(agg):
         mine = [r for r in runs if r.method == m]
         zero_shot, _ = per_client_stats(mine, "personalized_accuracy_per_client")
-        lines.append(f"| {m} | {_percent_cells(zero_shot)} |")
+        lines.append(f"| {labelled(m, runs)} | {_percent_cells(zero_shot)} |")
         for key, label in (("kstep_accuracy_per_client", "+ K-step"),
                            ("personalized_global_test_accuracy_per_client", "on the global test set")):
             stats = per_client_stats(mine, key)
             if stats is not None and (key.startswith("kstep") or any(r.cfg.private_track for r in mine)):
-                lines.append(f"| {m} {label} | {_percent_cells(stats[0])} |")
-    floors = np.mean([r.summary["majority_floor_per_client"] for r in runs], axis=0)
-    lines.append("| majority floor | " + " | ".join(f"{100 * v:.1f}" for v in floors) + " |")
+                lines.append(f"| {labelled(m, runs)} {label} | {_percent_cells(stats[0])} |")
+    lines.append(f"| majority floor | {_percent_cells(majority_floors(runs))} |")
     lines += ["", "## Per class (global test set, global track)", "",
               "| method | " + " | ".join(c.class_names) + " |", "|---|" + "---|" * len(c.class_names)]
     for m in sorted(agg):
         pc = np.array([r.summary["global_accuracy_per_class"] for r in runs if r.method == m], dtype=float).mean(0)
-        lines.append(f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in pc) + " |")
+        lines.append(f"| {labelled(m, runs)} | {_percent_cells(pc)} |")
     if (out / "notes.md").is_file():  # hand-written context (e.g. ablations) kept across rebuilds
         lines += ["", "## Notes", "", (out / "notes.md").read_text().strip()]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
-    lines += ["## Runs", "", "| run | method | seed | wall time (min) |", "|---|---|---|---|"]
-    lines += [f"| `{r.path.name}` | {r.method} | {r.cfg.seed} | {r.summary['wall_seconds'] / 60:.1f} |" for r in runs]
-    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
+    lines += runs_table(runs)
+    files = {**pngs, "results.json": (json.dumps(results, indent=2) + "\n").encode(),
+             "report.md": ("\n".join(lines) + "\n").encode()}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():  # report.md last: it always describes the files beside it
+        atomic_write_bytes(out / name, content)  # last: a report.md always describes the files beside it
     return results

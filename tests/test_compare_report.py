@@ -252,31 +252,251 @@ def test_report_gives_seconds_per_round_and_names_each_methods_device_when_they_
     expected = {m: np.mean([np.mean([r["seconds"] for r in rows[m][:2]]), np.mean([r["seconds"] for r in rows[m][2:]])])
                 for m in rows}  # per run, then over seeds
 
-    def table_row(method):
+    def seconds_cell(method):
         assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
         report = (tmp_path / "rep" / "report.md").read_text()
-        assert "| s per round |" in report
-        return next(line for line in report.splitlines() if line.startswith(f"| {method} |")).split(" | ")[-1]
+        header = next(line for line in report.splitlines() if line.startswith("| method | global accuracy |"))
+        column = header.split(" | ").index("s per round")
+        return next(line for line in report.splitlines() if line.startswith(f"| {method} |")).split(" | ")[column]
 
-    assert table_row("fedslip") == f"{expected['fedslip']:.1f} |"  # one device: named in Settings only
+    assert seconds_cell("fedslip") == f"{expected['fedslip']:.1f}"  # one device: named in Settings only
     for seed in (0, 1):  # the fedslip runs moved to another machine
         path = tmp_path / "runs" / f"fedslip-seed{seed}" / "summary.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "device": "cuda"}))
-    assert table_row("fedslip") == f"{expected['fedslip']:.1f} (cuda) |"
-    assert table_row("fedavg_lora") == f"{expected['fedavg_lora']:.1f} (cpu) |"
+    assert seconds_cell("fedslip") == f"{expected['fedslip']:.1f} (cuda)"
+    assert seconds_cell("fedavg_lora") == f"{expected['fedavg_lora']:.1f} (cpu)"
 
 
-def test_the_verdict_states_the_gap_at_the_precision_that_decides_the_target():
+# --- verdicts, incomplete runs, compute, settings: from run directories written here -----------------------
+T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # two-sided 95% t quantiles (a table), by degrees of freedom
+CONSTRUCTED = dict(backbone="tiny", num_clients=3, rounds=2, kstep=5)
+
+
+def write_run(root, method, seed, personal, glob, kstep=None, failures=(), complete=True, config=None, **summary):
+    """A finished run directory as ``fedslip run`` leaves it, with the final accuracies given (fractions)."""
+    from fedslip import make_config
+
+    path = root / f"{method}-seed{seed}"
+    path.mkdir(parents=True)
+    cfg = make_config({**CONSTRUCTED, **(config or {}), "method": method, "seed": seed})
+    cfg.save(path / "config.toml")
+    (path / "partition.json").write_text(json.dumps({"global_test": list(range(32))}))
+    per_client = [personal, personal, None if failures else personal]  # a client that failed has no accuracy
+    summary = {"method": method, "seed": seed, "global_accuracy": glob, "personalized_accuracy": personal,
+               "personalized_accuracy_per_client": per_client, "worst_client_personalized_accuracy": personal,
+               "kstep_accuracy": kstep, "kstep_accuracy_per_client": None if kstep is None else [kstep] * 3,
+               "majority_floor_per_client": [0.8, 0.8, None if failures else 0.8],
+               "global_accuracy_per_class": [glob] * 4, "comm_mib_per_round": 2.0, "private_bytes_transmitted": 0,
+               "wall_seconds": 60.0, "device": "cpu", "precision": "fp32", "eval_split": "test",
+               "health": [], "complete": complete and not failures,
+               "client_failures": [{"round": 1, "client": 2, "stage": "fit", "reason": "RuntimeError: disk"}
+                                   for _ in failures], **summary}
+    (path / "summary.json").write_text(json.dumps(summary))
+    rows = [{"round": r, "global_accuracy": glob, "personalized_accuracy": personal, "seconds": 1.0}
+            for r in (1, 2)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def report_of(root, out=None, **kw):
+    from fedslip.report import build_report, find_runs
+
+    out = out or root / "report"
+    results = build_report(find_runs([root]), out, **kw)
+    return results, (out / "report.md").read_text()
+
+
+def paired_entry(results, method, reference, metric):
+    return next(p for p in results["verdict"]["paired"] if (p["method"], p["reference"], p["metric"]) ==
+                (method, reference, metric))
+
+
+def table_row(report, first_cell):
+    return next(line for line in report.splitlines() if line.startswith(f"| {first_cell} |"))
+
+
+def test_the_verdict_reads_ahead_behind_or_level_from_the_paired_95_percent_interval(tmp_path):
+    """Seeds pair: the per-seed differences, their mean and a t interval over seeds decide the words."""
+    fedslip = {"personal": (0.90, 0.92, 0.91), "glob": (0.80, 0.81, 0.82), "kstep": (0.91, 0.92, 0.93)}
+    fedavg = {"personal": (0.88, 0.89, 0.90), "glob": (0.78, 0.785, 0.805), "kstep": (0.93, 0.945, 0.945)}
+    for seed in range(3):
+        write_run(tmp_path, "fedslip", seed, **{k: v[seed] for k, v in fedslip.items()})
+        write_run(tmp_path, "fedavg_lora", seed, **{k: v[seed] for k, v in fedavg.items()})
+    for seed in range(2):  # no seed 2
+        write_run(tmp_path, "dual_naive", seed, personal=0.85, glob=0.70, kstep=0.90)
+    results, report = report_of(tmp_path)
+
+    def by_hand(differences):  # mean ± t * sd / sqrt(n), sd with n - 1
+        n, mean = len(differences), sum(differences) / len(differences)
+        sd = (sum((d - mean) ** 2 for d in differences) / (n - 1)) ** 0.5
+        return mean, mean - T_975[n - 1] * sd / n ** 0.5, mean + T_975[n - 1] * sd / n ** 0.5
+
+    cases = {"personalized_accuracy": ([2, 3, 1], "no measurable difference"),  # [-0.48, +4.48]: covers 0
+             "global_accuracy": ([2, 2.5, 1.5], "ahead"),  # [+0.76, +3.24]
+             "kstep_accuracy": ([-2, -2.5, -1.5], "behind")}
+    for metric, (differences, reading) in cases.items():
+        entry = paired_entry(results, "fedslip", "fedavg_lora", metric)
+        mean, low, high = by_hand(differences)
+        assert entry["seeds"] == [0, 1, 2] and entry["differences"] == pytest.approx(differences)
+        assert entry["mean"] == pytest.approx(mean) and entry["interval"] == pytest.approx([low, high])
+        assert entry["reading"] == reading, metric
+        label = {"personalized_accuracy": "zero-shot personalized", "global_accuracy": "global",
+                 "kstep_accuracy": "after K-step"}[metric]
+        row = f"| fedslip | fedavg_lora, baseline and best other | {label} | " + ", ".join(
+            f"{s}: {d:+.2f}" for s, d in enumerate(differences)) + f" | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | " \
+            f"{reading} |"
+        assert row in report
+    # FedSLIP zero-shot against fedavg_lora + K-step: -3, -2.5, -3.5 points
+    _, low, high = by_hand([-3, -2.5, -3.5])
+    assert (f"FedSLIP's zero-shot personalized accuracy is -3.00 points from fedavg_lora + K-step (95% interval "
+            f"[{low:+.2f}, {high:+.2f}] over 3 seeds: behind): the target (>= +0.5) is not met.") in report
+    # each method also against the best other one; a seed one side lacks is left out, and said so
+    best = paired_entry(results, "dual_naive", "fedslip", "global_accuracy")
+    assert best["role"] == "best other" and best["seeds"] == [0, 1]
+    assert best["left_out"] == ["seed 2: no dual_naive run"]
+    assert paired_entry(results, "fedavg_lora", "fedslip", "global_accuracy")["role"] == "best other"
+    assert "Not paired: seed 2: no dual_naive run." in report
+
+
+def test_with_one_seed_the_interval_is_undefined_and_no_difference_is_claimed(tmp_path):
+    write_run(tmp_path, "fedslip", 0, personal=0.95, glob=0.90)
+    write_run(tmp_path, "fedavg_lora", 0, personal=0.80, glob=0.70)
+    results, report = report_of(tmp_path)
+    entry = paired_entry(results, "fedslip", "fedavg_lora", "global_accuracy")
+    assert entry["differences"] == pytest.approx([20.0]) and entry["interval"] is None
+    assert entry["reading"] == "no measurable difference"
+    assert ("| fedslip | fedavg_lora, baseline and best other | global | 0: +20.00 | +20.00 | undefined (1 seed) | "
+            "no measurable difference |") in report
+
+
+def test_the_verdict_states_the_gap_at_the_precision_that_decides_the_target(tmp_path):
     """0.47 points is below the +0.5 target: the verdict must not print it as "+0.5 ... not met"."""
-    from fedslip.report import _verdict
-
-    def stats(v):
-        return {"mean": v, "std": 0.0, "n": 3}
-
-    agg = {"fedslip": {"personalized_accuracy": stats(0.9297), "global_accuracy": stats(0.877),
-                       "comm_mib_per_round": stats(2.3), "private_bytes_transmitted": stats(0.0)},
-           "fedavg_lora": {"kstep_accuracy": stats(0.925), "global_accuracy": stats(0.8745),
-                           "comm_mib_per_round": stats(2.3)}}
-    personalized, global_ = _verdict(agg)[:2]
+    write_run(tmp_path, "fedslip", 0, personal=0.9297, glob=0.877)
+    write_run(tmp_path, "fedavg_lora", 0, personal=0.90, glob=0.8745, kstep=0.925)
+    _, report = report_of(tmp_path)
+    personalized, global_ = [line for line in report.splitlines() if line.startswith("- FedSLIP's")][:2]
     assert "+0.47 points" in personalized and "not met" in personalized
     assert "+0.25 points" in global_ and "is met" in global_
+
+
+def test_a_run_that_lost_clients_is_marked_everywhere_and_left_out_of_the_verdict(tmp_path):
+    """A failed client leaves None in the per-client accuracies and floors: the report must still be written,
+    with the run marked in every table and plot and kept out of the comparisons unless asked."""
+    import matplotlib.pyplot as plt
+
+    from fedslip.report import FIGURES, find_runs
+
+    for seed in range(3):
+        write_run(tmp_path, "fedavg_lora", seed, personal=0.85, glob=0.80)
+        write_run(tmp_path, "fedslip", seed, personal=0.90 + seed / 100, glob=0.81, failures=[1] if seed == 1 else ())
+    results, report = report_of(tmp_path)
+    # the results, per-client and per-class tables, the verdict's (as method and as reference) and the legends
+    assert report.count("| fedslip (incomplete) |") == 5 and "| fedslip (incomplete), best other |" in report
+    assert table_row(report, "fedavg_lora")  # a method whose runs are complete is not marked
+    assert table_row(report, "majority floor").endswith("| 80.0 | 80.0 | 80.0 |")  # seed 1's missing floor skipped
+    assert "| `fedslip-seed1` | fedslip | 1 | no: 1 client failure, final accuracies without every client |" in report
+    assert "| `fedslip-seed0` | fedslip | 0 | yes |" in report
+    assert "the verdict leaves it out (`--allow-incomplete` counts it)" in report
+    entry = paired_entry(results, "fedslip", "fedavg_lora", "personalized_accuracy")
+    assert entry["seeds"] == [0, 2] and entry["left_out"] == [
+        "seed 1: `fedslip-seed1` lost clients (1 client failure, final accuracies without every client)"]
+    assert "Not paired: seed 1: `fedslip-seed1` lost clients" in report
+    runs = find_runs([tmp_path])
+    for name, make in FIGURES.items():
+        fig = make(runs)
+        labels = [*bar_containers(fig), *(line.get_label() for ax in fig.axes for line in ax.get_lines())]
+        assert any(label.startswith("fedslip") and "(incomplete)" in label for label in labels), (name, labels)
+        assert not any(label.startswith("fedavg_lora") and "(incomplete)" in label for label in labels), name
+        plt.close(fig)
+    allowed, report = report_of(tmp_path, tmp_path / "allowed", allow_incomplete=True)
+    assert paired_entry(allowed, "fedslip", "fedavg_lora", "personalized_accuracy")["seeds"] == [0, 1, 2]
+    assert "Included at `--allow-incomplete` although they lost clients" in report and "`fedslip-seed1`" in report
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "cli"), "--allow-incomplete"]) == 0
+    assert json.loads((tmp_path / "cli" / "results.json").read_text())["verdict"]["allow_incomplete"] is True
+
+
+def test_compare_passes_allow_incomplete_to_its_report(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path, "fedavg_lora", seed, personal=0.85, glob=0.80)
+        write_run(tmp_path, "fedslip", seed, personal=0.90, glob=0.81, failures=[1] if seed else ())
+    flags = ["compare", "--methods", "fedavg_lora,fedslip", "--seeds", "0,1", "--out", str(tmp_path), "--quiet",
+             *(f"--{k.replace('_', '-')}={v}" for k, v in CONSTRUCTED.items())]
+    assert main(flags) == 0  # every run is finished: compare only reports
+    assert json.loads((tmp_path / "results.json").read_text())["verdict"]["allow_incomplete"] is False
+    assert main([*flags, "--allow-incomplete"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["verdict"]["allow_incomplete"] is True
+    assert paired_entry(results, "fedslip", "fedavg_lora", "global_accuracy")["seeds"] == [0, 1]
+
+
+def test_a_report_that_fails_while_being_built_writes_nothing(tmp_path, monkeypatch):
+    from fedslip import report as report_module
+
+    write_run(tmp_path / "runs", "fedslip", 0, personal=0.9, glob=0.8)
+
+    def broken(runs):
+        raise RuntimeError("a table could not be built")
+
+    monkeypatch.setattr(report_module, "health_section", broken)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        report_of(tmp_path / "runs", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_results_table_gives_the_training_compute_against_fedavg_lora(tmp_path):
+    write_run(tmp_path, "fedslip", 0, personal=0.9, glob=0.8, kstep=0.92, train_sample_passes=2000,
+              kstep_sample_passes=100, training_passes_vs_fedavg_lora=2.0, kstep_passes_vs_fedavg_lora=2.1)
+    write_run(tmp_path, "fedavg_lora", 0, personal=0.9, glob=0.8, training_passes_vs_fedavg_lora=1.0)
+    write_run(tmp_path, "dual_naive", 0, personal=0.9, glob=0.8)  # written before the runs counted passes
+    results, report = report_of(tmp_path)
+    assert "| training passes vs fedavg_lora |" in report.splitlines()[6]
+    assert table_row(report, "fedslip").endswith("| 2.00x; + K-step: 2.10x |")
+    assert table_row(report, "fedavg_lora").endswith("| 1.00x |")
+    assert table_row(report, "dual_naive").endswith("| – |")
+    assert results["by_method"]["fedslip"]["train_sample_passes"]["mean"] == 2000
+
+
+def test_settings_that_differ_between_methods_are_shown_per_method_only(tmp_path):
+    tuned = {"lr": 0.0123, "kstep_lr": 0.0}  # K-step at its own lr
+    write_run(tmp_path / "differ", "fedslip", 0, personal=0.9, glob=0.8, config=tuned)
+    write_run(tmp_path / "differ", "fedavg_lora", 0, personal=0.9, glob=0.8, config={"kstep_lr": 0.002})
+    _, report = report_of(tmp_path / "differ")
+    settings = next(line for line in report.splitlines() if line.startswith("Settings:"))
+    assert ", lr per method," in settings and ", K-step per method," in settings
+    assert "lr 0.008" not in settings.split("Per method")[0] and "at lr" not in settings
+    assert settings.endswith("Per method (each its own config): kstep_lr fedavg_lora 0.002, fedslip 0.0123; lr "
+                             "fedavg_lora 0.008, fedslip 0.0123.")
+    write_run(tmp_path / "same", "fedslip", 0, personal=0.9, glob=0.8)
+    write_run(tmp_path / "same", "fedavg_lora", 0, personal=0.9, glob=0.8)
+    _, report = report_of(tmp_path / "same")
+    settings = next(line for line in report.splitlines() if line.startswith("Settings:"))
+    assert ", lr 0.008," in settings and ", K-step 5 steps at lr 0.001," in settings and "Per method" not in settings
+    # kstep_lr 0 means lr: written differently, the same K-step learning rate
+    write_run(tmp_path / "written", "fedslip", 0, personal=0.9, glob=0.8, config={"kstep_lr": 0.0})
+    write_run(tmp_path / "written", "fedavg_lora", 0, personal=0.9, glob=0.8, config={"kstep_lr": 0.008})
+    _, report = report_of(tmp_path / "written")
+    settings = next(line for line in report.splitlines() if line.startswith("Settings:"))
+    assert ", K-step 5 steps at lr 0.008," in settings and "Per method" not in settings
+
+
+def test_a_real_run_whose_client_failed_its_evaluation_gets_a_report_that_says_so(tiny_cfg, tmp_path, monkeypatch):
+    """The failed client has no accuracy and no majority floor (None in summary.json): the report is written
+    whole, names the run incomplete and lists the failure in its Health section."""
+    from fedslip.client import Client
+    from fedslip.report import FIGURES, build_report, load_run
+
+    original = Client.evaluate
+
+    def evaluate(self, *args, **kwargs):
+        if self.cid == 1:
+            raise OSError("test rows unreadable")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "evaluate", evaluate)
+    api.run(tiny_cfg(rounds=2), tmp_path / "run", progress=False, log=False)
+    assert load_run(tmp_path / "run").summary["majority_floor_per_client"][1] is None
+    build_report([load_run(tmp_path / "run")], tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert table_row(report, "fedavg_lora (incomplete)") and "| `run` | 1 | client_failed | client 1 (evaluate): " \
+        "OSError: test rows unreadable |" in report
+    assert all((tmp_path / "report" / name).is_file() for name in (*FIGURES, "results.json"))

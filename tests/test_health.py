@@ -89,9 +89,22 @@ def test_a_client_far_below_the_others_two_rounds_running():
     assert _symptoms([_row(1), _row(2, per_client=few), _row(3, per_client=few)]) == []  # needs 3 clients
 
 
+def test_a_client_that_failed_is_flagged_in_the_round_it_failed():
+    """A lost client makes the round's means cover fewer clients: flagged at once, from round 1, naming every
+    failed client, its stage and the reason."""
+    failed = {**_row(1), "rejected": {"3": "RuntimeError: disk lost"}, "failed_evaluations": {"1": "OSError: rows"}}
+    entries = health.check_round([failed])
+    assert [e["symptom"] for e in entries] == ["client_failed"]
+    assert entries[0]["failures"] == [{"client": 3, "stage": "fit", "reason": "RuntimeError: disk lost"},
+                                      {"client": 1, "stage": "evaluate", "reason": "OSError: rows"}]
+    assert entries[0]["detail"] == "client 3 (fit): RuntimeError: disk lost; client 1 (evaluate): OSError: rows"
+    assert _symptoms([{**_row(1), "rejected": {}, "failed_evaluations": {}}]) == []
+    assert _symptoms([_row(1), {**_row(2), "failed_evaluations": {"0": "x"}}]) == ["client_failed"]
+
+
 def test_every_entry_names_cause_and_fix():
     assert set(health.ADVICE) == {"global_at_chance", "personalized_at_floor", "loss_not_finite", "loss_rising",
-                                  "client_behind"}
+                                  "client_behind", "client_failed"}
     line = health.message(health.check_round([_row(1, glob=0.25), _row(2, glob=0.25)])[0])
     assert "round 2" in line and "global_at_chance" in line and "fedslip tune" in line
 
@@ -124,6 +137,29 @@ def test_a_run_stuck_at_its_prior_is_flagged(tiny_cfg, tmp_path):
     assert report is not None
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Health" in text and "| `run` | 2 | global_at_chance |" in text
+
+
+def test_strict_health_stops_a_run_that_lost_a_client_with_exit_code_3(tiny_cfg, tmp_path, data_dir, capsys,
+                                                                       monkeypatch):
+    from fedslip.client import Client
+
+    original = Client.fit
+
+    def fit(self, payload, round_idx):
+        if self.cid == 1:
+            raise RuntimeError("client 1 lost its disk")
+        return original(self, payload, round_idx)
+
+    monkeypatch.setattr(Client, "fit", fit)
+    out = tmp_path / "run"
+    code = cli.main(["run", "--method", "fedavg_lora", "--backbone", "tiny", "--data-dir", str(data_dir),
+                     "--rounds", "2", "--samples-per-client", "32", "--test-samples-per-client", "16",
+                     "--global-test-samples", "64", "--batch-size", "16", "--kstep", "0", "--precision", "fp32",
+                     "--strict-health", "--out", str(out), "--quiet"])
+    assert code == 3
+    assert ("round 1 failed its health checks (strict_health): client_failed: client 1 (fit): RuntimeError: "
+            "client 1 lost its disk") in capsys.readouterr().err
+    assert RunDir(out).load_checkpoint().round == 1 and not (out / "summary.json").exists()
 
 
 def test_strict_health_stops_after_the_checkpoint_with_exit_code_3(tiny_cfg, tmp_path, data_dir, capsys):
