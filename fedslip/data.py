@@ -8,7 +8,9 @@ Without a directory the hub dataset ``fancyzhx/ag_news`` is loaded through ``dat
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +48,19 @@ def find_split_file(data_dir: Path, split: str) -> Path:
 
 
 def read_csv_split(path: Path, text_columns: Sequence[str], label_column: str, num_labels: int) -> TextSplit:
-    """Read one CSV split, accepting our header format or the original headerless AG News format."""
+    """Read one CSV split, accepting our header format or the original headerless AG News format.
+
+    The one reader of every data file (a data directory's splits, a client's own file, the audit's public
+    rows), so that each damaged file gets the same one-line error: a ``.gz`` whose stream is cut short
+    (``EOFError``), fails its checksum (``BadGzipFile``) or is damaged inside (``zlib.error``, which is
+    no ``OSError``) alike."""
     try:
         raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path} is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as e:
+    except (zlib.error, gzip.BadGzipFile, EOFError) as e:
+        raise DataError(f"{path} is a damaged gzip file ({e}); replace it with an intact copy") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
         raise DataError(f"{path} is not a readable CSV file: {e}") from None
     if raw.empty:
         raise DataError(f"{path} is empty")
