@@ -15,14 +15,15 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from . import comm
-from .config import ConfigError, ExperimentConfig, load_config
+from .config import ConfigError, ExperimentConfig, check_run_only, load_config
 from .engines.embedded import EmbeddedEngine
 from .experiment import RunDir, RunDirError, build_clients
 from .rounds import mean_present, per_client, prepare_for, resumable_config, start, start_resumed
 from .server import RoundFailed
-from .storage import load_tensors, write_json
+from .storage import atomic_write_bytes, load_tensors, write_json
 from .tracking import Callback
 
 log = logging.getLogger("fedslip")
@@ -46,10 +47,20 @@ def run(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, progres
         return start(cfg, out, overwrite, progress, callbacks=callbacks)
 
 
-def resume(out: str | Path, progress: bool = True, callbacks: Iterable[Callback] = (), log: bool = True) -> dict:
-    """Continue an interrupted run from its last completed round; the result equals an uninterrupted run."""
+def resume(out: str | Path, progress: bool = True, callbacks: Iterable[Callback] = (), log: bool = True,
+           run_only: dict[str, Any] | None = None) -> dict:
+    """Continue an interrupted run from its last completed round; the result equals an uninterrupted run.
+
+    ``run_only``: new values of run-only keys (``config.RUN_ONLY_KEYS``: ``strict_health``, ``report_to``,
+    ``engine``, timeouts, ...), e.g. ``{"strict_health": False}`` to finish a run that strict health stopped.
+    They replace the run's own in ``out/config.toml``; any other key is refused (it would change the experiment)."""
+    check_run_only(run_only or {})  # a key it cannot take is refused first, whatever the directory holds
     with console_log(log):
         cfg = resumable_config(Path(out))
+        if run_only:
+            cfg = cfg.with_run_only(run_only)
+            atomic_write_bytes(Path(out) / "config.toml",
+                               dataclasses.replace(cfg, data_dir=cfg.resolved_data_dir()).to_toml().encode())
         if cfg.engine == "flower-sim":
             from .launch.simulation import simulate
 

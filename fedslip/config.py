@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -421,6 +422,12 @@ class ExperimentConfig:
         return {k: (other.get(k), mine.get(k)) for k in sorted(set(mine) | set(other))
                 if k not in ignore and mine.get(k) != other.get(k)}
 
+    def with_run_only(self, changes: dict[str, Any]) -> ExperimentConfig:
+        """This config with ``RUN_ONLY_KEYS`` changed (what a resume may change: how the run executes, never
+        what it computes); any other key is refused."""
+        check_run_only(changes)
+        return make_config({**self.to_dict(), **changes})
+
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
 
@@ -489,6 +496,16 @@ FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
 RUN_ONLY_KEYS = frozenset({"engine", "data_dir", "eval_batch_size", "parallel_clients", "client_cpus",
                            "reply_timeout", "rejoin_timeout", "max_payload_bytes", "report_to",
                            "strict_health", "audit"})
+
+
+def check_run_only(keys: Iterable[str]) -> None:
+    """Refuse keys a resume cannot change: all but ``RUN_ONLY_KEYS``."""
+    fixed = sorted(set(keys) - RUN_ONLY_KEYS)
+    if fixed:
+        raise ConfigError(f"--resume continues the run's experiment: {', '.join(fixed)} cannot change (only "
+                          f"{', '.join(sorted(RUN_ONLY_KEYS))} can); start a new run with --out for other values")
+
+
 FLOAT_FIELDS = tuple(n for n, f in FIELDS.items() if f.type in ("float", float))
 
 

@@ -46,6 +46,8 @@ CASES = [
      "train.csv.gz is a damaged gzip file"),
     ("own-file-gz-damaged", f"{RUN} --partition own --client-data {{tmp}}/damaged.csv.gz,{{tmp}}/damaged.csv.gz",
      "damaged.csv.gz is a damaged gzip file"),
+    ("resume-with-an-experiment-key", "run --resume {out} --lr 0.1",
+     "--resume continues the run's experiment: lr cannot change"),
 ]
 
 
@@ -192,3 +194,46 @@ def test_bad_audit_input_is_one_clear_error_and_the_run_is_untouched(audited, ca
     assert len(errors) == 1 and needle in errors[0], err
     assert "Traceback" not in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # no audit.json either
+
+
+def test_compare_method_and_seed_are_its_methods_and_seeds():
+    """``compare --method X`` (singular) once set the config key ``method``, which compare replaces with each
+    of its methods: the three default methods ran. It is ``--methods X``; ``--seed 3`` is ``--seeds 3``."""
+    from fedslip.cli import build_parser, config_overrides
+
+    args = build_parser().parse_args(["compare", "--method", "fedper", "--seed", "3", "--out", "x"])
+    assert (args.methods, args.seeds) == ("fedper", [3])
+    assert "method" not in config_overrides(args) and "seed" not in config_overrides(args)
+
+
+def _stopped_by_health(root: Path, data_dir: Path, command: str) -> list[str]:
+    """``fedslip run`` (or ``compare``) at lr 1e-9 with --strict-health: round 2 fails its health checks (the
+    global track at chance) and the run stops after its checkpoint, exit code 3."""
+    args = [command, "--method" if command == "run" else "--methods", "fedavg_lora", "--backbone", "tiny",
+            "--data-dir", str(data_dir), "--rounds", "3", "--num-clients", "2", "--samples-per-client", "32",
+            "--test-samples-per-client", "16", "--global-test-samples", "64", "--batch-size", "16", "--kstep", "0",
+            "--precision", "fp32", "--lr", "1e-9", "--out", str(root), "--quiet"]
+    args += ["--seeds", "0"] if command == "compare" else []
+    assert main([*args, "--strict-health"]) == 3
+    return args
+
+
+def test_run_only_keys_change_on_resume(tmp_path, data_dir, capsys):
+    """``run --resume DIR --no-strict-health`` finishes a run that --strict-health stopped; config.toml then
+    records the run-only keys it continued with. Experiment keys are refused (case resume-with-an-experiment-
+    key above)."""
+    import fedslip
+
+    out = tmp_path / "run"
+    _stopped_by_health(out, data_dir, "run")
+    assert main(["run", "--resume", str(out), "--no-strict-health", "--quiet"]) == 0, capsys.readouterr().err
+    assert fedslip.load_config(out / "config.toml").strict_health is False
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3 and (out / "summary.json").is_file()
+
+
+def test_compare_resumes_its_runs_with_the_run_only_keys_given(tmp_path, data_dir, capsys):
+    """A comparison stopped by --strict-health continues with --no-strict-health (it once resumed with strict
+    health on and stopped again, exit code 3)."""
+    args = _stopped_by_health(tmp_path / "cmp", data_dir, "compare")
+    assert main([*args, "--no-strict-health"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "cmp" / "fedavg_lora-seed0" / "summary.json").is_file()
