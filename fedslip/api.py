@@ -91,12 +91,14 @@ def console_log(enabled: bool) -> Iterator[None]:
         log.setLevel(level)
 
 
-def kstep(out: str | Path, steps: int, lr: float | None = None) -> dict:
+def kstep(out: str | Path, steps: int, lr: float | None = None, allow_test: bool = False) -> dict:
     """K-step on a finished run: every client fine-tunes the run's final model for ``steps`` local steps
     with the global track at ``lr`` (None = the run's ``kstep_lr``; 0 = the run's ``lr``), exactly as
     the run's own K-step would with those settings, and is evaluated on the run's evaluation rows.
     Nothing of the run is changed; the result is also written to ``out/kstep/steps<N>-lr<X>.json``.
-    Tune K-step on a run with ``eval_split = "val"`` only.
+
+    It exists to choose ``kstep`` / ``kstep_lr``, which must be chosen on validation rows: a run made on the
+    test split (``eval_split = "test"``) is refused unless ``allow_test`` (``--allow-test``).
 
         fedslip kstep --run runs/tune/fedavg_lora --steps 100 --lr 1e-3
     """
@@ -106,6 +108,11 @@ def kstep(out: str | Path, steps: int, lr: float | None = None) -> dict:
     if steps <= 0:
         raise ConfigError(f"kstep needs steps > 0, got {steps}")
     cfg = load_config(run_dir.path / "config.toml")
+    if cfg.eval_split == "test" and not allow_test:
+        raise ConfigError(f"{run_dir.path} was evaluated on the test split (eval_split = 'test'): choosing K-step's "
+                          "steps or learning rate on test rows makes the reported K-step accuracy optimistic. Use a "
+                          "run made with --eval-split val (e.g. a fedslip tune trial), or pass --allow-test "
+                          "(Python: allow_test=True) to measure on test rows anyway")
     cfg = dataclasses.replace(cfg, kstep=steps, kstep_lr=cfg.kstep_lr if lr is None else lr)
     setup = prepare_for(run_dir, cfg)
     engine = EmbeddedEngine(build_clients(setup, run_dir))

@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     kstep.add_argument("--steps", type=int, required=True, help="local fine-tuning steps per client")
     kstep.add_argument("--lr", type=float, default=None, help="global-track learning rate (default: the run's "
                        "kstep_lr; 0 = the run's lr)")
+    kstep.add_argument("--allow-test", action="store_true", help="also on a run evaluated on the test split "
+                       "(eval_split = 'test'; refused otherwise: K-step is tuned on validation rows)")
     report = sub.add_parser("report", help="rebuild report.md, results.json and plots from finished runs")
     report.add_argument("paths", nargs="+", help="run directories or folders of them (e.g. a compare --out)")
     report.add_argument("--out", default=None, help="where to write (default: the single path given)")
@@ -292,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(audit_table(run_audit(args.run, args.public_data, args.shadow_per_class, args.shadow_skew)))
             return 0
         if args.command == "kstep":
-            print(json.dumps(api.kstep(args.run, args.steps, args.lr), indent=2))
+            print(json.dumps(api.kstep(args.run, args.steps, args.lr, allow_test=args.allow_test), indent=2))
             return 0
         if args.command == "report":
             from .report import build_report, find_runs

@@ -46,6 +46,7 @@ CASES = [
      "train.csv.gz is a damaged gzip file"),
     ("own-file-gz-damaged", f"{RUN} --partition own --client-data {{tmp}}/damaged.csv.gz,{{tmp}}/damaged.csv.gz",
      "damaged.csv.gz is a damaged gzip file"),
+    ("kstep-on-a-test-split-run", "kstep --run {out} --steps 5", "was evaluated on the test split"),
     ("resume-with-an-experiment-key", "run --resume {out} --lr 0.1",
      "--resume continues the run's experiment: lr cannot change"),
 ]
