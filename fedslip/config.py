@@ -115,7 +115,8 @@ class ExperimentConfig:
     global_test_samples: int = _f(2000, "Size of the stratified global test set drawn from the test split; "
                                   "0 = the whole test split.")
     eval_split: str = _f("test", "What accuracies are measured on: `test` (the report) or `val` (tuning: each "
-                         "client's validation rows, global = their union). Never tune on test.")
+                         "client's validation rows, global = their union; with partition=own the server's own "
+                         "`val.csv[.gz]` in data_dir, none without one). Never tune on test.")
     max_seq_len: int = _f(64, "Token limit per text (longer texts are truncated).")
     # --- model ------------------------------------------------------------------------------
     backbone: str = _f("minilm", "`minilm` (packaged all-MiniLM-L6-v2, offline), `tiny` (random-init 2-layer "
@@ -343,9 +344,6 @@ class ExperimentConfig:
         if self.client_data and len(self.client_data) != self.num_clients:
             raise ConfigError(f"client_data names {len(self.client_data)} files for num_clients={self.num_clients}: "
                               "one file per client")
-        if self.partition == "own" and self.eval_split == "val":
-            raise ConfigError("partition='own' evaluates on test rows only: eval_split='val' would make the "
-                              "global validation set the union of the clients' rows, which the server never holds")
         if self.eval_split == "val" and self.val_samples_per_client == 0:
             raise ConfigError("eval_split='val' needs val_samples_per_client > 0")
         if not self.private_track and self.objective != "global_only":

@@ -1,6 +1,7 @@
 """Loading text-classification splits (local CSV/CSV.gz or the hub), tokenizing once, batching.
 
-Local layout: a directory with ``train.csv[.gz]`` and ``test.csv[.gz]``, either with a header that
+Local layout: a directory with ``train.csv[.gz]`` and ``test.csv[.gz]`` (and, read only where clients bring
+their own data and accuracies are measured on validation rows, ``val.csv[.gz]``), either with a header that
 names ``label_column`` and ``text_columns`` (our AG News copy: ``label,title,description``, labels
 0-based) or headerless in the original AG News order (label 1..C, then the text columns).
 Without a directory the hub dataset ``fancyzhx/ag_news`` is loaded through ``datasets``.
@@ -123,6 +124,13 @@ def load_split(cfg: ExperimentConfig, split: str) -> TextSplit:
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist")
     return read_csv_split(find_split_file(root, split), cfg.text_columns, cfg.label_column, cfg.num_labels)
+
+
+def has_local_split(cfg: ExperimentConfig, split: str) -> bool:
+    """Whether the config's data directory holds ``split`` (``<split>.csv[.gz]``); the hub's AG News has no
+    ``val`` split."""
+    data_dir = cfg.resolved_data_dir()
+    return bool(data_dir) and any((Path(data_dir) / f"{split}.csv{ext}").is_file() for ext in ("", ".gz"))
 
 
 def load_splits(cfg: ExperimentConfig) -> tuple[TextSplit, TextSplit]:

@@ -5,7 +5,10 @@
 
 - Rows: trials evaluate on validation rows carved from the clients' train data (``eval_split = "val"``;
   ``val_samples_per_client`` defaults to ``test_samples_per_client``); a config that asks for the test
-  split is refused: choosing settings on test rows would make every reported number optimistic.
+  split is refused: choosing settings on test rows would make every reported number optimistic. On own
+  data (``partition = "own"``) each client carves its validation rows from its own file; the global
+  validation set is the server's own ``val.csv[.gz]`` in ``data_dir``, and without one the ``global``
+  objective is refused (the server never holds the clients' rows) while the others need none.
 - Search: Optuna's TPE sampler, seeded with the config's ``seed``; the first trial is the config's own
   values where they lie in the space (the study never ends worse than the settings it started from).
   Median pruning on the per-round validation objective stops bad trials early (after
@@ -45,6 +48,7 @@ import tomllib
 
 from . import api, health
 from .config import FIELDS, ConfigError, ExperimentConfig, make_config
+from .data import has_local_split
 from .server import RoundFailed
 from .storage import atomic_write_bytes, write_json
 
@@ -258,6 +262,11 @@ def make_study(toml_path: str | Path | None = None, overrides: dict[str, Any] | 
         raise ConfigError("tune: trials >= 1, pruner_startup_trials >= 0 and pruner_warmup_rounds >= 0 needed")
     if "kstep" in study.objective and cfg.kstep == 0:
         raise ConfigError("tune maximize 'kstep' needs kstep > 0 in the config")
+    if "global" in study.objective and cfg.partition == "own" and not has_local_split(cfg, "val"):
+        raise ConfigError(f"tune maximize 'global' with partition='own' needs the server's own validation rows, "
+                          f"val.csv[.gz] in data_dir ({cfg.resolved_data_dir() or 'none set'}): without them the "
+                          "global validation set would be the union of the clients' rows, which the server never "
+                          "holds (the personalized, worst_client and kstep objectives need none)")
     study.config({})  # the base config itself must be valid for a validation run
     return study
 
