@@ -15,14 +15,15 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from . import comm
-from .config import ConfigError, ExperimentConfig, load_config
+from .config import ConfigError, ExperimentConfig, check_run_only, load_config
 from .engines.embedded import EmbeddedEngine
 from .experiment import RunDir, RunDirError, build_clients
 from .rounds import mean_present, per_client, prepare_for, ratio, resumable_config, start, start_resumed
 from .server import RoundFailed
-from .storage import load_tensors, read_json, write_json
+from .storage import atomic_write_bytes, load_tensors, read_json, write_json
 from .tracking import Callback
 
 log = logging.getLogger("fedslip")
@@ -46,10 +47,20 @@ def run(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, progres
         return start(cfg, out, overwrite, progress, callbacks=callbacks)
 
 
-def resume(out: str | Path, progress: bool = True, callbacks: Iterable[Callback] = (), log: bool = True) -> dict:
-    """Continue an interrupted run from its last completed round; the result equals an uninterrupted run."""
+def resume(out: str | Path, progress: bool = True, callbacks: Iterable[Callback] = (), log: bool = True,
+           run_only: dict[str, Any] | None = None) -> dict:
+    """Continue an interrupted run from its last completed round; the result equals an uninterrupted run.
+
+    ``run_only``: new values of run-only keys (``config.RUN_ONLY_KEYS``: ``strict_health``, ``report_to``,
+    ``engine``, timeouts, ...), e.g. ``{"strict_health": False}`` to finish a run that strict health stopped.
+    They replace the run's own in ``out/config.toml``; any other key is refused (it would change the experiment)."""
+    check_run_only(run_only or {})  # a key it cannot take is refused first, whatever the directory holds
     with console_log(log):
         cfg = resumable_config(Path(out))
+        if run_only:
+            cfg = cfg.with_run_only(run_only)
+            atomic_write_bytes(Path(out) / "config.toml",
+                               dataclasses.replace(cfg, data_dir=cfg.resolved_data_dir()).to_toml().encode())
         if cfg.engine == "flower-sim":
             from .launch.simulation import simulate
 
@@ -80,12 +91,14 @@ def console_log(enabled: bool) -> Iterator[None]:
         log.setLevel(level)
 
 
-def kstep(out: str | Path, steps: int, lr: float | None = None) -> dict:
+def kstep(out: str | Path, steps: int, lr: float | None = None, allow_test: bool = False) -> dict:
     """K-step on a finished run: every client fine-tunes the run's final model for ``steps`` steps at
     ``lr`` (None = the run's ``kstep_lr``; 0 = the run's ``lr``), exactly as the run's own K-step would
     with those settings (docs/methods.md, K-step), and is evaluated on the run's evaluation rows.
     Nothing of the run is changed; the result is also written to ``out/kstep/steps<N>-lr<X>.json``.
-    Tune K-step on a run with ``eval_split = "val"`` only.
+
+    It exists to choose ``kstep`` / ``kstep_lr``, which must be chosen on validation rows: a run made on the
+    test split (``eval_split = "test"``) is refused unless ``allow_test`` (``--allow-test``).
 
         fedslip kstep --run runs/tune/fedavg_lora --steps 100 --lr 1e-3
     """
@@ -95,6 +108,11 @@ def kstep(out: str | Path, steps: int, lr: float | None = None) -> dict:
     if steps <= 0:
         raise ConfigError(f"kstep needs steps > 0, got {steps}")
     cfg = load_config(run_dir.path / "config.toml")
+    if cfg.eval_split == "test" and not allow_test:
+        raise ConfigError(f"{run_dir.path} was evaluated on the test split (eval_split = 'test'): choosing K-step's "
+                          "steps or learning rate on test rows makes the reported K-step accuracy optimistic. Use a "
+                          "run made with --eval-split val (e.g. a fedslip tune trial), or pass --allow-test "
+                          "(Python: allow_test=True) to measure on test rows anyway")
     cfg = dataclasses.replace(cfg, kstep=steps, kstep_lr=cfg.kstep_lr if lr is None else lr)
     setup = prepare_for(run_dir, cfg)
     engine = EmbeddedEngine(build_clients(setup, run_dir))

@@ -35,8 +35,8 @@ import torch
 
 from . import comm
 from .client import Client
-from .config import ExperimentConfig, load_config
-from .data import encode, read_csv_split
+from .config import ConfigError, ExperimentConfig, load_config
+from .data import DataError, TextSplit, encode, read_csv_split
 from .experiment import RunDir, RunDirError
 from .model import TrackedModel, load_tokenizer
 from .partition import Partition, counts_for
@@ -54,6 +54,7 @@ def audit(run_dir: str | Path, public_data: str | Path | None = None, shadow_per
           shadow_skew: float = 0.8) -> dict:
     """Score the bias-direction attack on every recorded round, and with ``public_data`` the shadow-client
     attack (under ``"shadow"``); writes ``<run>/audit/audit.json``."""
+    check_shadow_settings(shadow_per_class, shadow_skew)
     result = bias_attack(Path(run_dir))
     if public_data is not None:
         result["shadow"] = shadow_attack(Path(run_dir), Path(public_data), shadow_per_class, shadow_skew)
@@ -117,9 +118,31 @@ def _flat(change: dict[str, torch.Tensor]) -> np.ndarray:
     return torch.cat([change[n].double().flatten() for n in sorted(change)]).numpy()
 
 
-def shadow_rows(labels: np.ndarray, dominant: int, size: int, skew: float, rng: np.random.Generator) -> list[int]:
+def check_shadow_settings(per_class: int, skew: float) -> None:
+    """The shadow attack's settings (``--shadow-per-class``, ``--shadow-skew``), refused before any work."""
+    if not per_class >= 1:
+        raise ConfigError(f"--shadow-per-class must be >= 1 (shadow clients per class and round), got {per_class!r}")
+    if not 0 < skew <= 1:  # NaN fails too
+        raise ConfigError(f"--shadow-skew must be in (0, 1] (the share of a shadow client's rows from its dominant "
+                          f"class), got {skew!r}")
+
+
+def read_public(cfg: ExperimentConfig, public_data: Path) -> TextSplit:
+    """The public rows, which must hold every class of the run: each class gets shadow clients dominated by it
+    (the class count is the run's, never the file's largest label)."""
+    public = read_csv_split(public_data, cfg.text_columns, cfg.label_column, cfg.num_labels)
+    missing = [k for k in range(cfg.num_labels) if not (public.labels == k).any()]
+    if missing:
+        names = ", ".join(f"{k} ({cfg.class_names[k]})" for k in missing)
+        raise DataError(f"{public_data} has no rows of class{'es' if len(missing) > 1 else ''} {names}; the shadow "
+                        f"attack trains shadow clients dominated by each of the run's {cfg.num_labels} classes: "
+                        "give public rows of every class")
+    return public
+
+
+def shadow_rows(labels: np.ndarray, num_classes: int, dominant: int, size: int, skew: float,
+                rng: np.random.Generator) -> list[int]:
     """``size`` public rows, ``skew`` of them of class ``dominant``, the rest spread evenly over the others."""
-    num_classes = int(labels.max()) + 1
     proportions = np.full(num_classes, (1 - skew) / (num_classes - 1))
     proportions[dominant] = skew
     rows = []
@@ -133,13 +156,14 @@ def shadow_rows(labels: np.ndarray, dominant: int, size: int, skew: float, rng: 
 
 def shadow_attack(run_path: Path, public_data: Path, per_class: int = 2, skew: float = 0.8) -> dict:
     """The nearest-centroid attack fit each round on shadow clients trained from that round's global track."""
+    check_shadow_settings(per_class, skew)
     rounds, truth, num_classes = _recorded(run_path)
     if not (run_path / AUDIT_DIR / f"global-{_round_of(rounds[0]):04d}.safetensors").is_file():
         raise RunDirError(f"{run_path} recorded no global track per round (audit/global-<r>.safetensors; runs "
                           "audited before the shadow attack existed): run it again with --audit")
     cfg: ExperimentConfig = dataclasses.replace(load_config(run_path / "config.toml"), upload_codec="fp32",
                                                 download_codec="fp32", audit=False)
-    public = read_csv_split(public_data, cfg.text_columns, cfg.label_column, cfg.num_labels)
+    public = read_public(cfg, public_data)
     tokenizer = load_tokenizer(cfg.backbone)
     model = TrackedModel(cfg, tokenizer)
     rng = np.random.default_rng([cfg.seed, 0x5AD0])
@@ -152,7 +176,7 @@ def shadow_attack(run_path: Path, public_data: Path, per_class: int = 2, skew: f
             for k in range(num_classes):
                 directions = []
                 for j in range(per_class):
-                    rows = shadow_rows(public.labels, k, cfg.samples_per_client, skew, rng)
+                    rows = shadow_rows(public.labels, num_classes, k, cfg.samples_per_client, skew, rng)
                     data = encode(tokenizer, public, rows, cfg.max_seq_len)
                     shadow = Client(1_000_000 + k * per_class + j, cfg, model, tokenizer, data, data,
                                     Path(scratch) / f"round{round_idx}-{k}-{j}")

@@ -38,10 +38,13 @@ def _default(name: str) -> str:
     return json.dumps(f.default_factory() if callable(f.default_factory) else f.default)
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field; values stay None unless given, so TOML and presets are not masked."""
+def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per config field (but ``exclude``: keys the command sets itself); values stay None unless given,
+    so TOML and presets are not masked."""
     group = parser.add_argument_group("experiment config (any key of the TOML config)")
     for name, f in FIELDS.items():
+        if name in exclude:
+            continue
         kind = str(f.type)
         help_text = f.metadata["help"].replace("%", "%%") + f" (default: {_default(name)})"
         if kind == "bool":
@@ -104,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="merged: tracks folded into the backbone, one transformers model directory; peft: the "
                         "global and private adapters and how to load them on the base model (default: merged)")
     compare = sub.add_parser("compare", help="run methods x seeds on identical partitions, then report")
-    compare.add_argument("--methods", default="fedavg_lora,dual_naive,fedslip", help="comma-separated presets")
-    compare.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated seeds")
+    # --method / --seed: the same flags (compare sets the config keys method and seed of each of its runs)
+    compare.add_argument("--methods", "--method", default="fedavg_lora,dual_naive,fedslip",
+                         help="comma-separated presets")
+    compare.add_argument("--seeds", "--seed", type=seed_list, default="0,1,2", help="comma-separated seeds")
     compare.add_argument("--config", type=str, default=None, help="TOML file with config keys")
     compare.add_argument("--out", required=True, help="comparison directory (runs are kept and resumed there)")
     compare.add_argument("--method-config", action="append", default=[], metavar="METHOD=TOML",
@@ -113,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "repeatable")
     compare.add_argument("--allow-incomplete", action="store_true", help=ALLOW_INCOMPLETE)
     compare.add_argument("--quiet", action="store_true", help="no progress bars or round log")
-    add_config_flags(compare)
+    add_config_flags(compare, exclude=("method", "seed"))
     kstep = sub.add_parser("kstep", help="re-run K-step on a finished run with other steps / learning rate "
                            "(to tune K-step on a validation run); writes RUN/kstep/steps<N>-lr<X>.json")
     kstep.add_argument("--run", required=True, help="finished run directory")
@@ -124,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "equal-compute K-step baseline: e.g. fedavg_lora's run matched to fedslip's)")
     kstep.add_argument("--lr", type=float, default=None, help="K-step learning rate (default: the run's "
                        "kstep_lr; 0 = the run's lr)")
+    kstep.add_argument("--allow-test", action="store_true", help="also on a run evaluated on the test split "
+                       "(eval_split = 'test'; refused otherwise: K-step is tuned on validation rows)")
     report = sub.add_parser("report", help="rebuild report.md, results.json and plots from finished runs")
     report.add_argument("paths", nargs="+", help="run directories or folders of them (e.g. a compare --out)")
     report.add_argument("--out", default=None, help="where to write (default: the single path given)")
@@ -299,7 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "kstep":
             steps = args.steps if args.match_compute is None else api.equal_compute_steps(args.run, args.match_compute)
-            print(json.dumps(api.kstep(args.run, steps, args.lr), indent=2))
+            # a compute-matched K-step at the run's own (validation-tuned) kstep_lr chooses nothing on test rows
+            measuring = args.match_compute is not None and args.lr is None
+            print(json.dumps(api.kstep(args.run, steps, args.lr, allow_test=args.allow_test or measuring), indent=2))
             return 0
         if args.command == "report":
             from .report import build_report, find_runs
@@ -321,10 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = run_local(make_config(config_overrides(args), args.config), args.workdir, tls=args.tls,
                                 node_auth=args.node_auth)
         elif args.resume:
-            if args.out or args.config or config_overrides(args):
-                raise ConfigError("--resume continues a run with its own config.toml; pass no --out, --config "
-                                  "or config flags")
-            summary = api.resume(args.resume, progress=not args.quiet)
+            if args.out or args.config:
+                raise ConfigError("--resume continues a run with its own config.toml; pass no --out or --config "
+                                  "(flags of run-only keys, such as --no-strict-health, are taken)")
+            summary = api.resume(args.resume, progress=not args.quiet, run_only=config_overrides(args))
         else:
             if not args.out:
                 raise ConfigError("fedslip run needs --out DIR (or --resume RUN_DIR)")

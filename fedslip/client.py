@@ -306,8 +306,8 @@ def evaluate(model: TrackedModel, tokenizer, data: Encoded, tracks: tuple[str, .
             total += torch.bincount(labels, minlength=num_labels)
             correct += torch.bincount(labels[hit], minlength=num_labels)
     n = int(total.sum())
-    return {"accuracy": float(correct.sum()) / n if n else float("nan"),
-            "loss": loss_sum / n if n else float("nan"),
+    return {"accuracy": float(correct.sum()) / n if n else None,  # no rows (no global validation set): null
+            "loss": loss_sum / n if n else None,
             "correct_per_class": correct.tolist(), "total_per_class": total.tolist()}
 
 

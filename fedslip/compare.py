@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import api
-from .config import load_config, make_config
+from .config import RUN_ONLY_KEYS, load_config, make_config
 from .experiment import RunDirError
 from .report import build_report, load_run
 
@@ -53,7 +53,7 @@ def compare(methods: list[str], seeds: list[int], out: str | Path, overrides: di
             log.info("skipping %s (finished)", path)
         elif (path / "config.toml").is_file():
             log.info("resuming %s", path)
-            api.resume(path, progress=progress)
+            api.resume(path, progress=progress, run_only={k: getattr(cfg, k) for k in overrides if k in RUN_ONLY_KEYS})
         else:
             log.info("running %s", path)
             api.run(cfg, path, progress=progress)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,8 @@ class ExperimentConfig:
     global_test_samples: int = _f(2000, "Size of the stratified global test set drawn from the test split; "
                                   "0 = the whole test split.")
     eval_split: str = _f("test", "What accuracies are measured on: `test` (the report) or `val` (tuning: each "
-                         "client's validation rows, global = their union). Never tune on test.")
+                         "client's validation rows, global = their union; with partition=own the server's own "
+                         "`val.csv[.gz]` in data_dir, none without one). Never tune on test.")
     max_seq_len: int = _f(64, "Token limit per text (longer texts are truncated).")
     # --- model ------------------------------------------------------------------------------
     backbone: str = _f("minilm", "`minilm` (packaged all-MiniLM-L6-v2, offline), `tiny` (random-init 2-layer "
@@ -348,9 +350,6 @@ class ExperimentConfig:
         if self.client_data and len(self.client_data) != self.num_clients:
             raise ConfigError(f"client_data names {len(self.client_data)} files for num_clients={self.num_clients}: "
                               "one file per client")
-        if self.partition == "own" and self.eval_split == "val":
-            raise ConfigError("partition='own' evaluates on test rows only: eval_split='val' would make the "
-                              "global validation set the union of the clients' rows, which the server never holds")
         if self.eval_split == "val" and self.val_samples_per_client == 0:
             raise ConfigError("eval_split='val' needs val_samples_per_client > 0")
         if not self.private_track and self.objective != "global_only":
@@ -427,6 +426,12 @@ class ExperimentConfig:
         return {k: (other.get(k), mine.get(k)) for k in sorted(set(mine) | set(other))
                 if k not in ignore and mine.get(k) != other.get(k)}
 
+    def with_run_only(self, changes: dict[str, Any]) -> ExperimentConfig:
+        """This config with ``RUN_ONLY_KEYS`` changed (what a resume may change: how the run executes, never
+        what it computes); any other key is refused."""
+        check_run_only(changes)
+        return make_config({**self.to_dict(), **changes})
+
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
 
@@ -495,6 +500,16 @@ FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
 RUN_ONLY_KEYS = frozenset({"engine", "data_dir", "eval_batch_size", "parallel_clients", "client_cpus",
                            "reply_timeout", "rejoin_timeout", "max_payload_bytes", "report_to",
                            "strict_health", "audit"})
+
+
+def check_run_only(keys: Iterable[str]) -> None:
+    """Refuse keys a resume cannot change: all but ``RUN_ONLY_KEYS``."""
+    fixed = sorted(set(keys) - RUN_ONLY_KEYS)
+    if fixed:
+        raise ConfigError(f"--resume continues the run's experiment: {', '.join(fixed)} cannot change (only "
+                          f"{', '.join(sorted(RUN_ONLY_KEYS))} can); start a new run with --out for other values")
+
+
 FLOAT_FIELDS = tuple(n for n, f in FIELDS.items() if f.type in ("float", float))
 
 

@@ -1,6 +1,7 @@
 """Loading text-classification splits (local CSV/CSV.gz or the hub), tokenizing once, batching.
 
-Local layout: a directory with ``train.csv[.gz]`` and ``test.csv[.gz]``, either with a header that
+Local layout: a directory with ``train.csv[.gz]`` and ``test.csv[.gz]`` (and, read only where clients bring
+their own data and accuracies are measured on validation rows, ``val.csv[.gz]``), either with a header that
 names ``label_column`` and ``text_columns`` (our AG News copy: ``label,title,description``, labels
 0-based) or headerless in the original AG News order (label 1..C, then the text columns).
 Without a directory the hub dataset ``fancyzhx/ag_news`` is loaded through ``datasets``.
@@ -8,7 +9,9 @@ Without a directory the hub dataset ``fancyzhx/ag_news`` is loaded through ``dat
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +49,19 @@ def find_split_file(data_dir: Path, split: str) -> Path:
 
 
 def read_csv_split(path: Path, text_columns: Sequence[str], label_column: str, num_labels: int) -> TextSplit:
-    """Read one CSV split, accepting our header format or the original headerless AG News format."""
+    """Read one CSV split, accepting our header format or the original headerless AG News format.
+
+    The one reader of every data file (a data directory's splits, a client's own file, the audit's public
+    rows), so that each damaged file gets the same one-line error: a ``.gz`` whose stream is cut short
+    (``EOFError``), fails its checksum (``BadGzipFile``) or is damaged inside (``zlib.error``, which is
+    no ``OSError``) alike."""
     try:
         raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path} is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as e:
+    except (zlib.error, gzip.BadGzipFile, EOFError) as e:
+        raise DataError(f"{path} is a damaged gzip file ({e}); replace it with an intact copy") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
         raise DataError(f"{path} is not a readable CSV file: {e}") from None
     if raw.empty:
         raise DataError(f"{path} is empty")
@@ -114,6 +124,13 @@ def load_split(cfg: ExperimentConfig, split: str) -> TextSplit:
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist")
     return read_csv_split(find_split_file(root, split), cfg.text_columns, cfg.label_column, cfg.num_labels)
+
+
+def has_local_split(cfg: ExperimentConfig, split: str) -> bool:
+    """Whether the config's data directory holds ``split`` (``<split>.csv[.gz]``); the hub's AG News has no
+    ``val`` split."""
+    data_dir = cfg.resolved_data_dir()
+    return bool(data_dir) and any((Path(data_dir) / f"{split}.csv{ext}").is_file() for ext in ("", ".gz"))
 
 
 def load_splits(cfg: ExperimentConfig) -> tuple[TextSplit, TextSplit]:

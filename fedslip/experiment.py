@@ -17,7 +17,7 @@ import torch
 
 from .client import Client, PrivateStore
 from .config import ConfigError, ExperimentConfig
-from .data import Encoded, TextSplit, encode, load_split, load_splits, read_own_file
+from .data import Encoded, TextSplit, encode, has_local_split, load_split, load_splits, read_own_file
 from .model import TrackedModel, load_tokenizer
 from .partition import ClientRows, Partition, make_partition, own_partition, own_rows
 from .storage import StateFileError, atomic_write_bytes, load_tensors, read_json, save_tensors, write_json
@@ -85,16 +85,28 @@ def prepare(cfg: ExperimentConfig, side: str = "all") -> Setup:
 def _prepare_own(cfg: ExperimentConfig, side: str) -> Setup:
     if side == "all" and not cfg.client_data:
         raise ConfigError("partition='own' on the embedded engine needs client_data: one file per client")
-    test_split = load_split(cfg, "test") if side != "client" else None
+    global_split = own_global_split(cfg) if side != "client" else None
     files = [read_own_file(cfg, path) for path in cfg.client_data] if side == "all" else []  # bad files first
     tokenizer = load_tokenizer(cfg.backbone)
     model = TrackedModel(cfg, tokenizer)
     if side == "client":
         return Setup(cfg, tokenizer, model, None, [], None)
-    partition = own_partition(cfg, test_split.labels)
+    partition = own_partition(cfg, global_split.labels)
     clients = [own_client_data(cfg, tokenizer, cid, own) for cid, own in enumerate(files)]
     return Setup(cfg, tokenizer, model, partition, clients,
-                 encode(tokenizer, test_split, partition.global_test, cfg.max_seq_len))
+                 encode(tokenizer, global_split, partition.global_test, cfg.max_seq_len))
+
+
+def own_global_split(cfg: ExperimentConfig) -> TextSplit:
+    """The server's global evaluation rows when the clients bring their own data: its test split, or with
+    ``eval_split = "val"`` its own validation split (``val.csv[.gz]`` in data_dir). The clients' validation
+    rows never reach it, so without that file there is no global validation set (no rows: the global
+    accuracy is null), and the test split is not read at all."""
+    if cfg.eval_split == "test":
+        return load_split(cfg, "test")
+    if has_local_split(cfg, "val"):
+        return load_split(cfg, "val")
+    return TextSplit(texts=[], labels=np.zeros(0, dtype=np.int64), source="none")
 
 
 def client_data(cfg: ExperimentConfig, tokenizer, train_split: TextSplit, test_split: TextSplit,

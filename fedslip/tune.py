@@ -5,14 +5,19 @@
 
 - Rows: trials evaluate on validation rows carved from the clients' train data (``eval_split = "val"``;
   ``val_samples_per_client`` defaults to ``test_samples_per_client``); a config that asks for the test
-  split is refused: choosing settings on test rows would make every reported number optimistic.
+  split is refused: choosing settings on test rows would make every reported number optimistic. On own
+  data (``partition = "own"``) each client carves its validation rows from its own file; the global
+  validation set is the server's own ``val.csv[.gz]`` in ``data_dir``, and without one the ``global``
+  objective is refused (the server never holds the clients' rows) while the others need none.
 - Search: Optuna's TPE sampler, seeded with the config's ``seed``; the first trial is the config's own
   values where they lie in the space (the study never ends worse than the settings it started from).
   Median pruning on the per-round validation objective stops bad trials early (after
-  ``pruner_startup_trials`` finished trials and ``pruner_warmup_rounds`` rounds).
+  ``pruner_startup_trials`` finished trials and ``pruner_warmup_rounds`` rounds). An objective with
+  ``kstep`` in it is not pruned: K-step accuracy exists only after the last round, and the per-round
+  zero-shot accuracy says little about it (FedBABU's head is its initialization until K-step trains it).
 - Objective (``maximize``): ``personalized`` (zero-shot personalized accuracy), ``global``, ``kstep``
-  (personalized after K-step; per round the zero-shot value stands in for it), ``worst_client``, or a mix
-  ``{personalized = 0.5, global = 0.5}`` (``--maximize personalized=0.5,global=0.5``).
+  (personalized after K-step), ``worst_client``, or a mix ``{personalized = 0.5, global = 0.5}``
+  (``--maximize personalized=0.5,global=0.5``).
 - Space: per-method defaults (``DEFAULT_SPACES``: log-uniform learning rates), the knobs named by
   ``search`` (ranges from ``KNOWN_RANGES``), and ranges in the config's ``[tune.space]`` table, e.g.
   ``lr = [1e-4, 3e-2]`` (log-uniform), ``lora_rank = {choices = [4, 8, 16]}``,
@@ -43,6 +48,7 @@ import tomllib
 
 from . import api, health
 from .config import FIELDS, ConfigError, ExperimentConfig, make_config
+from .data import has_local_split
 from .server import RoundFailed
 from .storage import atomic_write_bytes, write_json
 
@@ -71,8 +77,10 @@ DEFAULT_SPACES = {"fedavg_lora": ["lr"], "centralized": ["lr"], "dual_naive": ["
 OBJECTIVES = ("personalized", "global", "kstep", "worst_client")
 SUMMARY_KEY = {"personalized": "personalized_accuracy", "global": "global_accuracy", "kstep": "kstep_accuracy",
                "worst_client": "worst_client_personalized_accuracy"}
+# what each objective is per round, for pruning; K-step accuracy has no per-round value (measured once, after
+# the last round): a study whose objective includes it is not pruned (``prunes``)
 ROUND_KEY = {"personalized": "personalized_accuracy", "global": "global_accuracy",
-             "kstep": "personalized_accuracy", "worst_client": "personalized_accuracy_per_client"}
+             "worst_client": "personalized_accuracy_per_client"}
 TUNE_KEYS = ("maximize", "trials", "search", "space", "pruner_startup_trials", "pruner_warmup_rounds", "seeds")
 
 
@@ -154,8 +162,16 @@ def _value(weights: dict[str, float], values: dict[str, float | None]) -> float 
     return sum(w * values[k] for k, w in weights.items()) / sum(weights.values())
 
 
+def prunes(weights: dict[str, float]) -> bool:
+    """Whether trials of this objective are pruned: only where every part of it has a per-round value."""
+    return all(k in ROUND_KEY for k in weights)
+
+
 def round_value(weights: dict[str, float], row: dict) -> float | None:
-    """The objective on one round's metrics (pruning compares trials on this, round by round)."""
+    """The objective on one round's metrics (pruning compares trials on this, round by round); None where
+    the objective has no per-round value (``prunes``)."""
+    if not prunes(weights):
+        return None
     values = {k: row.get(ROUND_KEY[k]) for k in weights}
     if "worst_client" in weights:
         present = [a for a in values["worst_client"] or [] if a is not None]
@@ -246,6 +262,11 @@ def make_study(toml_path: str | Path | None = None, overrides: dict[str, Any] | 
         raise ConfigError("tune: trials >= 1, pruner_startup_trials >= 0 and pruner_warmup_rounds >= 0 needed")
     if "kstep" in study.objective and cfg.kstep == 0:
         raise ConfigError("tune maximize 'kstep' needs kstep > 0 in the config")
+    if "global" in study.objective and cfg.partition == "own" and not has_local_split(cfg, "val"):
+        raise ConfigError(f"tune maximize 'global' with partition='own' needs the server's own validation rows, "
+                          f"val.csv[.gz] in data_dir ({cfg.resolved_data_dir() or 'none set'}): without them the "
+                          "global validation set would be the union of the clients' rows, which the server never "
+                          "holds (the personalized, worst_client and kstep objectives need none)")
     study.config({})  # the base config itself must be valid for a validation run
     return study
 
@@ -285,8 +306,11 @@ def _open(study: Study, out: Path):
 def make_pruner(study: Study):
     """Median pruning: a trial whose objective at round r is below the median of the finished trials' at
     round r stops, once ``pruner_startup_trials`` trials finished and from round ``pruner_warmup_rounds
-    + 1`` on (Optuna counts steps from 0 and prunes at ``step >= n_warmup_steps``; rounds count from 1)."""
+    + 1`` on (Optuna counts steps from 0 and prunes at ``step >= n_warmup_steps``; rounds count from 1).
+    None for an objective without per-round values (K-step accuracy): every trial runs to the end."""
     optuna = _optuna()
+    if not prunes(study.objective):
+        return optuna.pruners.NopPruner()
     return optuna.pruners.MedianPruner(n_startup_trials=study.pruner_startup_trials,
                                        n_warmup_steps=study.pruner_warmup_rounds + 1)
 
@@ -398,6 +422,8 @@ def tune(out: str | Path, trials: int | None = None, toml_path: str | Path | Non
     done = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     if done < study.trials:
         log.info("tune: %d of %d trials done; running %d", done, study.trials, study.trials - done)
+        if not prunes(study.objective):
+            log.info("tune: %s", pruning_note(study))
         optuna_study.optimize(_objective(study, out, progress), n_trials=study.trials - done, timeout=timeout)
     return write_outputs(study, optuna_study, out, command)
 
@@ -466,15 +492,23 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def pruning_note(study: Study) -> str:
+    """How the study prunes, in words (the log and report.md)."""
+    if not prunes(study.objective):
+        return ("no pruning (the objective includes K-step accuracy, measured only after the last round; the "
+                "per-round zero-shot accuracy is not a stand-in for it)")
+    return (f"median pruning once {study.pruner_startup_trials} trials finished, from round "
+            f"{study.pruner_warmup_rounds + 1} on")
+
+
 def _report(study: Study, optuna_study, result: dict, pngs: list[str], command: str, out: Path) -> str:
     lines = [f"# fedslip tune: {study.base['method']}", ""]
     if command:
         lines += ["```bash", command, "```", ""]
     lines += [f"Objective (validation rows): {json.dumps(study.objective)}; space: "
               f"{'; '.join(p.describe() for p in study.space)}; TPE sampler (seeded by the config's seed "
-              f"{study.config({}).seed}), median pruning once {study.pruner_startup_trials} trials finished, from "
-              f"round {study.pruner_warmup_rounds + 1} on; validation seeds {study.run_seeds()} (a trial's value is "
-              f"their mean). Trials: {result['states']}.", "",
+              f"{study.config({}).seed}), {pruning_note(study)}; validation seeds {study.run_seeds()} (a trial's "
+              f"value is their mean). Trials: {result['states']}.", "",
               f"**Best: trial {result['best_trial']}**, objective {100 * result['best_value']:.2f}, "
               f"{json.dumps(result['best_params'])} -> [best.toml](best.toml)", "",
               "| trial | state | " + " | ".join(p.name for p in study.space)

@@ -8,10 +8,12 @@ A new case is one row in ``CASES``: (id, argv after ``fedslip``, text the error 
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from fedslip.cli import main
@@ -40,7 +42,24 @@ CASES = [
      "linear modules are: classifier, dense, key, query, value"),
     ("method-not-a-preset", "run --out {out} --method fedsl1p", "invalid choice: 'fedsl1p' (choose from"),
     ("compare-seeds-not-integers", "compare --seeds 0,abc --out {out}", "argument --seeds"),
+    ("data-dir-gz-damaged", RUN.replace("{data}", "{tmp}/damaged_data"),
+     "train.csv.gz is a damaged gzip file"),
+    ("own-file-gz-damaged", f"{RUN} --partition own --client-data {{tmp}}/damaged.csv.gz,{{tmp}}/damaged.csv.gz",
+     "damaged.csv.gz is a damaged gzip file"),
+    ("kstep-on-a-test-split-run", "kstep --run {out} --steps 5", "was evaluated on the test split"),
+    ("resume-with-an-experiment-key", "run --resume {out} --lr 0.1",
+     "--resume continues the run's experiment: lr cannot change"),
 ]
+
+
+def damage_gzip(csv: Path, target: Path) -> Path:
+    """``csv`` gzipped with its deflate stream damaged right after the gzip header: the header is valid, the
+    decompressor fails inside the stream (``zlib.error``, not the ``EOFError`` of a truncated file)."""
+    packed = bytearray(gzip.compress(csv.read_bytes(), mtime=0))
+    for i in range(30, 38):
+        packed[i] ^= 0xFF
+    target.write_bytes(bytes(packed))
+    return target
 
 
 @pytest.fixture
@@ -57,6 +76,10 @@ def inputs(tmp_path, data_dir):
     broken = tmp_path / "broken_backbone"
     shutil.copytree(embedded_model_dir(), broken, ignore=shutil.ignore_patterns("model.safetensors", "1_Pooling"))
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    (tmp_path / "damaged_data").mkdir()
+    damage_gzip(data_dir / "train.csv", tmp_path / "damaged_data" / "train.csv.gz")
+    shutil.copy(data_dir / "test.csv", tmp_path / "damaged_data" / "test.csv")
+    damage_gzip(data_dir / "train.csv", tmp_path / "damaged.csv.gz")
     return {"out": out, "data": data_dir, "tmp": tmp_path, "keep": keep}
 
 
@@ -129,3 +152,89 @@ def test_a_relative_data_directory_is_recorded_as_an_absolute_path(tiny_cfg, dat
     fedslip.run(tiny_cfg(rounds=1, data_dir=data_dir.name, num_clients=2), tmp_path / "run", progress=False)
     monkeypatch.chdir(tmp_path)
     assert fedslip.load_config(tmp_path / "run" / "config.toml").data_dir == str(data_dir.resolve())
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory, data_dir):
+    """A finished one-round run recorded for ``fedslip audit`` (4 classes), and public files for its shadow
+    attack: a damaged .csv.gz, one lacking class 3 (classes 0-2 only), one of class 0 alone."""
+    import fedslip
+
+    root = tmp_path_factory.mktemp("audited")
+    cfg = fedslip.make_config(dict(method="fedavg_lora", backbone="tiny", data_dir=str(data_dir), rounds=1,
+                                   num_clients=2, samples_per_client=32, test_samples_per_client=16,
+                                   global_test_samples=64, batch_size=16, kstep=0, precision="fp32", audit=True))
+    fedslip.run(cfg, root / "run", progress=False, log=False)
+    train = pd.read_csv(data_dir / "train.csv", keep_default_na=False)
+    train[train.label < 3].to_csv(root / "classes012.csv", index=False)
+    train[train.label == 0].to_csv(root / "class0.csv", index=False)
+    damage_gzip(data_dir / "train.csv", root / "damaged.csv.gz")
+    return root
+
+
+AUDIT_CASES = [
+    ("public-gz-damaged", "--public-data {root}/damaged.csv.gz", "damaged.csv.gz is a damaged gzip file"),
+    ("public-lacks-class-3", "--public-data {root}/classes012.csv", "has no rows of class 3 (Sci/Tech)"),
+    ("public-class-0-only", "--public-data {root}/class0.csv", "has no rows of classes 1 (Sports), 2 (Business), "
+     "3 (Sci/Tech)"),
+    ("shadow-skew-above-1", "--public-data {root}/classes012.csv --shadow-skew 1.5", "--shadow-skew must be in (0, 1]"),
+    ("shadow-skew-negative", "--public-data {root}/classes012.csv --shadow-skew -1", "--shadow-skew must be in (0, 1]"),
+    ("shadow-per-class-0", "--public-data {root}/classes012.csv --shadow-per-class 0",
+     "--shadow-per-class must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("flags, needle", [c[1:] for c in AUDIT_CASES], ids=[c[0] for c in AUDIT_CASES])
+def test_bad_audit_input_is_one_clear_error_and_the_run_is_untouched(audited, capsys, flags, needle):
+    run = audited / "run"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    rc = main(["audit", str(run), *flags.format(root=audited).split()])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert rc == 2, err
+    assert len(errors) == 1 and needle in errors[0], err
+    assert "Traceback" not in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # no audit.json either
+
+
+def test_compare_method_and_seed_are_its_methods_and_seeds():
+    """``compare --method X`` (singular) once set the config key ``method``, which compare replaces with each
+    of its methods: the three default methods ran. It is ``--methods X``; ``--seed 3`` is ``--seeds 3``."""
+    from fedslip.cli import build_parser, config_overrides
+
+    args = build_parser().parse_args(["compare", "--method", "fedper", "--seed", "3", "--out", "x"])
+    assert (args.methods, args.seeds) == ("fedper", [3])
+    assert "method" not in config_overrides(args) and "seed" not in config_overrides(args)
+
+
+def _stopped_by_health(root: Path, data_dir: Path, command: str) -> list[str]:
+    """``fedslip run`` (or ``compare``) at lr 1e-9 with --strict-health: round 2 fails its health checks (the
+    global track at chance) and the run stops after its checkpoint, exit code 3."""
+    args = [command, "--method" if command == "run" else "--methods", "fedavg_lora", "--backbone", "tiny",
+            "--data-dir", str(data_dir), "--rounds", "3", "--num-clients", "2", "--samples-per-client", "32",
+            "--test-samples-per-client", "16", "--global-test-samples", "64", "--batch-size", "16", "--kstep", "0",
+            "--precision", "fp32", "--lr", "1e-9", "--out", str(root), "--quiet"]
+    args += ["--seeds", "0"] if command == "compare" else []
+    assert main([*args, "--strict-health"]) == 3
+    return args
+
+
+def test_run_only_keys_change_on_resume(tmp_path, data_dir, capsys):
+    """``run --resume DIR --no-strict-health`` finishes a run that --strict-health stopped; config.toml then
+    records the run-only keys it continued with. Experiment keys are refused (case resume-with-an-experiment-
+    key above)."""
+    import fedslip
+
+    out = tmp_path / "run"
+    _stopped_by_health(out, data_dir, "run")
+    assert main(["run", "--resume", str(out), "--no-strict-health", "--quiet"]) == 0, capsys.readouterr().err
+    assert fedslip.load_config(out / "config.toml").strict_health is False
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3 and (out / "summary.json").is_file()
+
+
+def test_compare_resumes_its_runs_with_the_run_only_keys_given(tmp_path, data_dir, capsys):
+    """A comparison stopped by --strict-health continues with --no-strict-health (it once resumed with strict
+    health on and stopped again, exit code 3)."""
+    args = _stopped_by_health(tmp_path / "cmp", data_dir, "compare")
+    assert main([*args, "--no-strict-health"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "cmp" / "fedavg_lora-seed0" / "summary.json").is_file()

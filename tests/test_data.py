@@ -66,3 +66,14 @@ def test_missing_directory_and_split(tmp_path):
     write(tmp_path / "train.csv", "label,title,description\n1,a,b\n")
     with pytest.raises(DataError, match="no test.csv"):
         load_splits(make_config({"data_dir": str(tmp_path)}))
+
+
+def test_read_csv_split_is_the_only_reader_of_data_files():
+    """Every data file (a data directory's splits, a client's own file, the audit's public rows) goes through
+    ``read_csv_split``, so each damaged file gets its one-line error (tests/test_bad_inputs.py)."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "fedslip"
+    readers = {str(p.relative_to(package)) for p in package.rglob("*.py")
+               if "read_csv(" in p.read_text() or "gzip.open(" in p.read_text()}
+    assert readers == {"data.py"} and Path(package / "data.py").read_text().count("read_csv(") == 1

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 import fedslip
+from fedslip.cli import main
 from fedslip.config import ConfigError
 from fedslip.data import DataError, read_own_file
 from fedslip.experiment import prepare
@@ -99,8 +100,6 @@ def test_own_config_refusals(tiny_cfg, tmp_path, operator_dir):
         tiny_cfg(client_data=["a.csv", "b.csv"], num_clients=2)
     with pytest.raises(ConfigError, match="client_data names 1 files for num_clients=2"):
         tiny_cfg(partition="own", client_data=["a.csv"], num_clients=2)
-    with pytest.raises(ConfigError, match="partition='own' evaluates on test rows only"):
-        tiny_cfg(partition="own", eval_split="val", val_samples_per_client=4)
     with pytest.raises(ConfigError, match="needs client_data: one file per client"):
         fedslip.run(tiny_cfg(partition="own", data_dir=str(operator_dir)), tmp_path / "run", progress=False)
     with pytest.raises(DataError, match="client data file .*missing.csv does not exist"):
@@ -125,6 +124,40 @@ def test_embedded_run_on_own_files(tmp_path, data_dir, operator_dir):
     assert summary["personalized_global_test_accuracy"] is None
     assert summary["global_accuracy"] is not None
     assert all(a is not None for a in summary["personalized_accuracy_per_client"])
+
+
+def test_tune_on_own_data_validates_on_rows_each_client_carves_from_its_own_file(tmp_path, data_dir, operator_dir,
+                                                                                  capsys):
+    """`fedslip tune` on own data (it was refused: eval_split='val' was taken for a union of the clients' rows):
+    each client measures its model on validation rows split off its own file; the global objective needs the
+    server's own val.csv, and a validation run never opens the server's test split."""
+    files = write_org_files(tmp_path / "orgs", data_dir)
+    tune = ["tune", "--method", "fedavg_lora", "--backbone", "tiny", "--partition", "own", "--data-dir",
+            str(operator_dir), "--client-data", ",".join(map(str, files)), "--num-clients", "2", "--rounds", "1",
+            "--samples-per-client", "32", "--test-samples-per-client", "16", "--global-test-samples", "64",
+            "--batch-size", "16", "--kstep", "0", "--precision", "fp32", "--trials", "1", "--quiet"]
+    test_split = str((operator_dir / "test.csv").resolve())
+    with opened() as files_opened:
+        assert main([*tune, "--out", str(tmp_path / "study")]) == 0  # maximize personalized
+    assert test_split not in files_opened
+    run = tmp_path / "study" / "trials" / "0000"
+    cfg = fedslip.load_config(run / "config.toml")
+    assert cfg.eval_split == "val" and cfg.val_samples_per_client == 16
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_accuracy"] is None and summary["personalized_accuracy"] is not None
+    for cid, path in enumerate(files):  # each client's floor is that of the validation rows of its own file
+        labels = read_own_file(cfg, path).labels[own_rows(cfg, cid, 80, str(path)).val]
+        assert summary["majority_floor_per_client"][cid] == pytest.approx(np.bincount(labels).max() / len(labels))
+    assert main([*tune, "--out", str(tmp_path / "global"), "--maximize", "global"]) == 2
+    assert "needs the server's own validation rows, val.csv" in capsys.readouterr().err
+    assert not (tmp_path / "global").exists()
+    (operator_dir / "val.csv").write_bytes((data_dir / "test.csv").read_bytes())  # the server's validation rows
+    with opened() as files_opened:
+        assert main([*tune, "--out", str(tmp_path / "global"), "--maximize", "global"]) == 0
+    assert str((operator_dir / "val.csv").resolve()) in files_opened and test_split not in files_opened
+    trial = tmp_path / "global" / "trials" / "0000"
+    assert json.loads((trial / "summary.json").read_text())["global_accuracy"] is not None
+    assert len(json.loads((trial / "partition.json").read_text())["global_test"]) == 64  # rows of val.csv
 
 
 def test_server_and_client_sides_open_only_their_own_files(tmp_path, data_dir, operator_dir):
@@ -230,7 +263,7 @@ def test_a_client_whose_file_changed_is_refused_on_resume_and_kstep(tmp_path, da
     out = tmp_path / "run"
     fedslip.run(own_cfg(operator_dir, files), out, progress=False)
     assert all((out / "clients" / str(c) / "rows.json").is_file() for c in range(2))
-    assert fedslip.kstep(out, steps=1)["kstep_accuracy"] is not None  # same rows: fine
+    assert fedslip.kstep(out, steps=1, allow_test=True)["kstep_accuracy"] is not None  # same rows: fine
     unfinished = tmp_path / "unfinished"  # resume re-evaluates the last round
     shutil.copytree(out, unfinished)
     (unfinished / "summary.json").unlink()
@@ -241,9 +274,9 @@ def test_a_client_whose_file_changed_is_refused_on_resume_and_kstep(tmp_path, da
         fedslip.resume(unfinished, progress=False)
     assert not (unfinished / "summary.json").exists()
     with pytest.raises(RoundFailed, match="client 1: its rows are not the ones"):
-        fedslip.kstep(out, steps=1)
+        fedslip.kstep(out, steps=1, allow_test=True)
     (out / "clients" / "0" / "rows.json").write_text("[]")  # a record that is not one: the same clear error
     with pytest.raises(RoundFailed, match="client 0: its rows are not the ones"):
-        fedslip.kstep(out, steps=1)
+        fedslip.kstep(out, steps=1, allow_test=True)
     files[1].write_bytes(original)
     assert fedslip.resume(unfinished, progress=False)["global_accuracy"] is not None

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import fedslip
 from fedslip import comm
+from fedslip.cli import main
 from fedslip.config import ConfigError
 from fedslip.data import DataError
 from fedslip.experiment import RunDirError
@@ -88,11 +89,17 @@ def test_same_seed_same_results(baseline_run, tmp_path):
 def test_kstep_on_a_finished_run_reproduces_its_kstep_and_changes_nothing(baseline_run, tmp_path):
     out, cfg, summary = baseline_run
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    again = fedslip.kstep(out, cfg.kstep)
+    # K-step is re-run to choose its steps and learning rate: on a test-split run only when asked to
+    with pytest.raises(ConfigError, match=r"was evaluated on the test split .* pass --allow-test"):
+        fedslip.kstep(out, cfg.kstep)
+    assert not (out / "kstep").exists()
+    again = fedslip.kstep(out, cfg.kstep, allow_test=True)
     assert again["kstep_accuracy_per_client"] == summary["kstep_accuracy_per_client"]
     assert json.loads((out / "kstep" / f"steps{cfg.kstep}-lr{cfg.kstep_lr:g}.json").read_text()) == again
-    other = fedslip.kstep(out, 6, lr=0.05)
+    other = fedslip.kstep(out, 6, lr=0.05, allow_test=True)
     assert (out / "kstep" / "steps6-lr0.05.json").is_file() and other["kstep_lr"] == 0.05
+    assert main(["kstep", "--run", str(out), "--steps", "2", "--allow-test"]) == 0
+    assert (out / "kstep" / f"steps2-lr{cfg.kstep_lr:g}.json").is_file()
     assert {p: p.read_bytes() for p in before} == before, "the run's own files are untouched"
     with pytest.raises(ConfigError, match="steps > 0"):
         fedslip.kstep(out, 0)
@@ -103,7 +110,8 @@ def test_kstep_on_a_finished_run_reproduces_its_kstep_and_changes_nothing(baseli
 def test_kstep_lr_is_the_kstep_learning_rate(baseline_run):
     """A K-step at a vanishing learning rate leaves every client at its zero-shot accuracy."""
     out, cfg, summary = baseline_run
-    assert fedslip.kstep(out, 3, lr=1e-12)["kstep_accuracy_per_client"] == summary["personalized_accuracy_per_client"]
+    still = fedslip.kstep(out, 3, lr=1e-12, allow_test=True)
+    assert still["kstep_accuracy_per_client"] == summary["personalized_accuracy_per_client"]
 
 
 def test_centralized_trains_one_model_on_the_union_of_the_clients_rows(tiny_cfg, tmp_path):

@@ -216,3 +216,31 @@ def test_seeds_average_each_trial_over_validation_seeds(tiny_overrides, tmp_path
         tune_mod.tune(out, trials=2, toml_path=config, maximize="personalized", seeds=[3, 5])
     with pytest.raises(ConfigError, match="two or more different validation seeds"):
         tune_mod.tune(tmp_path / "other", trials=1, toml_path=config, seeds=[3])
+
+
+def test_a_kstep_objective_prunes_nothing_on_the_zero_shot_signal(tiny_overrides, tmp_path, monkeypatch):
+    """FedBABU's head stays at its initialization during federation, so its per-round (zero-shot) personalized
+    accuracy is a random head's, whatever the body learned; K-step, which the objective measures, fine-tunes
+    the head. Pruning on the zero-shot value stopped such trials (8 of 12 at ~25%). Here trials 1 and 2 are
+    poor zero-shot and best after K-step (runs stand-ins feeding the round callbacks): none is pruned."""
+    from fedslip import api
+
+    def run(cfg, out, callbacks=(), **kwargs):
+        zero_shot, after_kstep = (0.9, 0.5) if cfg.lr == 0.01 else (0.25, 0.8 if cfg.lr == 0.002 else 0.7)
+        for round_idx in range(1, cfg.rounds + 1):
+            for callback in callbacks:
+                callback({"round": round_idx, "global_accuracy": zero_shot, "personalized_accuracy": zero_shot,
+                          "personalized_accuracy_per_client": [zero_shot] * cfg.num_clients})
+        out.mkdir(parents=True, exist_ok=True)
+        return {"personalized_accuracy": zero_shot, "kstep_accuracy": after_kstep, "wall_seconds": 1.0}
+
+    monkeypatch.setattr(api, "run", run)
+    out = tmp_path / "study"
+    result = tune_mod.tune(out, trials=3, overrides={**tiny_overrides, "method": "fedbabu", "kstep": 5, "lr": 0.01},
+                           maximize="kstep", search=["lr"], pruner_startup_trials=1, pruner_warmup_rounds=0,
+                           enqueue=[{"lr": 0.002}, {"lr": 0.003}])
+    trials = _study(out).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert [t.params["lr"] for t in trials] == [0.01, 0.002, 0.003]
+    assert result["best_params"] == {"lr": 0.002} and result["best_value"] == 0.8
+    assert "no pruning" in (out / "report.md").read_text()
