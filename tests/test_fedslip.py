@@ -399,14 +399,16 @@ def test_dual_naive_transmits_lora_plus_whole_head_and_trains_jointly(tiny_cfg, 
 
 
 def test_prune_per_matrix_and_global_remove_the_smallest_magnitudes():
-    w = {"a": torch.tensor([[0.1, -5.0], [0.3, 4.0]]), "b": torch.tensor([0.2, -0.05, 9.0, 1.0])}
+    """Matrix "a" holds only small weights: per matrix, half of each matrix goes (a keeps its larger half);
+    globally, one threshold over both removes all of "a" and none of "b"."""
+    w = {"a": torch.tensor([[0.1, -0.4], [0.3, 0.2]]), "b": torch.tensor([5.0, -7.0, 9.0, 6.0])}
     m = masking.prune(w, masking.full_mask(w), 0.5, "matrix")
-    assert m["a"].tolist() == [[False, True], [False, True]]
-    assert m["b"].tolist() == [False, False, True, True]
+    assert m["a"].tolist() == [[False, True], [True, False]]
+    assert m["b"].tolist() == [False, True, True, False]
     g = masking.prune(w, masking.full_mask(w), 0.5, "global")
-    assert g["a"].tolist() == [[False, True], [False, True]] and g["b"].tolist() == [False, False, True, True]
-    g2 = masking.prune(w, g, 0.5, "global")  # survivors 5, 4, 9, 1 -> drop 1 and 4
-    assert masking.sparsity(g2) == 0.75 and g2["b"].tolist() == [False, False, True, False]
+    assert g["a"].tolist() == [[False, False], [False, False]] and g["b"].tolist() == [True, True, True, True]
+    g2 = masking.prune(w, g, 0.5, "global")  # survivors 5, -7, 9, 6 -> drop 5 and 6
+    assert masking.sparsity(g2) == 0.75 and g2["b"].tolist() == [False, True, True, False]
     assert masking.step_rate(0.0, 0.5, 0.2) == 0.2
     assert masking.step_rate(0.45, 0.5, 0.2) == pytest.approx(1 - 0.5 / 0.55)
     assert masking.step_rate(0.5, 0.5, 0.2) == 0.0

@@ -59,6 +59,9 @@ def test_loss_not_finite_and_loss_rising_two_rounds():
     assert _symptoms(rising) == ["loss_rising"]
     assert _symptoms(rising[:2]) == []  # one rise is not a trend
     assert _symptoms([_row(1, loss=1.0), _row(2, loss=1.02), _row(3, loss=1.04)]) == []  # noise of a stuck model
+    # RISE_FACTOR = 1.1: overall rises just below and just above it
+    assert _symptoms([_row(1, loss=1.0), _row(2, loss=1.05), _row(3, loss=1.099)]) == []
+    assert _symptoms([_row(1, loss=1.0), _row(2, loss=1.05), _row(3, loss=1.101)]) == ["loss_rising"]
     assert _symptoms([_row(1, loss=1.0), _row(2, loss=1.5), _row(3, loss=1.4)]) == []
 
 
