@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig
 
 import fedslip
 from fedslip import comm, masking
-from fedslip.client import backward_step, evaluate, proximal_term, run_seed, step_schedule, train_local
+from fedslip.client import Client, backward_step, evaluate, proximal_term, run_seed, step_schedule, train_local
 from fedslip.data import eval_batches, train_batches
 from fedslip.experiment import RunDir, build_clients, prepare
 from fedslip.inference import RunModel
@@ -22,7 +22,8 @@ from fedslip.server import Server
 
 @pytest.fixture(scope="module")
 def fedslip_run(tmp_path_factory, data_dir, request):
-    """3 rounds, 3 clients, a private head, every serialized message recorded."""
+    """3 rounds, 3 clients, a private head, every serialized message recorded, and each client's live
+    evaluation of its inference model on its own test rows after the last round (``live_final``: cid -> result)."""
     out = tmp_path_factory.mktemp("runs") / "fedslip"
     cfg = fedslip.make_config(dict(method="fedslip", backbone="tiny", data_dir=str(data_dir), rounds=3,
                                    num_clients=3, samples_per_client=32, test_samples_per_client=16,
@@ -30,18 +31,27 @@ def fedslip_run(tmp_path_factory, data_dir, request):
                                    private_warmup_rounds=0, private_target_sparsity=0.5,
                                    private_prune_rate=0.3, private_head="classifier"))
     messages: list[bytes] = []
-    original = comm.encode
+    live_final: dict[int, dict] = {}
+    original, original_evaluate = comm.encode, Client.evaluate
+
+    def evaluate(self, payload, views=(None,), after_round=float("inf")):
+        results = original_evaluate(self, payload, views, after_round)
+        if after_round == cfg.rounds and None in views:
+            live_final[self.cid] = results[list(views).index(None)]
+        return results
+
     mp = pytest.MonkeyPatch()
     mp.setattr(comm, "encode", lambda tensors: messages.append(original(tensors)) or messages[-1])
+    mp.setattr(Client, "evaluate", evaluate)
     try:
         summary = fedslip.run(cfg, out, progress=False)
     finally:
         mp.undo()
-    return out, cfg, summary, messages
+    return out, cfg, summary, messages, live_final
 
 
 def test_no_message_carries_a_private_tensor(fedslip_run):
-    out, cfg, summary, messages = fedslip_run
+    out, cfg, summary, messages, _ = fedslip_run
     assert len(messages) >= cfg.rounds * cfg.num_clients
     private_values = [t for c in range(cfg.num_clients)
                       for t in load_file(out / "clients" / str(c) / "private.safetensors").values()]
@@ -55,7 +65,7 @@ def test_no_message_carries_a_private_tensor(fedslip_run):
 
 
 def test_fedslip_sends_exactly_the_baseline_bytes(fedslip_run, tmp_path):
-    out, cfg, summary, _ = fedslip_run
+    out, cfg, summary, *_ = fedslip_run
     base = fedslip.run(fedslip.make_config({**cfg.to_dict(), "method": "fedavg_lora", "private_track": False,
                                             "objective": "global_only", "private_head": "none",
                                             "private_phase": "interleaved",
@@ -81,7 +91,7 @@ def test_private_state_stays_in_the_client_directories(fedslip_run):
 
 
 def test_mask_is_binary_reaches_target_on_schedule_and_zeros_stay_zero(fedslip_run):
-    out, cfg, summary, _ = fedslip_run
+    out, cfg, summary, *_ = fedslip_run
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # prune 30% of the survivors per round, capped at 50%: 0.3, 0.5 (capped), 0.5
     expected = [0.3, 0.5, 0.5]
@@ -319,7 +329,7 @@ def test_warmup_round_leaves_the_fresh_private_track_untouched(tiny_cfg, tmp_pat
 
 
 def test_each_clients_personalized_model_is_also_measured_on_the_global_test_set(fedslip_run):
-    out, cfg, summary, _ = fedslip_run
+    out, cfg, summary, *_ = fedslip_run
     setup = prepare(cfg)
     for c in range(cfg.num_clients):
         model = RunModel(out, client=c)
@@ -331,13 +341,22 @@ def test_each_clients_personalized_model_is_also_measured_on_the_global_test_set
     assert summary["worst_client_personalized_accuracy"] == min(summary["personalized_accuracy_per_client"])
 
 
-def test_restored_private_state_gives_identical_logits(fedslip_run):
-    out, cfg, *_ = fedslip_run
+def test_restored_private_state_gives_the_live_runs_loss(fedslip_run):
+    """A client's model read back from the run directory (global.safetensors + its private state) scores its
+    test rows with the loss the live run measured after the last round, to rel 1e-6: the files hold the
+    state the run ended with, not merely a state that loads."""
+    out, cfg, *_, live = fedslip_run
+    assert sorted(live) == list(range(cfg.num_clients))
+    setup = prepare(cfg)
+    for cid in range(cfg.num_clients):
+        restored = RunModel(out, client=cid)  # a fresh backbone, state read back from files
+        result = evaluate(restored.model, setup.tokenizer, setup.clients[cid].test, restored.tracks,
+                          cfg.eval_batch_size, cfg.num_labels)
+        assert result["loss"] == pytest.approx(live[cid]["loss"], rel=1e-6), cid
+        assert result["accuracy"] == live[cid]["accuracy"]
     texts = ["stocks profit market news", "team coach match"]
     a = RunModel(out, client=1).logits(texts)
-    b = RunModel(out, client=1).logits(texts)  # a fresh backbone, state read back from files
     g = RunModel(out, client=1, use_private=False).logits(texts)
-    assert torch.equal(a, b)
     assert not torch.allclose(a, g), "the private track must matter for the personalized prediction"
 
 
