@@ -172,36 +172,37 @@ def test_truncated_checkpoint_is_one_clear_error_naming_the_file(uninterrupted, 
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "nothing may be overwritten"
 
 
-def test_truncated_private_state_names_the_file(uninterrupted, tmp_path):
-    full, _ = uninterrupted
-    out = tmp_path / "copy"
-    subprocess.run(["cp", "-r", str(full), str(out)], check=True)
-    private = out / "clients" / "1" / "private.safetensors"
-    private.write_bytes(private.read_bytes()[:50])
-    with pytest.raises(StateFileError, match="private.safetensors"):
-        RunModel(out, client=1)
-
-
 def rewrite_state(path, change):
     tensors = load_file(path)
     name = sorted(tensors)[0]
     save_file({**tensors, name: change(tensors[name])}, path, metadata=safe_open(path, "pt").metadata())
 
 
-@pytest.mark.parametrize("what, change, needle", [
-    ("private", lambda t: torch.full_like(t, float("nan")), "holds NaN or Inf"),
-    ("private", lambda t: torch.zeros(3, 3), "has shape (3, 3)"),
-    ("mask", lambda t: torch.full_like(t, 7), "values other than 0 and 1"),
-])
-def test_tampered_private_state_is_refused_naming_the_file(uninterrupted, tmp_path, what, change, needle):
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:50])
+
+
+@pytest.mark.parametrize("what, damage, needle", [
+    ("private", truncate, "is not a readable safetensors file"),
+    ("private", lambda p: rewrite_state(p, lambda t: torch.full_like(t, float("nan"))), "holds NaN or Inf"),
+    ("private", lambda p: rewrite_state(p, lambda t: torch.zeros(3, 3)), "has shape (3, 3)"),
+    ("mask", lambda p: rewrite_state(p, lambda t: torch.full_like(t, 7)), "values other than 0 and 1"),
+], ids=["truncated", "nan", "shape", "mask"])
+def test_damaged_private_state_stops_the_resume_and_predict_naming_the_file(uninterrupted, tmp_path, what, damage,
+                                                                            needle):
+    """Client 1's own state file truncated or tampered with: the resume stops with one error naming the client,
+    the file and the fault, and writes no summary (the client is not silently dropped or reset); predict refuses
+    the damaged private track the same way."""
     full, _ = uninterrupted
     out = unfinished_copy(full, tmp_path)
     path = out / "clients" / "1" / f"{what}.safetensors"
-    rewrite_state(path, change)
-    with pytest.raises(StateFileError, match=re.escape(f"{path}") + ".*" + re.escape(needle)):
+    damage(path)
+    names_it = re.escape(f"{path}") + ".*" + re.escape(needle)
+    with pytest.raises(StateFileError, match="client 1 cannot read its own state.*" + names_it):
         fedslip.resume(out, progress=False)
+    assert not (out / "summary.json").exists()
     if what == "private":
-        with pytest.raises(StateFileError, match=re.escape(needle)):
+        with pytest.raises(StateFileError, match=names_it):
             RunModel(out, client=1)
 
 
@@ -408,16 +409,6 @@ def test_a_client_failing_evaluation_is_recorded_not_fatal(tiny_cfg, tmp_path, m
 def test_a_complete_run_says_so(uninterrupted):
     _, summary = uninterrupted
     assert summary["complete"] is True and summary["client_failures"] == []
-
-
-def test_a_client_whose_own_state_is_corrupt_stops_the_resume_naming_the_file(uninterrupted, tmp_path):
-    full, _ = uninterrupted
-    out = unfinished_copy(full, tmp_path)
-    private = out / "clients" / "1" / "private.safetensors"
-    private.write_bytes(private.read_bytes()[:50])
-    with pytest.raises(StateFileError, match=r"client 1 cannot read its own state.*clients/1/private.safetensors"):
-        fedslip.resume(out, progress=False)
-    assert not (out / "summary.json").exists()
 
 
 def test_aggregation_is_flower_strategies(tiny_cfg):
