@@ -48,16 +48,19 @@ def test_bias_attack_finds_obvious_dominant_classes_and_cannot_run_without_the_h
 
 def test_shadow_attack_reads_dominant_classes_from_the_body_where_the_head_stays_local(tiny_cfg, tmp_path, capsys):
     """fedper keeps the head on the clients (no bias to read); the attack learned on shadow clients the server
-    trains from public rows still finds each client's only class from its LoRA change."""
+    trains from public rows still finds each client's only class from its LoRA change. Round 1 only, where the
+    clients and the shadows train from the same initial track: measured, each client's change is closest to its
+    own class's centroid with the runner-up at most 0.45 of the best similarity (round 2, from an aggregate the
+    clients pulled apart, has runners-up within 0.1 of the best and a miss: no margin to test on)."""
     from conftest import write_agnews_like
 
     public = write_agnews_like(tmp_path / "public", seed=1) / "train.csv"
-    cfg = tiny_cfg(method="fedper", rounds=2, dominant_fraction=1.0, audit=True)
+    cfg = tiny_cfg(method="fedper", rounds=1, dominant_fraction=1.0, audit=True)
     fedslip.run(cfg, tmp_path / "fedper", progress=False, log=False)
     assert audit(tmp_path / "fedper")["available"] is False
     result = audit(tmp_path / "fedper", public_data=public)["shadow"]
-    assert result["available"] and result["guesses"] == 2 * cfg.num_clients and result["chance"] == 0.25
-    assert result["accuracy"] >= 0.75, result  # far above chance
+    assert result["available"] and result["guesses"] == cfg.num_clients and result["chance"] == 0.25
+    assert result["accuracy"] == 1.0, result  # every client's class (chance: 0.25)
     saved = json.loads((tmp_path / "fedper" / "audit" / "audit.json").read_text())
     assert saved["shadow"] == result
     assert main(["audit", str(tmp_path / "fedper"), "--public-data", str(public)]) == 0

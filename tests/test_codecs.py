@@ -89,13 +89,17 @@ def test_row_scales_are_tighter_than_tensor_scales_on_rows_of_different_magnitud
 @pytest.mark.parametrize("name", ["topk", "topk+int8", "int4"])
 def test_error_feedback_makes_the_sum_of_sent_updates_track_the_sum_of_true_updates(name):
     """With the residual fed back, sum(sent) = sum(true) - residual: the gap stays bounded; without it
-    the gap grows with every round."""
+    the gap grows with every round (top-k loses 90% of each update, int4 adds a rounding error per round)."""
     codec = Codec(name, topk_fraction=0.1)
     layout = codecs.layout_of(sample_update())
     true_sum = {n: torch.zeros(s) for n, s in layout.items()}
     sent_ef, sent_plain = dict(true_sum), dict(true_sum)
     residual = dict(true_sum)
-    gaps_ef, gaps_plain = [], []
+    gaps_ef, gaps_plain = [], []  # ||sum(true) - sum(sent)||, with and without error feedback
+
+    def gap(sent_sum):
+        return math.sqrt(sum(float(((true_sum[n] - sent_sum[n]) ** 2).sum()) for n in layout))
+
     for t in range(60):
         update = {n: u + 0.2 for n, u in sample_update(t).items()}  # a drift every round, as in training
         true_sum = codecs.apply(true_sum, update)
@@ -107,12 +111,15 @@ def test_error_feedback_makes_the_sum_of_sent_updates_track_the_sum_of_true_upda
         sent_plain = codecs.apply(sent_plain, plain)
         for n in layout:  # the identity error feedback rests on, every round
             assert torch.allclose(sent_ef[n] + residual[n], true_sum[n], atol=1e-4)
-        norm = math.sqrt(sum(float((v ** 2).sum()) for v in true_sum.values()))
-        gaps_ef.append(math.sqrt(sum(float(((true_sum[n] - sent_ef[n]) ** 2).sum()) for n in layout)) / norm)
-        gaps_plain.append(math.sqrt(sum(float(((true_sum[n] - sent_plain[n]) ** 2).sum()) for n in layout)) / norm)
-    assert gaps_ef[-1] < 0.1 and gaps_ef[-1] < gaps_ef[9]  # relative gap shrinks as the sums grow
+        gaps_ef.append(gap(sent_ef))
+        gaps_plain.append(gap(sent_plain))
+    norm = math.sqrt(sum(float((v ** 2).sum()) for v in true_sum.values()))
+    assert gaps_ef[-1] / norm < 0.1  # what error feedback has not sent yet is a small part of the sum
+    # measured (topk, int4): the gap with feedback ~31, ~1.9 from round 10 on; without it 57 -> 288, 5.4 -> 12.4
+    assert gaps_ef[-1] <= 1.5 * gaps_ef[9], gaps_ef  # bounded
+    assert gaps_plain[-1] >= 1.5 * gaps_plain[9] and gaps_plain[-1] >= 4 * gaps_ef[-1], gaps_plain  # grows
     if codec.sparse:
-        assert gaps_plain[-1] > 0.5  # without feedback 90% of every update is lost for good
+        assert gaps_plain[-1] / norm > 0.5  # without feedback 90% of every update is lost for good
 
 
 def test_a_client_keeps_what_it_did_not_send_and_adds_it_to_its_next_update(tiny_cfg, tmp_path):
@@ -265,16 +272,19 @@ def test_compressed_runs_measure_fewer_bytes_on_the_wire(codec_runs):
 
 def test_no_compressed_message_carries_a_private_tensor(codec_runs):
     out, runs, messages = codec_runs
-    clients = out / "topk+int8" / "clients"
-    private_values = [t for c in range(3) for t in comm.decode((clients / str(c) / "private.safetensors").read_bytes()
-                                                               ).values()]
     packed = [p for p in messages if comm.read(p)[1].get("codec") == "topk+int8"]
     assert len(packed) >= 3 * 3
+    # a packed payload has no tensor names: what it carries is named by its layout digest, which must be the
+    # global track's (names and shapes), and its buffers must decode against that layout and no other
+    global_layout = codecs.layout_of(comm.decode((out / "topk+int8" / "global.safetensors").read_bytes()))
+    assert global_layout and not any(f".{PRIVATE}." in n for n in global_layout)
+    codec = codecs.of(fedslip.load_config(out / "topk+int8" / "config.toml"), "upload")
     for payload in packed:
         wire, meta = comm.read(payload)
         assert set(wire) == {"codes", "lo", "scale", "mask"}  # flat buffers of the global track's layout only
-        assert not any(f".{PRIVATE}." in n for n in wire)
-        assert not any(t.shape == v.shape and torch.equal(t.float(), v) for v in wire.values() for t in private_values)
+        assert meta["layout"] == codecs.layout_digest(global_layout)
+        update, _, _ = codecs.unpack(payload, codec, global_layout)
+        assert update.keys() == global_layout.keys()
     assert runs["topk+int8"]["private_bytes_transmitted"] == 0
 
 

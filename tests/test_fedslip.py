@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig
 
 import fedslip
 from fedslip import comm, masking
-from fedslip.client import backward_step, evaluate, proximal_term, run_seed, step_schedule, train_local
+from fedslip.client import Client, backward_step, evaluate, proximal_term, run_seed, step_schedule, train_local
 from fedslip.data import eval_batches, train_batches
 from fedslip.experiment import RunDir, build_clients, prepare
 from fedslip.inference import RunModel
@@ -22,7 +22,8 @@ from fedslip.server import Server
 
 @pytest.fixture(scope="module")
 def fedslip_run(tmp_path_factory, data_dir, request):
-    """3 rounds, 3 clients, a private head, every serialized message recorded."""
+    """3 rounds, 3 clients, a private head, every serialized message recorded, and each client's live
+    evaluation of its inference model on its own test rows after the last round (``live_final``: cid -> result)."""
     out = tmp_path_factory.mktemp("runs") / "fedslip"
     cfg = fedslip.make_config(dict(method="fedslip", backbone="tiny", data_dir=str(data_dir), rounds=3,
                                    num_clients=3, samples_per_client=32, test_samples_per_client=16,
@@ -30,18 +31,27 @@ def fedslip_run(tmp_path_factory, data_dir, request):
                                    private_warmup_rounds=0, private_target_sparsity=0.5,
                                    private_prune_rate=0.3, private_head="classifier"))
     messages: list[bytes] = []
-    original = comm.encode
+    live_final: dict[int, dict] = {}
+    original, original_evaluate = comm.encode, Client.evaluate
+
+    def evaluate(self, payload, views=(None,), after_round=float("inf")):
+        results = original_evaluate(self, payload, views, after_round)
+        if after_round == cfg.rounds and None in views:
+            live_final[self.cid] = results[list(views).index(None)]
+        return results
+
     mp = pytest.MonkeyPatch()
     mp.setattr(comm, "encode", lambda tensors: messages.append(original(tensors)) or messages[-1])
+    mp.setattr(Client, "evaluate", evaluate)
     try:
         summary = fedslip.run(cfg, out, progress=False)
     finally:
         mp.undo()
-    return out, cfg, summary, messages
+    return out, cfg, summary, messages, live_final
 
 
 def test_no_message_carries_a_private_tensor(fedslip_run):
-    out, cfg, summary, messages = fedslip_run
+    out, cfg, summary, messages, _ = fedslip_run
     assert len(messages) >= cfg.rounds * cfg.num_clients
     private_values = [t for c in range(cfg.num_clients)
                       for t in load_file(out / "clients" / str(c) / "private.safetensors").values()]
@@ -55,7 +65,7 @@ def test_no_message_carries_a_private_tensor(fedslip_run):
 
 
 def test_fedslip_sends_exactly_the_baseline_bytes(fedslip_run, tmp_path):
-    out, cfg, summary, _ = fedslip_run
+    out, cfg, summary, *_ = fedslip_run
     base = fedslip.run(fedslip.make_config({**cfg.to_dict(), "method": "fedavg_lora", "private_track": False,
                                             "objective": "global_only", "private_head": "none",
                                             "private_phase": "interleaved",
@@ -81,7 +91,7 @@ def test_private_state_stays_in_the_client_directories(fedslip_run):
 
 
 def test_mask_is_binary_reaches_target_on_schedule_and_zeros_stay_zero(fedslip_run):
-    out, cfg, summary, _ = fedslip_run
+    out, cfg, summary, *_ = fedslip_run
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # prune 30% of the survivors per round, capped at 50%: 0.3, 0.5 (capped), 0.5
     expected = [0.3, 0.5, 0.5]
@@ -220,6 +230,24 @@ def test_fedprox_adds_exactly_mu_times_the_drift_on_every_step(tiny_cfg, method)
             sgd.step()
 
 
+def test_client_fit_pulls_the_global_track_toward_the_received_one_by_fedprox_mu(tiny_cfg, tmp_path):
+    """The real path (Client.fit): the same client and data, 8 local steps from a received global track away
+    from the backbone's initial one. FedProx pulls the reply toward what was received: measured, the drift
+    ||sent - received|| is ~2.2 at mu 0 and ~0.13 at mu 100 (Adam's steps oscillate around the received
+    track). With mu not handed to the step the two are equal; with another reference (the initial track,
+    zeros) the pull goes elsewhere and the drift grows."""
+    torch.manual_seed(3)
+    drift = {}
+    for mu in (0.0, 100.0):
+        cfg = tiny_cfg(method="fedslip", num_clients=1, local_steps=8, fedprox_mu=mu, private_warmup_rounds=0)
+        setup, client = single_client(cfg, tmp_path / f"mu{mu}")
+        if not drift:
+            received = {n: t + 0.05 * torch.randn_like(t) for n, t in setup.model.global_state().items()}
+        sent = comm.decode(client.fit(comm.encode(received), 1).payload)
+        drift[mu] = float(torch.sqrt(sum(((sent[n] - received[n]) ** 2).sum() for n in received)))
+    assert drift[100.0] < drift[0.0] / 5, drift
+
+
 def test_private_every_k_takes_the_private_step_on_every_kth_batch_only(tiny_cfg, tmp_path):
     cfg = tiny_cfg(method="fedslip", private_warmup_rounds=0, private_target_sparsity=0.0, private_every=2,
                    private_phase="interleaved", num_clients=1)
@@ -301,7 +329,7 @@ def test_warmup_round_leaves_the_fresh_private_track_untouched(tiny_cfg, tmp_pat
 
 
 def test_each_clients_personalized_model_is_also_measured_on_the_global_test_set(fedslip_run):
-    out, cfg, summary, _ = fedslip_run
+    out, cfg, summary, *_ = fedslip_run
     setup = prepare(cfg)
     for c in range(cfg.num_clients):
         model = RunModel(out, client=c)
@@ -313,13 +341,22 @@ def test_each_clients_personalized_model_is_also_measured_on_the_global_test_set
     assert summary["worst_client_personalized_accuracy"] == min(summary["personalized_accuracy_per_client"])
 
 
-def test_restored_private_state_gives_identical_logits(fedslip_run):
-    out, cfg, *_ = fedslip_run
+def test_restored_private_state_gives_the_live_runs_loss(fedslip_run):
+    """A client's model read back from the run directory (global.safetensors + its private state) scores its
+    test rows with the loss the live run measured after the last round, to rel 1e-6: the files hold the
+    state the run ended with, not merely a state that loads."""
+    out, cfg, *_, live = fedslip_run
+    assert sorted(live) == list(range(cfg.num_clients))
+    setup = prepare(cfg)
+    for cid in range(cfg.num_clients):
+        restored = RunModel(out, client=cid)  # a fresh backbone, state read back from files
+        result = evaluate(restored.model, setup.tokenizer, setup.clients[cid].test, restored.tracks,
+                          cfg.eval_batch_size, cfg.num_labels)
+        assert result["loss"] == pytest.approx(live[cid]["loss"], rel=1e-6), cid
+        assert result["accuracy"] == live[cid]["accuracy"]
     texts = ["stocks profit market news", "team coach match"]
     a = RunModel(out, client=1).logits(texts)
-    b = RunModel(out, client=1).logits(texts)  # a fresh backbone, state read back from files
     g = RunModel(out, client=1, use_private=False).logits(texts)
-    assert torch.equal(a, b)
     assert not torch.allclose(a, g), "the private track must matter for the personalized prediction"
 
 
@@ -399,14 +436,16 @@ def test_dual_naive_transmits_lora_plus_whole_head_and_trains_jointly(tiny_cfg, 
 
 
 def test_prune_per_matrix_and_global_remove_the_smallest_magnitudes():
-    w = {"a": torch.tensor([[0.1, -5.0], [0.3, 4.0]]), "b": torch.tensor([0.2, -0.05, 9.0, 1.0])}
+    """Matrix "a" holds only small weights: per matrix, half of each matrix goes (a keeps its larger half);
+    globally, one threshold over both removes all of "a" and none of "b"."""
+    w = {"a": torch.tensor([[0.1, -0.4], [0.3, 0.2]]), "b": torch.tensor([5.0, -7.0, 9.0, 6.0])}
     m = masking.prune(w, masking.full_mask(w), 0.5, "matrix")
-    assert m["a"].tolist() == [[False, True], [False, True]]
-    assert m["b"].tolist() == [False, False, True, True]
+    assert m["a"].tolist() == [[False, True], [True, False]]
+    assert m["b"].tolist() == [False, True, True, False]
     g = masking.prune(w, masking.full_mask(w), 0.5, "global")
-    assert g["a"].tolist() == [[False, True], [False, True]] and g["b"].tolist() == [False, False, True, True]
-    g2 = masking.prune(w, g, 0.5, "global")  # survivors 5, 4, 9, 1 -> drop 1 and 4
-    assert masking.sparsity(g2) == 0.75 and g2["b"].tolist() == [False, False, True, False]
+    assert g["a"].tolist() == [[False, False], [False, False]] and g["b"].tolist() == [True, True, True, True]
+    g2 = masking.prune(w, g, 0.5, "global")  # survivors 5, -7, 9, 6 -> drop 5 and 6
+    assert masking.sparsity(g2) == 0.75 and g2["b"].tolist() == [False, True, True, False]
     assert masking.step_rate(0.0, 0.5, 0.2) == 0.2
     assert masking.step_rate(0.45, 0.5, 0.2) == pytest.approx(1 - 0.5 / 0.55)
     assert masking.step_rate(0.5, 0.5, 0.2) == 0.0

@@ -109,7 +109,8 @@ def test_message_codec_round_trips_and_counts_bytes(in_a_run):
     assert all(wire[k].dtype == sent[k].dtype and torch.equal(wire[k], sent[k]) for k in sent)
     assert result_of(content) == {"loss": 0.5, "none": None, "flag": True}
     message = Message(content, dst_node_id=1, message_type="train")
-    assert message_bytes(message) >= (12 + 8) * 4  # at least the tensor bytes
+    payload = fedslip.comm.encode(tensors)  # what the embedded engine counts for the same tensors
+    assert len(payload) < message_bytes(message) <= len(payload) + 1024  # the tensors plus Flower's framing
 
 
 def test_private_guard_refuses_replies_with_private_tensors(in_a_run):
@@ -147,13 +148,14 @@ def test_flower_simulation_equals_embedded_engine(tmp_path, data_dir, method, co
     assert summary["kstep_accuracy"] is not None
     # Ray's temp dir (its session logs and sockets) is inside the run directory
     assert list((tmp_path / "sim" / ".ray").glob("**/session_*/logs"))
-    # bytes come from Flower's messages: the tensors plus Flower's framing (a few hundred bytes per
-    # message, which matters for compressed payloads), never less
+    # bytes come from Flower's messages: the payloads' tensors plus Flower's framing around each message
+    # (names, dtypes and shapes of its arrays, the config or result record: measured 200-820 bytes on the tiny
+    # backbone, more than the payload's own safetensors header), so more than the embedded count, never less
     emb, sim = rows(tmp_path / "embedded"), rows(tmp_path / "sim")
-    for e, s in zip(emb, sim):
-        framing = 512 * len(e["participants"])
-        assert e["upload_bytes"] * 0.9 < s["upload_bytes"] < e["upload_bytes"] * 1.2 + framing
-        assert e["download_bytes"] * 0.9 < s["download_bytes"] < e["download_bytes"] * 1.2 + framing
+    for e, s in zip(emb, sim, strict=True):
+        framing = 1024 * len(e["participants"])
+        assert e["upload_bytes"] < s["upload_bytes"] <= e["upload_bytes"] + framing
+        assert e["download_bytes"] < s["download_bytes"] <= e["download_bytes"] + framing
 
 
 

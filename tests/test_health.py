@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -59,6 +60,9 @@ def test_loss_not_finite_and_loss_rising_two_rounds():
     assert _symptoms(rising) == ["loss_rising"]
     assert _symptoms(rising[:2]) == []  # one rise is not a trend
     assert _symptoms([_row(1, loss=1.0), _row(2, loss=1.02), _row(3, loss=1.04)]) == []  # noise of a stuck model
+    # RISE_FACTOR = 1.1: overall rises just below and just above it
+    assert _symptoms([_row(1, loss=1.0), _row(2, loss=1.05), _row(3, loss=1.099)]) == []
+    assert _symptoms([_row(1, loss=1.0), _row(2, loss=1.05), _row(3, loss=1.101)]) == ["loss_rising"]
     assert _symptoms([_row(1, loss=1.0), _row(2, loss=1.5), _row(3, loss=1.4)]) == []
 
 
@@ -114,14 +118,28 @@ def _run(tiny_cfg, path, **overrides):
     return cfg, fedslip.run(cfg, path, progress=False, log=False)
 
 
-def test_a_diverging_run_is_flagged(tiny_cfg, tmp_path, caplog):
+def test_a_diverging_run_is_flagged(tiny_cfg, tmp_path, caplog, monkeypatch):
+    """Constructed, not left to a trajectory: the clients report training losses 1.0, 1.3, 1.7 in rounds 1-3 (what
+    a learning rate far too high gives) while lr 1e-9 keeps the global track at its prior. The health entries are
+    logged, written per round to metrics.jsonl, gathered in summary.json and replayed from metrics.jsonl alone."""
+    from fedslip.client import Client
+
+    original = Client.fit
+
+    def fit(self, payload, round_idx):
+        reply = original(self, payload, round_idx)
+        return dataclasses.replace(reply, metrics={**reply.metrics, "train_loss": (1.0, 1.3, 1.7)[round_idx - 1]})
+
+    monkeypatch.setattr(Client, "fit", fit)
     with caplog.at_level("WARNING", logger="fedslip"):
-        _, summary = _run(tiny_cfg, tmp_path / "run", lr=50.0)
-    symptoms = {(e["round"], e["symptom"]) for e in summary["health"]}
-    # lr 50 diverges: the loss rises two rounds running, and the global track sits at or below chance
-    assert (3, "loss_rising") in symptoms and any(s == "global_at_chance" for _, s in symptoms), symptoms
+        _, summary = _run(tiny_cfg, tmp_path / "run", lr=1e-9)
+    symptoms = [(e["round"], e["symptom"]) for e in summary["health"] if e["symptom"] != "client_behind"]
+    assert symptoms == [(2, "global_at_chance"), (3, "loss_rising"), (3, "global_at_chance"),
+                        (3, "personalized_at_floor")]
+    assert next(e for e in summary["health"] if e["symptom"] == "loss_rising")["train_loss"] == [1.0, 1.3, 1.7]
     assert any("loss_rising" in r.getMessage() and "learning rate" in r.getMessage() for r in caplog.records)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in rows] == [1.0, 1.3, 1.7]
     assert [e for row in rows for e in row["health"]] == summary["health"]  # per round, and all in the summary
     assert health.check_history(rows) == summary["health"]  # replayed from metrics.jsonl alone
     assert rows[0]["health"] == []

@@ -67,3 +67,21 @@ def test_more_samples_than_the_data_allows_is_a_clear_error():
         part(samples_per_client=400)
     with pytest.raises(DataError, match="test split"):
         part(test_samples_per_client=200)
+
+
+def test_dirichlet_alpha_sets_the_skew_of_the_rows_each_client_holds():
+    """Dirichlet(alpha) proportions, seen in the rows drawn (not in the partition's own proportions): at
+    alpha 0.05 a client's largest class holds most of its rows (E[max share] ~ 0.9 for 4 classes) and most
+    clients lack some class entirely; at alpha 100 every class share is 0.25 +- 0.1 (its std is 0.02)."""
+    train, test = np.repeat(np.arange(4), 3000), np.repeat(np.arange(4), 1000)
+
+    def shares(alpha):
+        cfg = make_config({"partition": "dirichlet", "dirichlet_alpha": alpha, "num_clients": 10,
+                           "samples_per_client": 100, "test_samples_per_client": 40, "val_samples_per_client": 20,
+                           "global_test_samples": 200})
+        clients = make_partition(cfg, train, test).clients
+        return np.array([np.bincount(train[c.train], minlength=4) / 100 for c in clients])
+
+    skewed, even = shares(0.05), shares(100.0)
+    assert skewed.max(axis=1).mean() >= 0.7 and (skewed.min(axis=1) == 0).sum() >= 5, skewed
+    assert np.abs(even - 0.25).max() <= 0.1, even

@@ -108,9 +108,11 @@ def test_epsilon_is_the_accountants_for_the_same_parameters(tiny_cfg):
 
 
 def test_a_dp_run_reports_epsilon_and_leaves_the_private_track_alone(tiny_cfg, tmp_path):
+    """Local DP: the clients clip and noise their uploads themselves, next to their private tracks; the
+    private track of round 1 (trained from the same global track in both runs) is the plain run's, bit for bit."""
     common = dict(method="fedslip", rounds=2, private_warmup_rounds=0)
     plain = fedslip.run(tiny_cfg(**common), tmp_path / "plain", progress=False, log=False)
-    cfg = tiny_cfg(**common, dp_clip=0.05, dp_noise_multiplier=1.0)
+    cfg = tiny_cfg(**common, dp_clip=0.05, dp_noise_multiplier=1.0, dp_mode="local")
     summary = fedslip.run(cfg, tmp_path / "dp", progress=False, log=False)
     rows = [json.loads(line) for line in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["dp_epsilon"] for r in rows] == [pytest.approx(privacy.epsilon(cfg, r)) for r in (1, 2)]

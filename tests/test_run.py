@@ -133,11 +133,22 @@ def test_centralized_trains_one_model_on_the_union_of_the_clients_rows(tiny_cfg,
         tiny_cfg(method="fedavg_lora", private_head="bias")
 
 
-def test_fraction_fit_samples_clients(tiny_cfg, tmp_path):
-    cfg = tiny_cfg(fraction_fit=0.5, rounds=2)
+def test_fraction_fit_samples_clients(tiny_cfg, tmp_path, monkeypatch):
+    """Each round trains the seeded draw of round(0.5 * 4) = 2 clients, numpy's choice seeded with (seed,
+    round, 101): computed here, and for seed 4 a different pair each round ([2, 3], then [0, 1])."""
+    from fedslip.client import Client
+
+    trained = []
+    original = Client.fit
+    monkeypatch.setattr(Client, "fit", lambda self, payload, r: trained.append((r, self.cid)) or original(
+        self, payload, r))
+    cfg = tiny_cfg(fraction_fit=0.5, rounds=2, num_clients=4, seed=4)
     fedslip.run(cfg, tmp_path / "r", progress=False)
     rows = read_metrics(tmp_path / "r")
-    assert all(len(r["participants"]) == 2 for r in rows)
+    drawn = [sorted(np.random.default_rng([4, r, 101]).choice(4, size=2, replace=False).tolist()) for r in (1, 2)]
+    assert drawn == [[2, 3], [0, 1]]
+    assert [r["participants"] for r in rows] == drawn
+    assert sorted(trained) == [(r, c) for r, chosen in enumerate(drawn, start=1) for c in chosen]
     assert rows[0]["upload_bytes"] == rows[0]["download_bytes"]
 
 

@@ -15,6 +15,8 @@ from fedslip import ConfigError, load_config
 from fedslip import tune as tune_mod
 from fedslip.cli import main
 from fedslip.config import METHODS
+from fedslip.data import Encoded, encode, load_splits
+from fedslip.experiment import prepare
 
 TINY = dict(method="fedavg_lora", backbone="tiny", rounds=3, samples_per_client=32, test_samples_per_client=16,
             global_test_samples=64, batch_size=16, kstep=0, precision="fp32")
@@ -32,21 +34,25 @@ def _study(out):
 def test_tune_searches_on_validation_rows_prunes_and_writes_a_runnable_best_toml(tiny_overrides, tmp_path):
     out = tmp_path / "study"
     # trial 0: the config's own lr (the tiny backbone's random features are learnable by one trainer on every
-    # client's rows, `centralized`, at lr 0.03: ~70% global at round 3 on the test split; FedAvg on skewed
-    # clients learns nothing in 3 rounds); trial 1: an lr that learns nothing (25.0%), pruned against trial 0
+    # client's rows, `centralized`, at lr 0.03; FedAvg on skewed clients learns nothing in 3 rounds); trial 1:
+    # an lr that learns nothing (25.0%, a constant prediction), pruned against trial 0 in round 2: warmup
+    # round 1 is never pruned (trial 0 may still sit at 25% there), and in round 2 trial 0 is far above chance
+    # (measured on the validation rows: 25.0%, 70.3%, 92.2% in rounds 1-3)
     overrides = {**tiny_overrides, "method": "centralized", "lr": 0.03, "samples_per_client": 64,
                  "test_samples_per_client": 32}
     result = tune_mod.tune(out, trials=3, overrides=overrides, maximize="global", pruner_startup_trials=1,
-                           pruner_warmup_rounds=0, enqueue=[{"lr": 1e-9}])
+                           pruner_warmup_rounds=1, enqueue=[{"lr": 1e-9}])
     trials = _study(out).trials
     assert [t.state.name for t in trials[:2]] == ["COMPLETE", "PRUNED"] and trials[2].state.name in ("COMPLETE",
                                                                                                     "PRUNED")
     assert trials[0].params == {"lr": 0.03} and trials[1].params == {"lr": 1e-9}
     assert 1e-4 <= trials[2].params["lr"] <= 3e-2  # trial 2: sampled from the method's space
-    assert max(trials[1].intermediate_values.values()) < trials[0].intermediate_values[3]
+    assert sorted(trials[1].intermediate_values) == [1, 2]  # its warmup round, then the round it was pruned in
+    assert trials[1].intermediate_values[2] + 0.2 < trials[0].intermediate_values[2]
     for t in trials:  # every trial an ordinary run directory, evaluated on validation rows
         cfg = load_config(out / t.user_attrs["run_dir"] / "config.toml")
         assert cfg.eval_split == "val" and cfg.val_samples_per_client == 32 and cfg.lr == t.params["lr"]
+    assert_evaluated_on_validation_rows(cfg)
     assert not (out / "trials/0001/summary.json").exists()  # pruned: a run stopped after a checkpoint
     summary = json.loads((out / trials[result["best_trial"]].user_attrs["run_dir"] / "summary.json").read_text())
     assert result["best_value"] == pytest.approx(summary["global_accuracy"])
@@ -60,8 +66,24 @@ def test_tune_searches_on_validation_rows_prunes_and_writes_a_runnable_best_toml
     assert {"optimization_history.png", "param_importances.png", "report.md"} <= {p.name for p in out.iterdir()}
     # the same call again: the study is complete, nothing runs, the outputs are rewritten identically
     again = tune_mod.tune(out, trials=3, overrides=overrides, maximize="global", pruner_startup_trials=1,
-                          pruner_warmup_rounds=0)
+                          pruner_warmup_rounds=1)
     assert again == result and len(_study(out).trials) == 3
+
+
+def assert_evaluated_on_validation_rows(cfg):
+    """What a run of ``cfg`` (a trial's config) evaluates each client on, through ``experiment.prepare``: its
+    partition's validation rows, carved from the train split (disjoint from every client's training rows) and
+    not its test rows; the global evaluation set is their union."""
+    setup = prepare(cfg)
+    train_split, test_split = load_splits(cfg)
+    partition = setup.partition
+    training_rows = {r for rows in partition.clients for r in rows.train}
+    for rows, data in zip(partition.clients, setup.clients, strict=True):
+        assert len(rows.val) == cfg.val_samples_per_client and not training_rows & set(rows.val)
+        validation = encode(setup.tokenizer, train_split, rows.val, cfg.max_seq_len)
+        assert data.test.digest() == validation.digest()
+        assert data.test.digest() != encode(setup.tokenizer, test_split, rows.test, cfg.max_seq_len).digest()
+    assert setup.global_eval.digest() == Encoded.union([c.test for c in setup.clients]).digest()
 
 
 KILLER = """
