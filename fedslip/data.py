@@ -65,7 +65,7 @@ def read_csv_split(path: Path, text_columns: Sequence[str], label_column: str, n
         missing = [c for c in wanted if c not in frame.columns]
         if missing:
             raise DataError(f"{path} has columns {first}, missing {missing} "
-                            f"(set text_columns / label_column to match)")
+                            f"(set text_columns / label_column / partition_by to match)")
         label_text, offset = frame[label_column], 0
         texts_frame = frame[list(text_columns)]
     else:

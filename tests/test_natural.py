@@ -226,3 +226,17 @@ def test_feddpa_trains_on_the_fixed_mix_and_runs_with_its_weight(tiny_cfg, tmp_p
         tiny_cfg(method="fedslip", instance_weight=0.5)
     summary = fedslip.run(tiny_cfg(method="feddpa", rounds=1, kstep=2), tmp_path / "run", progress=False, log=False)
     assert summary["private_bytes_transmitted"] == 0 and summary["kstep_accuracy"] is not None
+
+
+@pytest.mark.flower
+def test_a_natural_feddpa_run_on_flower_simulation_equals_the_embedded_one(domain_dir, tmp_path):
+    """The natural partition and FedDPA's weight on Flower's simulation runtime: the same run as embedded."""
+    from test_flower import assert_same_run
+
+    cfg = natural_cfg(domain_dir, method="feddpa", rounds=2, kstep=2, samples_per_client=16,
+                      test_samples_per_client=8).to_dict()
+    fedslip.run(fedslip.make_config(cfg), tmp_path / "embedded", progress=False, log=False)
+    summary = fedslip.run(fedslip.make_config({**cfg, "engine": "flower-sim"}), tmp_path / "sim", progress=False,
+                          log=False)
+    assert_same_run(tmp_path / "embedded", tmp_path / "sim")
+    assert summary["client_names"] == ["apparel", "books", "dvd"] and summary["kstep_accuracy"] is not None
