@@ -15,6 +15,7 @@ import fedslip
 from fedslip.client import Client, kstep_train
 from fedslip.data import DataError, Encoded, batch_rows, collate, load_splits
 from fedslip.experiment import prepare
+from fedslip.inference import ExportError, RunModel
 from fedslip.model import GLOBAL, PRIVATE
 from fedslip.partition import Partition, partition_splits
 from fedslip.storage import load_tensors
@@ -226,6 +227,9 @@ def test_feddpa_trains_on_the_fixed_mix_and_runs_with_its_weight(tiny_cfg, tmp_p
         tiny_cfg(method="fedslip", instance_weight=0.5)
     summary = fedslip.run(tiny_cfg(method="feddpa", rounds=1, kstep=2), tmp_path / "run", progress=False, log=False)
     assert summary["private_bytes_transmitted"] == 0 and summary["kstep_accuracy"] is not None
+    with pytest.raises(ExportError, match="a weight computed for each input"):  # no exported model computes it
+        RunModel(tmp_path / "run", 0)
+    assert RunModel(tmp_path / "run", 0, use_private=False).tracks == (GLOBAL,)
 
 
 @pytest.mark.flower
