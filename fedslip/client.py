@@ -48,7 +48,22 @@ method's inference model (the parameters its zero-shot prediction uses)::
 
 ``inference`` trains every tensor of the inference model (fedslip: g and p together on
 CE(f(x; g + p)), the mask kept; ditto: the personal model; partial sharing: shared and local parts;
-feddpa_fixed: g and p on its mix), ``head`` only its classifier head (FedBABU's head-only variant).
+local: the client's whole adapter; feddpa_fixed: g and p on its mix; feddpa: g and p on each row's
+instance-wise mix, the weights constants of the inputs), ``head`` only its classifier head (FedBABU's
+head-only variant).
+
+* ``local``: partial sharing with every part local (s empty): L = CE(f(x; l), y) -> updates l; nothing is
+  averaged or sent, so each client's model is what it trains alone on its own rows.
+
+* FedDPA (Yang et al., NeurIPS 2024; feddpa_fixed, feddpa): the separated objective with the tracks mixed,
+  a = ``private_weight``::
+
+      L_g = CE(f(x; g), y)                                 -> updates g
+      L_p = CE(f(x; (1 - a) * sg[g] + a * p), y)           -> updates p (a private phase first each round)
+
+  inference: feddpa_fixed f(x; (1 - a) * g + a * p); feddpa f(x; alpha(x) * g + (1 - alpha(x)) * p) with
+  alpha(x) = w * mean_j cos(e(x), e(x_j)) over the client's reference rows x_j (``instance_weight`` = w;
+  ``model.py`` docstring: the rule of the reference code and its source file).
 
 The private track trains only in rounds ``private_warmup_rounds < r`` and (if set)
 ``r <= private_freeze_round``; its magnitude-pruning mask (LoRA tensors only, never the private head)
@@ -72,7 +87,7 @@ from tqdm import tqdm  # the text bar: tqdm.auto wants ipywidgets in a notebook 
 
 from . import codecs, comm, masking, privacy
 from .config import ExperimentConfig
-from .data import Encoded, batch_rows, eval_batches, train_batches
+from .data import Encoded, batch_rows, collate, eval_batches, train_batches
 from .model import GLOBAL, PRIVATE, TrackedModel, shape_mismatch
 from .storage import StateFileError, load_tensors_and_metadata, read_json, read_metadata, save_tensors, write_json
 from .views import GLOBAL_TEST_VIEW, SERVER_MODEL_VIEW, View
@@ -264,9 +279,11 @@ def kstep_parameters(model: TrackedModel, cfg: ExperimentConfig) -> dict[str, to
 
 
 def kstep_train(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentConfig, steps: int,
-                mask: masking.Mask | None, seed: int, desc: str = "k-step") -> TrainResult:
+                mask: masking.Mask | None, seed: int, desc: str = "k-step",
+                reference: dict[str, torch.Tensor] | None = None) -> TrainResult:
     """K-step (module docstring): ``steps`` AdamW steps at ``kstep_lr`` (0 = ``lr``) on the inference
-    model's CE, training ``kstep_parameters`` together; the private mask stays applied."""
+    model's CE, training ``kstep_parameters`` together; the private mask stays applied. ``reference``: the
+    client's reference rows (feddpa's instance-wise weight, ``Client.reference``)."""
     torch.manual_seed(seed)  # dropout
     generator = torch.Generator().manual_seed(seed)
     params = kstep_parameters(model, cfg)
@@ -277,7 +294,7 @@ def kstep_train(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentCo
     batches = train_batches(tokenizer, data, cfg.batch_size, generator, steps, cfg.group_by_length)
     for batch in tqdm(batches, total=steps, desc=desc, leave=False, disable=None):
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model.logits(batch, tracks), batch["labels"].to(model.device))
+        loss = F.cross_entropy(model.logits(batch, tracks, reference), batch["labels"].to(model.device))
         loss.backward(inputs=list(params.values()))
         if mask is not None:
             masking.mask_gradients(model.private_params, mask)
@@ -292,14 +309,15 @@ def kstep_train(model: TrackedModel, tokenizer, data: Encoded, cfg: ExperimentCo
 
 @torch.inference_mode()
 def evaluate(model: TrackedModel, tokenizer, data: Encoded, tracks: tuple[str, ...], batch_size: int,
-             num_labels: int) -> dict:
-    """Accuracy, mean CE and per-class correct/total counts of ``tracks`` on ``data``."""
+             num_labels: int, reference: dict[str, torch.Tensor] | None = None) -> dict:
+    """Accuracy, mean CE and per-class correct/total counts of ``tracks`` on ``data`` (``reference``: as
+    ``TrackedModel.logits``)."""
     correct = torch.zeros(num_labels, dtype=torch.long)
     total = torch.zeros(num_labels, dtype=torch.long)
     loss_sum = 0.0
     with model.eval_mode():
         for _, batch in eval_batches(tokenizer, data, batch_size):
-            logits = model.logits(batch, tracks).cpu()
+            logits = model.logits(batch, tracks, reference).cpu()
             labels = batch["labels"]
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             hit = logits.argmax(-1) == labels
@@ -461,6 +479,16 @@ class Client:
             write_json(path, record)
         self._rows_checked = True
 
+    @property
+    def reference(self) -> dict[str, torch.Tensor] | None:
+        """FedDPA's reference rows (``instance_weight``): ``instance_reference_rows`` of this client's training
+        rows, one seeded draw per client and run, collated as a batch; None for every other method."""
+        if not self.cfg.instance_weight:
+            return None
+        generator = torch.Generator().manual_seed(run_seed(self.cfg.seed, 0, self.cid, 11))
+        rows = sorted(torch.randperm(len(self.train), generator=generator)[:self.cfg.instance_reference_rows].tolist())
+        return collate(self.tokenizer, self.train, rows)
+
     # --- private state --------------------------------------------------------------------
     def _load_private(self, before_round: float) -> masking.Mask | None:
         """Load this client's private track as of the end of the last round < ``before_round`` into the
@@ -589,7 +617,7 @@ class Client:
                 self.model.reset_local()
                 view = (GLOBAL,)
             results.append(evaluate(self.model, self.tokenizer, data, view or self.model.inference_tracks(),
-                                    self.cfg.eval_batch_size, self.cfg.num_labels))
+                                    self.cfg.eval_batch_size, self.cfg.num_labels, self.reference))
             if own_parts is not None:
                 self.model.load_private_state(own_parts)
         return results
@@ -601,6 +629,8 @@ class Client:
         self.model.load_global_state(self.receive(payload)[0])
         mask = self._load_private(before_round=self.cfg.rounds + 1)
         result = kstep_train(self.model, self.tokenizer, self.train, self.cfg, steps, mask,
-                             run_seed(self.cfg.seed, self.cfg.rounds + 1, self.cid), desc=f"k-step client {self.cid}")
+                             run_seed(self.cfg.seed, self.cfg.rounds + 1, self.cid), desc=f"k-step client {self.cid}",
+                             reference=self.reference)
         return {**evaluate(self.model, self.tokenizer, self.test, self.model.inference_tracks(),
-                           self.cfg.eval_batch_size, self.cfg.num_labels), "sample_passes": result.sample_passes}
+                           self.cfg.eval_batch_size, self.cfg.num_labels, self.reference),
+                "sample_passes": result.sample_passes}

@@ -22,8 +22,8 @@ import tomli_w
 import tomllib
 
 METHODS = ("fedavg_lora", "dual_naive", "fedslip", "centralized", "fedper", "fedrep", "fedbabu", "fedsa_lora",
-           "ditto", "feddpa_fixed")
-PARTITIONS = ("dominant", "dirichlet", "iid", "own")
+           "ditto", "feddpa_fixed", "feddpa", "local")
+PARTITIONS = ("dominant", "dirichlet", "iid", "natural", "own")
 HEADS = ("shared", "shared_full")
 PRIVATE_HEADS = ("none", "bias", "classifier")
 PRIVATE_PHASES = ("interleaved", "first")
@@ -96,18 +96,28 @@ class ExperimentConfig:
     label_column: str = _f("label", "CSV column holding the integer class label (0-based).")
     class_names: list[str] = _f(AG_NEWS_CLASSES, "Class names, index = label. Their count is the number of "
                                 "classes.")
-    partition: str = _f("dominant", f"Client label distribution: {', '.join(PARTITIONS)}. `own`: each client's "
+    partition: str = _f("dominant", f"How rows become clients: {', '.join(PARTITIONS)}. `dominant`, `dirichlet`, "
+                        "`iid`: drawn label distributions. `natural`: one client per value of the column "
+                        "`partition_by` (e.g. FDU-MTL's review domains), its train/validation rows from its group of "
+                        "the train split, its test rows its group of the test split. `own`: each client's "
                         "rows are its own CSV file (`client_data`, or a SuperNode's `data-path` node config), split "
                         "by the client; the server reads only the global test set (data_dir's test split).")
+    partition_by: str = _f("", "partition=natural: the CSV column whose values name the clients (flwr-datasets' "
+                           "NaturalIdPartitioner convention): client i = the i-th value in sorted order (or of "
+                           "natural_groups); num_clients must equal the number of groups.")
+    natural_groups: list[str] = _f([], "partition=natural: the groups (values of partition_by) that become clients, "
+                                   "in this order; empty = every value of the train split, sorted.")
     dominant_fraction: float = _f(0.8, "partition=dominant: share of client i's data from class i mod C; the "
                                   "rest is spread evenly over the other classes.")
     dirichlet_alpha: float = _f(0.5, "partition=dirichlet: concentration of each client's class proportions.")
     samples_per_client: int = _f(500, "Training rows per client (from the train split, disjoint between "
-                                 "clients).")
+                                 "clients); partition=natural: at most this many of its group's rows.")
     test_samples_per_client: int = _f(250, "Test rows per client, drawn from the test split with the client's "
-                                      "train label distribution, disjoint between clients.")
+                                      "train label distribution, disjoint between clients; partition=natural: at "
+                                      "most this many of its group's test rows (the group's test set).")
     val_samples_per_client: int = _f(0, "Validation rows per client carved from the train split (disjoint from "
-                                     "all train rows), same label distribution. Needed for eval_split=val.")
+                                     "all train rows), same label distribution (partition=natural: the first rows of "
+                                     "its shuffled group). Needed for eval_split=val.")
     client_data: list[str] = _f([], "partition=own: one CSV/CSV.gz per client (the data directory's columns), "
                                 "client i's file i; empty in a deployment whose SuperNodes each name their own "
                                 "file (node config `data-path`). The client shuffles its file (seed) and takes "
@@ -213,6 +223,14 @@ class ExperimentConfig:
     private_weight: float = _f(FROM_PRESET, "How the two LoRA tracks combine when both run: 0 = they add (g + p: "
                                "FedSLIP); a in (0, 1) = (1 - a) * g + a * p (FedDPA's fixed weighting). The "
                                "classifier is not weighted; the global track alone always runs at full weight.")
+    instance_weight: float = _f(FROM_PRESET, "FedDPA's instance-wise weight at inference (feddpa): 0 = off "
+                                "(private_weight fixes the mix); w in (0, 1] = each input x runs through "
+                                "alpha(x) * g + (1 - alpha(x)) * p with alpha(x) = w * mean_j cos(e(x), e(x_j)), "
+                                "e = the mean last hidden state of the model with the private track alone, x_j "
+                                "the client's instance_reference_rows reference rows. Training keeps "
+                                "private_weight's fixed mix.")
+    instance_reference_rows: int = _f(5, "instance_weight: how many of the client's training rows (a seeded draw per "
+                                      "client, at most all of them) each input is compared with.")
     ditto_lambda: float = _f(0.1, "objective=ditto: weight lambda of the personal model's proximal term "
                              "(lambda/2)*||p - g_round||^2 toward the global track received this round; 0 = "
                              "purely local training of the personal model.")
@@ -313,7 +331,7 @@ class ExperimentConfig:
                      "private_freeze_round", "lora_dropout", "private_prune_start_round", "private_local_steps",
                      "max_update_norm", "max_payload_bytes", "reply_timeout", "rejoin_timeout", "kstep_lr",
                      "local_first_steps", "ditto_lambda", "dp_clip", "dp_noise_multiplier")
-        positive("min_fit_clients", "parallel_clients", "client_cpus", "private_every")
+        positive("min_fit_clients", "parallel_clients", "client_cpus", "private_every", "instance_reference_rows")
         if self.min_fit_clients > self.num_clients:
             raise ConfigError(f"min_fit_clients={self.min_fit_clients} exceeds num_clients={self.num_clients}")
         if not 0 <= self.trim_fraction < 0.5:
@@ -356,6 +374,25 @@ class ExperimentConfig:
             raise ConfigError(f"objective={self.objective!r} needs private_track=true")
         if self.private_track and self.objective == "global_only":
             raise ConfigError("private_track=true needs objective 'joint', 'separated' or 'ditto'")
+        if not 0 <= self.instance_weight <= 1:
+            raise ConfigError(f"instance_weight must be in [0, 1], got {self.instance_weight!r}")
+        if self.instance_weight and not self.private_weight:
+            raise ConfigError("instance_weight (FedDPA's instance-wise weight) needs private_weight > 0: the private "
+                              "track trains on the fixed mix (1 - a) * sg[g] + a * p")
+        if self.partition == "natural" and not self.partition_by:
+            raise ConfigError("partition='natural' needs partition_by: the CSV column whose values name the clients")
+        if self.partition != "natural" and (self.partition_by or self.natural_groups):
+            raise ConfigError(f"partition_by / natural_groups name the groups of partition='natural', not "
+                              f"{self.partition!r}")
+        if len(set(self.natural_groups)) != len(self.natural_groups):
+            raise ConfigError(f"natural_groups lists a group twice: {self.natural_groups!r}")
+        if self.natural_groups and len(self.natural_groups) != self.num_clients:
+            raise ConfigError(f"natural_groups names {len(self.natural_groups)} groups for num_clients="
+                              f"{self.num_clients}: one client per group")
+        if self.method == "local" and (set(self.local_params) != set(LOCAL_PARTS) or self.local_phase != "joint"
+                                       or self.engine != "embedded"):
+            raise ConfigError("method='local' (each client trains its whole adapter alone, nothing travels) keeps "
+                              "local_params = every part and local_phase = 'joint', on engine='embedded'")
         if not 0 <= self.private_weight < 1:
             raise ConfigError(f"private_weight must be in [0, 1), got {self.private_weight!r}")
         if self.dp_noise_multiplier and not self.dp_clip:
@@ -385,7 +422,7 @@ class ExperimentConfig:
         unknown_parts = [p for p in self.local_params if p not in LOCAL_PARTS]
         if unknown_parts:
             raise ConfigError(f"local_params: {', '.join(map(repr, unknown_parts))} not among {', '.join(LOCAL_PARTS)}")
-        if set(self.local_params) >= {"lora_A", "lora_B", "head"}:
+        if set(self.local_params) >= {"lora_A", "lora_B", "head"} and self.method != "local":
             raise ConfigError("local_params keeps the whole global adapter local: nothing would be shared")
         if self.local_params and (self.private_track or self.method == "centralized"):
             raise ConfigError("local_params (partial sharing) works with one track: private_track=false, not "
@@ -443,7 +480,8 @@ class ExperimentConfig:
 PRESET_BASE: dict[str, Any] = dict(
     private_track=False, objective="global_only", detach=True, fedprox_mu=0.0, head="shared",
     private_warmup_rounds=0, private_freeze_round=0, private_target_sparsity=0.0, private_prune_rate=0.2,
-    private_rewind_round=-1, private_phase="interleaved", local_params=[], local_phase="joint", private_weight=0.0)
+    private_rewind_round=-1, private_phase="interleaved", local_params=[], local_phase="joint", private_weight=0.0,
+    instance_weight=0.0)
 PRESET_KEYS = tuple(PRESET_BASE)
 
 # Presets fill the method fields; anything the user sets explicitly wins.
@@ -493,6 +531,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "feddpa_fixed": dict(private_track=True, objective="separated", detach=True, fedprox_mu=0.0, head="shared",
                          private_warmup_rounds=0, private_freeze_round=0, private_target_sparsity=0.0,
                          private_rewind_round=-1, private_phase="first", private_weight=0.5),
+    # FedDPA with its instance-wise dynamic weight (the paper's method; FedDPA-T's training): trained as
+    # feddpa_fixed; at inference each input x runs through alpha(x) * g + (1 - alpha(x)) * p, alpha(x) = w *
+    # the mean cosine similarity of x's representation to the client's training rows' (instance_weight = w =
+    # 0.5, the reference code's default; model.TrackedModel.instance_alpha).
+    "feddpa": dict(private_track=True, objective="separated", detach=True, fedprox_mu=0.0, head="shared",
+                   private_warmup_rounds=0, private_freeze_round=0, private_target_sparsity=0.0,
+                   private_rewind_round=-1, private_phase="first", private_weight=0.5, instance_weight=0.5),
+    # Local training, the lower bound of personalized FL (does federation help a client at all?): partial
+    # sharing in which every part of the global adapter (LoRA A, B and the head) stays local, so each client
+    # trains its own adapter on its own rows and nothing travels (engines.embedded.LocalEngine: 0 bytes).
+    "local": dict(local_params=["head", "lora_A", "lora_B"], local_phase="joint"),
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}

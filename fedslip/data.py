@@ -36,6 +36,7 @@ class TextSplit:
     texts: list[str]
     labels: np.ndarray
     source: str
+    groups: list[str] | None = None  # each row's value of the group column (partition = "natural")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -48,8 +49,10 @@ def find_split_file(data_dir: Path, split: str) -> Path:
     raise DataError(f"data directory {data_dir} has no {split}.csv or {split}.csv.gz")
 
 
-def read_csv_split(path: Path, text_columns: Sequence[str], label_column: str, num_labels: int) -> TextSplit:
+def read_csv_split(path: Path, text_columns: Sequence[str], label_column: str, num_labels: int,
+                   group_column: str = "") -> TextSplit:
     """Read one CSV split, accepting our header format or the original headerless AG News format.
+    ``group_column`` (header format only): also keep each row's value of that column (``TextSplit.groups``).
 
     The one reader of every data file (a data directory's splits, a client's own file, the audit's public
     rows), so that each damaged file gets the same one-line error: a ``.gz`` whose stream is cut short
@@ -68,10 +71,11 @@ def read_csv_split(path: Path, text_columns: Sequence[str], label_column: str, n
     first = list(raw.iloc[0])
     if label_column in first:
         frame = raw.iloc[1:].set_axis(first, axis=1)
-        missing = [c for c in [label_column, *text_columns] if c not in frame.columns]
+        wanted = [label_column, *text_columns] + ([group_column] if group_column else [])
+        missing = [c for c in wanted if c not in frame.columns]
         if missing:
             raise DataError(f"{path} has columns {first}, missing {missing} "
-                            f"(set text_columns / label_column to match)")
+                            f"(set text_columns / label_column / partition_by to match)")
         label_text, offset = frame[label_column], 0
         texts_frame = frame[list(text_columns)]
     else:
@@ -80,6 +84,8 @@ def read_csv_split(path: Path, text_columns: Sequence[str], label_column: str, n
             raise DataError(f"{path} has no header naming {label_column!r} and {raw.shape[1]} columns; a "
                             f"headerless file needs {1 + len(text_columns)} (label, "
                             f"{', '.join(text_columns)})")
+        if group_column:
+            raise DataError(f"{path} has no header, so no column {group_column!r} to partition by (partition_by)")
         label_text, offset = raw[0], 1
         texts_frame = raw.iloc[:, 1:]
     if len(label_text) == 0:
@@ -97,7 +103,8 @@ def read_csv_split(path: Path, text_columns: Sequence[str], label_column: str, n
         raise DataError(f"{path}: label {labels[row] + offset} in data row {row + 1} is outside {lo}..{hi} "
                         f"({num_labels} classes configured in class_names)")
     texts = [" ".join(part for part in parts if part) for parts in texts_frame.itertuples(index=False)]
-    return TextSplit(texts=texts, labels=labels, source=str(path))
+    groups = list(frame[group_column]) if group_column else None
+    return TextSplit(texts=texts, labels=labels, source=str(path), groups=groups)
 
 
 def load_hub_split(split: str, num_labels: int) -> TextSplit:  # pragma: no cover - needs the network
@@ -118,12 +125,17 @@ def load_hub_split(split: str, num_labels: int) -> TextSplit:  # pragma: no cove
 def load_split(cfg: ExperimentConfig, split: str) -> TextSplit:
     """One split (``train`` / ``test``) named by the config: the local directory's file, else the hub's."""
     data_dir = cfg.resolved_data_dir()
+    group_column = cfg.partition_by if cfg.partition == "natural" else ""
     if not data_dir:
+        if group_column:
+            raise DataError(f"partition='natural' reads the column {group_column!r} of a local data directory; "
+                            "set data_dir")
         return load_hub_split(split, cfg.num_labels)
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist")
-    return read_csv_split(find_split_file(root, split), cfg.text_columns, cfg.label_column, cfg.num_labels)
+    return read_csv_split(find_split_file(root, split), cfg.text_columns, cfg.label_column, cfg.num_labels,
+                          group_column)
 
 
 def has_local_split(cfg: ExperimentConfig, split: str) -> bool:

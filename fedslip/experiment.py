@@ -19,7 +19,7 @@ from .client import Client, PrivateStore
 from .config import ConfigError, ExperimentConfig
 from .data import Encoded, TextSplit, encode, has_local_split, load_split, load_splits, read_own_file
 from .model import TrackedModel, load_tokenizer
-from .partition import ClientRows, Partition, make_partition, own_partition, own_rows
+from .partition import ClientRows, Partition, own_partition, own_rows, partition_splits
 from .storage import StateFileError, atomic_write_bytes, load_tensors, read_json, save_tensors, write_json
 
 
@@ -69,7 +69,7 @@ def prepare(cfg: ExperimentConfig, side: str = "all") -> Setup:
     if cfg.partition == "own":
         return _prepare_own(cfg, side)
     train_split, test_split = load_splits(cfg)
-    partition = make_partition(cfg, train_split.labels, test_split.labels)
+    partition = partition_splits(cfg, train_split, test_split)
     tokenizer = load_tokenizer(cfg.backbone)
     model = TrackedModel(cfg, tokenizer)
     clients = [] if side == "server" else [

@@ -89,6 +89,10 @@ class RunModel:
         self.model.load_global_state(load_tensors(self.run.path / "global.safetensors"))
         self.tracks: tuple[str, ...] = (GLOBAL,)
         self.personalized = use_private and self.model.has_client_state  # the client's own model
+        if self.personalized and self.cfg.instance_weight:
+            raise ExportError("this run's client models mix the tracks with a weight computed for each input from "
+                              "the client's training rows (instance_weight, feddpa), which neither a merged model "
+                              "nor peft adapters express; use --global for the global track alone")
         if self.personalized:  # a private track and/or local parts (partial sharing)
             private = self._private_state(client)
             if private is None:

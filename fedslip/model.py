@@ -6,6 +6,24 @@ head: a per-client additive correction of the shared classifier's logits). The b
 once per process and shared by all simulated clients: a client's turn loads the broadcast global
 track and its own private track into the adapters, trains, and reads them back.
 
+FedDPA's instance-wise weight (``instance_weight`` = w > 0, method ``feddpa``): at inference each input x runs
+through alpha(x) * g + (1 - alpha(x)) * p, where::
+
+    alpha(x) = w * (1/K) * sum_j cos(e(x), e(x_j))
+
+e(.) = the mean over the non-padded tokens of the last hidden state of the backbone running through the
+private track alone, x_1..x_K the client's reference rows (``instance_reference_rows`` of its training rows;
+``Client.reference``). This is the rule of the reference code, Lydia-yang/FedDPA ``code/GlobalModel_generated.py``
+(``get_weight``: cosine similarity of the test instance's last-layer representation, under the local adapter,
+to ``instance_num`` = 5 training instances, averaged and multiplied by w = 0.5; then
+``set_local(['local'], [weight, 1 - weight])``, which in its ``peft/tuners/lora/layer.py`` puts ``weight`` on the
+active global adapter and ``1 - weight`` on the local one). Two departures: the K reference rows are one
+seeded draw per client, not a new random draw per test instance (the same expectation, a reproducible
+evaluation), and e averages over real tokens only (its ``avg`` averaged over padding too; its default
+``last`` token is a causal LM's summary, which an encoder's final token is not). The weight is a constant of
+the input (computed without gradient, in eval mode), applied per row as the LoRA scales of both adapters
+(``logits(batch, tracks, reference)``); training keeps ``private_weight``'s fixed mix.
+
 Trainability is decided once, here: every global-track and private-track tensor requires gradients,
 everything else never does. Which tracks a forward pass *runs through* is chosen per call
 (``logits(batch, tracks)``); which tensors a loss *trains* is chosen where the loss is built
@@ -190,6 +208,7 @@ class TrackedModel:
         # used alone; otherwise it is added to the global track
         self.personal = cfg.objective == "ditto"
         self.private_weight = cfg.private_weight
+        self.instance_weight = cfg.instance_weight
         if self.personal:
             self.model.add_adapter(PRIVATE, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                                                        lora_dropout=cfg.lora_dropout, target_modules=self.targets,
@@ -280,13 +299,46 @@ class TrackedModel:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def logits(self, batch: dict[str, torch.Tensor], tracks: tuple[str, ...]) -> torch.Tensor:
-        """Logits of the model running through ``tracks`` (``(GLOBAL,)`` or ``(GLOBAL, PRIVATE)``)."""
+    def logits(self, batch: dict[str, torch.Tensor], tracks: tuple[str, ...],
+               reference: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits of the model running through ``tracks`` (``(GLOBAL,)`` or ``(GLOBAL, PRIVATE)``).
+        ``reference``: a client's reference rows (a collated batch); with ``instance_weight`` and both tracks
+        running, each row mixes them with its own weight alpha(x) (``instance_alpha``, module docstring)."""
+        if reference is None or not self.instance_weight or tracks != (GLOBAL, PRIVATE):
+            return self._forward(batch, tracks)
+        alpha = self.instance_alpha(batch, reference).view(-1, 1, 1)  # broadcasts over (row, token, feature)
+        self.run_through(tracks)
+        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+        try:
+            for module in layers:
+                module.set_scale(GLOBAL, alpha)
+                module.set_scale(PRIVATE, 1 - alpha)
+            return self._forward(batch, tracks)
+        finally:  # back to the fixed mix that training uses
+            for module in layers:
+                module.set_scale(GLOBAL, 1 - self.private_weight)
+                module.set_scale(PRIVATE, self.private_weight)
+
+    def _forward(self, batch: dict[str, torch.Tensor], tracks: tuple[str, ...],
+                 hidden: bool = False) -> torch.Tensor:
         self.run_through(tracks)
         with self.autocast():
             out = self.model(input_ids=batch["input_ids"].to(self.device),
-                             attention_mask=batch["attention_mask"].to(self.device))
+                             attention_mask=batch["attention_mask"].to(self.device), output_hidden_states=hidden)
+        if hidden:  # the mean last hidden state over the real (non-padded) tokens
+            mask = batch["attention_mask"].to(self.device).unsqueeze(-1).float()
+            return (out.hidden_states[-1].float() * mask).sum(1) / mask.sum(1)
         return out.logits.float()
+
+    @torch.no_grad()
+    def instance_alpha(self, batch: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> torch.Tensor:
+        """FedDPA's weight of the global track for each row of ``batch`` (module docstring): w times the mean
+        cosine similarity of its representation to the reference rows', both under the private track alone."""
+        with self.eval_mode():
+            rows = self._forward(batch, (PRIVATE,), hidden=True)
+            refs = self._forward(reference, (PRIVATE,), hidden=True)
+        similarity = torch.nn.functional.cosine_similarity(rows.unsqueeze(1), refs.unsqueeze(0), dim=-1)
+        return self.instance_weight * similarity.mean(1)
 
     def inference_tracks(self) -> tuple[str, ...]:
         if self.personal:

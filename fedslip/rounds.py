@@ -26,7 +26,7 @@ from . import __version__, codecs, comm, health, privacy, tracking
 from .client import evaluate
 from .config import RUN_ONLY_KEYS, ConfigError, ExperimentConfig, load_config
 from .engines import Engine
-from .engines.embedded import CentralizedEngine, EmbeddedEngine, ParallelEngine
+from .engines.embedded import CentralizedEngine, EmbeddedEngine, LocalEngine, ParallelEngine
 from .experiment import Checkpoint, RunDir, RunDirError, Setup, build_clients, build_pooled_trainer, prepare
 from .inference import save_adapters
 from .model import GLOBAL
@@ -121,7 +121,8 @@ def evaluate_round(setup: Setup, engine: Engine, server: Server, round_idx: int)
     return {
         "global_accuracy": glob["accuracy"],
         "global_loss": glob["loss"],
-        "global_chance": health.majority_floor(glob["total_per_class"]),
+        # method local shares nothing: its "global model" is the untrained initialization, with no chance to be at
+        "global_chance": health.majority_floor(glob["total_per_class"]) if model.global_params else None,
         "personalized_accuracy": mean_present(per_client(personal, n)),
         "personalized_accuracy_per_client": per_client(personal, n),
         "global_track_local_accuracy": mean_present(per_client(local_global, n)),
@@ -152,9 +153,9 @@ def _default_engine(setup: Setup, run_dir: RunDir) -> Engine:
     cfg = setup.cfg
     if cfg.method == "centralized":
         return CentralizedEngine(build_clients(setup, run_dir), build_pooled_trainer(setup, run_dir))
-    if cfg.parallel_clients > 1:
-        return ParallelEngine(cfg, str(run_dir.path), cfg.parallel_clients)
-    return EmbeddedEngine(build_clients(setup, run_dir))
+    engine = (ParallelEngine(cfg, str(run_dir.path), cfg.parallel_clients) if cfg.parallel_clients > 1
+              else EmbeddedEngine(build_clients(setup, run_dir)))
+    return LocalEngine(engine) if cfg.method == "local" else engine
 
 
 def start(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
@@ -354,6 +355,8 @@ def _summary(cfg: ExperimentConfig, setup: Setup, history: list[dict], detail: d
     summary = {
         "method": cfg.method, "seed": cfg.seed, "rounds": cfg.rounds, "num_clients": cfg.num_clients,
         "backbone": cfg.backbone, "eval_split": cfg.eval_split,
+        # what reports call each client: its group with partition = "natural", else its id
+        "client_names": setup.partition.names(cfg.num_clients),
         **{k: last[k] for k in ("global_accuracy", "personalized_accuracy", "personalized_accuracy_per_client",
                                 "global_track_local_accuracy", "global_track_local_accuracy_per_client",
                                 "train_loss", "upload_bytes", "download_bytes")},

@@ -73,7 +73,8 @@ KNOWN_RANGES: dict[str, dict[str, Any]] = {
 DEFAULT_SPACES = {"fedavg_lora": ["lr"], "centralized": ["lr"], "dual_naive": ["lr", "private_lr"],
                   "fedslip": ["lr", "private_lr"], "fedper": ["lr"], "fedrep": ["lr", "local_first_steps"],
                   "fedbabu": ["lr", "kstep_lr"], "fedsa_lora": ["lr"], "ditto": ["lr", "private_lr", "ditto_lambda"],
-                  "feddpa_fixed": ["lr", "private_lr", "private_weight"]}
+                  "feddpa_fixed": ["lr", "private_lr", "private_weight"],
+                  "feddpa": ["lr", "private_lr", "private_weight"], "local": ["lr"]}
 OBJECTIVES = ("personalized", "global", "kstep", "worst_client")
 SUMMARY_KEY = {"personalized": "personalized_accuracy", "global": "global_accuracy", "kstep": "kstep_accuracy",
                "worst_client": "worst_client_personalized_accuracy"}

@@ -104,7 +104,7 @@ def test_shipped_configs_load():
     # example (each client's own file)
     assert protocols == {"seed_cpu": ("dominant", 4, 2000), "seed_distilbert": ("dominant", 4, 8000),
                          "dirichlet": ("dirichlet", 10, 2000), "three_orgs": ("own", 3, 1500),
-                         "cross_device": ("dirichlet", 100, 10000)}
+                         "cross_device": ("dirichlet", 100, 10000), "fdu_mtl": ("natural", 16, 22400)}
     assert make_config(toml_path=REPO / "configs" / "dirichlet.toml").dirichlet_alpha == 0.3
     assert make_config(toml_path=REPO / "configs" / "seed_cpu.toml") == make_config(), \
         "seed_cpu.toml spells out the package defaults (the README's default experiment)"

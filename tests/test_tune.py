@@ -195,7 +195,8 @@ def test_every_preset_has_a_default_space_of_its_rates_and_its_own_knob(tiny_ove
                       "fedslip": ["lr", "private_lr"], "centralized": ["lr"], "fedper": ["lr"],
                       "fedrep": ["local_first_steps", "lr"], "fedbabu": ["kstep_lr", "lr"], "fedsa_lora": ["lr"],
                       "ditto": ["ditto_lambda", "lr", "private_lr"],
-                      "feddpa_fixed": ["lr", "private_lr", "private_weight"]}
+                      "feddpa_fixed": ["lr", "private_lr", "private_weight"],
+                      "feddpa": ["lr", "private_lr", "private_weight"], "local": ["lr"]}
     rep = tune_mod.make_study(overrides=tiny_overrides, method="fedrep").space[0]
     assert (rep.name, rep.low, rep.high, rep.log) == ("local_first_steps", 4, 64, True)
 

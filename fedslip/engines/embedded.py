@@ -3,7 +3,9 @@
 ``EmbeddedEngine`` runs clients one after another in this process, sharing one backbone.
 ``CentralizedEngine`` is the ``centralized`` reference method: one trainer holds the union of all
 clients' training rows (same rows, same number of steps per round), nothing crosses a wire; the
-clients still evaluate the resulting model on their own test rows. ``ParallelEngine`` spreads them
+clients still evaluate the resulting model on their own test rows. ``LocalEngine`` is the ``local``
+reference method: each client trains its own adapter alone, nothing crosses a wire (0 bytes).
+``ParallelEngine`` spreads them
 over ``parallel_clients`` worker processes, each with its own backbone
 and ``torch.set_num_threads(cores // N)`` (two 1-thread processes train faster here than one 2-thread
 process). A client's work depends only on the payload, its own state directory and seeds derived
@@ -89,6 +91,32 @@ class CentralizedEngine(EmbeddedEngine):
             return {}, {self.pooled.cid: value}, 0
         value.wire_bytes = 0  # one machine: nothing is sent
         return {self.pooled.cid: value}, {}, 0
+
+
+class LocalEngine:
+    """``method = "local"``: every part of the adapter is local (``local_params``), so a client's global track
+    is empty and the messages carry no tensor; in a deployment without a server nothing would be sent, so
+    nothing is counted. Training, evaluation and K-step are the inner engine's (sequential or parallel)."""
+
+    def __init__(self, inner: EmbeddedEngine):
+        self.inner = inner
+
+    def fit(self, payloads: dict[int, bytes], round_idx: int
+            ) -> tuple[dict[int, FitReply], dict[int, str], int]:
+        replies, failed, _ = self.inner.fit(payloads, round_idx)
+        for reply in replies.values():
+            reply.wire_bytes = 0
+        return replies, failed, 0
+
+    def evaluate(self, payloads: dict[int, bytes], after_round: int, views: list[View]
+                 ) -> tuple[dict[int, list[dict]], dict[int, str]]:
+        return self.inner.evaluate(payloads, after_round, views)
+
+    def kstep(self, payloads: dict[int, bytes], steps: int) -> tuple[dict[int, dict], dict[int, str]]:
+        return self.inner.kstep(payloads, steps)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 _WORKER_CLIENTS: list[Client] = []
