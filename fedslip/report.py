@@ -351,6 +351,15 @@ def accuracy_per_round_figure(runs: list[RunRecord]):
     return fig
 
 
+def client_names(runs: list[RunRecord]) -> list[str]:
+    """Each client's name: its group where the partition names clients (``partition = "natural"``:
+    ``client_names`` in summary.json), else ``client <id>``."""
+    names = runs[0].summary.get("client_names")
+    if names and len(names) == runs[0].cfg.num_clients and runs[0].cfg.partition == "natural":
+        return [str(n) for n in names]
+    return [f"client {c}" for c in range(runs[0].cfg.num_clients)]
+
+
 def per_client_figure(runs: list[RunRecord]):
     """Per client: each method's zero-shot personalized accuracy and, next to it (hatched), its accuracy after
     K-step, mean over seeds with ± std error bars, and the client's majority-class floor. The y-axis starts a
@@ -382,7 +391,7 @@ def per_client_figure(runs: list[RunRecord]):
     low = min(np.nanmin(mean - (0 if std is None else std)) for _, mean, std, *_ in bars)
     high = max(np.nanmax(mean + (0 if std is None else std)) for _, mean, std, *_ in bars)
     ax.set_ylim(max(0.0, 5 * np.floor((low - 3) / 5)), max(100.0, high + 1))
-    ax.set_xticks(clients, [f"client {c}" for c in clients])
+    ax.set_xticks(clients, client_names(runs), rotation=45 if num_clients > 8 else 0)
     ax.set_ylabel("accuracy on own test rows (%), mean ± std over seeds")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(len(bars), 5))
@@ -584,7 +593,7 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "", allow_inco
               "majority-class floor of that client's test rows (a constant predictor of its dominant class); "
               "`–`: a client no seed scored (with `eval_fraction` < 1 only a sample of clients also scores its "
               "model on the global test set).", "",
-              "| method | " + " | ".join(f"client {i}" for i in range(c.num_clients)) + " |",
+              "| method | " + " | ".join(client_names(runs)) + " |",
               "|---|" + "---|" * c.num_clients]
     for m in sorted(agg):
         mine = [r for r in runs if r.method == m]

@@ -122,6 +122,9 @@ def test_a_natural_run_names_its_clients_by_group(domain_dir, tmp_path):
     assert summary["client_names"] == ["apparel", "books", "dvd"] and summary["comm_bytes_per_round"] == 0
     assert Partition.load(tmp_path / "run" / "partition.json").client_names == ["apparel", "books", "dvd"]
     assert len(summary["personalized_accuracy_per_client"]) == 3
+    from fedslip.report import build_report, find_runs
+    build_report(find_runs([tmp_path / "run"]), tmp_path / "report")
+    assert "| method | apparel | books | dvd |" in (tmp_path / "report" / "report.md").read_text()
 
 
 # --- local: each client alone -----------------------------------------------------------------------------
