@@ -204,11 +204,7 @@ def unpack(payload: bytes, codec: Codec, layout: Layout) -> tuple[dict[str, torc
         raise PayloadError(f"payload codec {meta.get('codec')!r}, expected {codec.name!r}")
     if meta.get("layout") != layout_digest(layout):
         raise PayloadError("payload layout (global-track names and shapes) differs from this model's")
-    try:
-        base, round_idx = int(meta["base"]), int(meta["round"])
-    except (KeyError, ValueError):
-        raise PayloadError(f"payload metadata lacks valid base/round: {meta}") from None
-    return codec.decode(wire, layout), base, round_idx
+    return (codec.decode(wire, layout), *_rounds(meta))
 
 
 def pack_full(codec: Codec, state: dict[str, torch.Tensor], round_idx: int) -> bytes:
@@ -234,7 +230,10 @@ def unpack_full(payload: bytes, codec: Codec, layout: Layout) -> dict[str, torch
 
 def payload_rounds(payload: bytes) -> tuple[int, int]:
     """(base round, round) of a compressed payload, from its header alone."""
-    meta = comm.metadata(payload)
+    return _rounds(comm.metadata(payload))
+
+
+def _rounds(meta: dict[str, str]) -> tuple[int, int]:
     try:
         return int(meta["base"]), int(meta["round"])
     except (KeyError, ValueError):

@@ -33,12 +33,12 @@ def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = N
 
 def read(payload: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and the header metadata of a payload."""
+    meta = metadata(payload)
     try:
         tensors = load(payload)
-        header = json.loads(payload[8:header_bytes(payload)])
-    except (SafetensorError, ValueError, RuntimeError, struct.error) as e:
+    except (SafetensorError, ValueError, RuntimeError) as e:
         raise PayloadError(f"payload of {len(payload)} bytes is not valid safetensors: {e}") from None
-    return tensors, header.get("__metadata__") or {}
+    return tensors, meta
 
 
 def metadata(payload: bytes) -> dict[str, str]:

@@ -177,6 +177,7 @@ class Server:
             self.reference, self.payload = self.state, comm.encode(self.state)
         elif reference is not None and download is not None:  # resumed: what the clients hold and were sent
             self.reference, self.payload = reference, download
+            self.base_round = codecs.payload_rounds(download)[0]
         else:  # a fresh run: the clients hold nothing yet (zeros)
             self.reference = {n: torch.zeros_like(t) for n, t in initial_state.items()}
             self._publish(base_round=-1)
@@ -185,6 +186,7 @@ class Server:
         """Encode ``state - reference`` as this round's download, and add what it carries to ``reference``."""
         change = {n: self.state[n] - self.reference[n] for n in self.state}
         self.payload = codecs.pack(self.download, change, base_round, self.round)
+        self.base_round = base_round  # the round whose reference this download's change applies to (-1: zeros)
         update, _, _ = codecs.unpack(self.payload, self.download, self.layout)
         self.reference = codecs.apply(self.reference, update)
 
@@ -199,17 +201,12 @@ class Server:
         since the reference they hold (``download_for`` picks each client's)."""
         return self.payload
 
-    @property
-    def _base(self) -> int:
-        """The round whose reference this round's change applies to (-1: zeros, the first download)."""
-        return codecs.payload_rounds(self.payload)[0]
-
     def download_for(self, cid: int) -> bytes:
         """What client ``cid`` is sent of this round's global track. fp32: the weights. A lossy codec: the
         change ``broadcast()`` carries to a client that holds its base (the previous round's reference,
         or this round's already), else the full state (``codecs.pack_full``): a client that was not
         sampled, failed or joined late cannot apply a change to a reference it never received."""
-        if self.download.lossless or self._base < 0 or self.held.get(cid) in (self._base, self.round):
+        if self.download.lossless or self.base_round < 0 or self.held.get(cid) in (self.base_round, self.round):
             return self.payload
         if self._full is None:
             payload = codecs.pack_full(self.download, self.state, self.round)

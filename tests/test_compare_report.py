@@ -477,26 +477,3 @@ def test_settings_that_differ_between_methods_are_shown_per_method_only(tmp_path
     _, report = report_of(tmp_path / "written")
     settings = next(line for line in report.splitlines() if line.startswith("Settings:"))
     assert ", K-step 5 steps at lr 0.008," in settings and "Per method" not in settings
-
-
-def test_a_real_run_whose_client_failed_its_evaluation_gets_a_report_that_says_so(tiny_cfg, tmp_path, monkeypatch):
-    """The failed client has no accuracy and no majority floor (None in summary.json): the report is written
-    whole, names the run incomplete and lists the failure in its Health section."""
-    from fedslip.client import Client
-    from fedslip.report import FIGURES, build_report, load_run
-
-    original = Client.evaluate
-
-    def evaluate(self, *args, **kwargs):
-        if self.cid == 1:
-            raise OSError("test rows unreadable")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Client, "evaluate", evaluate)
-    api.run(tiny_cfg(rounds=2), tmp_path / "run", progress=False, log=False)
-    assert load_run(tmp_path / "run").summary["majority_floor_per_client"][1] is None
-    build_report([load_run(tmp_path / "run")], tmp_path / "report")
-    report = (tmp_path / "report" / "report.md").read_text()
-    assert table_row(report, "fedavg_lora (incomplete)") and "| `run` | 1 | client_failed | client 1 (evaluate): " \
-        "OSError: test rows unreadable |" in report
-    assert all((tmp_path / "report" / name).is_file() for name in (*FIGURES, "results.json"))
