@@ -40,7 +40,7 @@ compare: setup
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# for development: the tiny-backbone tests only (-m 'not slow': no MiniLM, notebooks or Flower processes)
+# for development: the tiny-backbone tests only (-m 'not slow': no MiniLM, notebooks, Flower or other processes, benchmarks)
 test-fast: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 

@@ -13,9 +13,10 @@ from .config import ConfigError, ExperimentConfig, load_config, make_config  # n
 
 
 def __getattr__(name: str):
-    """``run``, ``resume``, ``kstep``, ``equal_compute_steps`` and ``tune`` load torch, transformers, peft
-    and flwr (``tune`` also optuna): imported on first use, so that ``fedslip --help`` and config work stay fast."""
-    if name in ("run", "resume", "kstep", "equal_compute_steps"):
+    """``run``, ``resume``, ``kstep``, ``equal_compute_steps``, ``equal_compute_kstep`` and ``tune`` load torch,
+    transformers, peft and flwr (``tune`` also optuna): imported on first use, so that ``fedslip --help``
+    and config work stay fast."""
+    if name in ("run", "resume", "kstep", "equal_compute_steps", "equal_compute_kstep"):
         from . import api
 
         return getattr(api, name)
@@ -26,5 +27,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fedslip' has no attribute {name!r}")
 
 
-__all__ = ["ConfigError", "ExperimentConfig", "make_config", "load_config", "kstep", "equal_compute_steps", "resume",
-           "run", "tune", "__version__"]
+__all__ = ["ConfigError", "ExperimentConfig", "make_config", "load_config", "kstep", "equal_compute_steps",
+           "equal_compute_kstep", "resume", "run", "tune", "__version__"]

@@ -156,3 +156,26 @@ def equal_compute_steps(out: str | Path, match: str | Path) -> int:
         raise ConfigError(f"{match} spent no more training passes than {out} ({spent[0]} vs {spent[1]}): "
                           "nothing to match")
     return -(-extra // (cfg.num_clients * cfg.batch_size))
+
+
+EQUAL_COMPUTE_KEYS = ("equal_compute_kstep_accuracy", "equal_compute_kstep_accuracy_per_client",
+                      "equal_compute_kstep", "equal_compute_matched_to", "equal_compute_passes_vs_fedavg_lora")
+
+
+def equal_compute_kstep(out: str | Path, match: str | Path) -> dict:
+    """The K-step of run ``out`` that spends the training passes run ``match`` spent (``equal_compute_steps``),
+    at ``out``'s own (validation-tuned) ``kstep_lr``, recorded in ``out``'s summary.json as the
+    ``EQUAL_COMPUTE_KEYS`` (reports show it as the row "<method> + equal-compute K-step"; the verdict pairs
+    FedSLIP's zero-shot accuracy with it). It chooses nothing, so it runs on test rows too. A second call
+    with another ``match`` replaces the record.
+
+        fedslip kstep --run runs/fedavg_lora-seed0 --match-compute runs/fedslip-seed0
+    """
+    steps = equal_compute_steps(out, match)
+    result = kstep(out, steps, allow_test=True)
+    summary_path = Path(out) / "summary.json"
+    summary = read_json(summary_path)
+    summary.update(zip(EQUAL_COMPUTE_KEYS, (result["kstep_accuracy"], result["kstep_accuracy_per_client"], steps,
+                                            str(match), result["kstep_passes_vs_fedavg_lora"])))
+    write_json(summary_path, summary)
+    return result

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--steps", type=int, help="local fine-tuning steps per client")
     steps.add_argument("--match-compute", metavar="RUN", default=None,
                        help="as many steps as bring this run to the training passes RUN spent (the "
-                       "equal-compute K-step baseline: e.g. fedavg_lora's run matched to fedslip's)")
+                       "equal-compute K-step baseline: e.g. fedavg_lora's run matched to fedslip's); at the run's "
+                       "kstep_lr it is recorded in the run's summary.json and reports show it as a row")
     kstep.add_argument("--lr", type=float, default=None, help="K-step learning rate (default: the run's "
                        "kstep_lr; 0 = the run's lr)")
     kstep.add_argument("--allow-test", action="store_true", help="also on a run evaluated on the test split "
@@ -176,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "method's learning rates); ranges from fedslip.tune.KNOWN_RANGES or [tune.space]")
     tune.add_argument("--seeds", type=seed_list, default=None, metavar="S,S,...",
                       help="validation seeds each trial averages (two or more; default: the config's seed alone)")
+    tune.add_argument("--rescore", type=int, default=0, metavar="N",
+                      help="when the study is finished: run its N best complete trials on --rescore-seeds too and "
+                           "recommend the best mean over every seed they ran (rescore.json, best.toml)")
+    tune.add_argument("--rescore-seeds", type=seed_list, default=None, metavar="S,S,...",
+                      help="the validation seeds --rescore adds (e.g. 1)")
     tune.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                       help="start no new trial after SECONDS (the running one finishes; outputs are written from "
                            "the finished trials; the same command continues the study)")
@@ -293,8 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             search = [k.strip() for k in args.search.split(",") if k.strip()] if args.search else None
             result = run_study(args.out, args.trials, args.config, config_overrides(args), maximize=args.maximize,
                                search=search, progress=not args.quiet, command=_command(argv),
-                               timeout=args.timeout,
-                               seeds=args.seeds)
+                               timeout=args.timeout, seeds=args.seeds, rescore=args.rescore,
+                               rescore_seeds=args.rescore_seeds)
             print(f"{args.out}/report.md")
             print(json.dumps(result, indent=2))
             return 0
@@ -305,10 +311,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(audit_table(run_audit(args.run, args.public_data, args.shadow_per_class, args.shadow_skew)))
             return 0
         if args.command == "kstep":
+            if args.match_compute is not None and args.lr is None:  # recorded in the run's summary.json
+                print(json.dumps(api.equal_compute_kstep(args.run, args.match_compute), indent=2))
+                return 0
             steps = args.steps if args.match_compute is None else api.equal_compute_steps(args.run, args.match_compute)
-            # a compute-matched K-step at the run's own (validation-tuned) kstep_lr chooses nothing on test rows
-            measuring = args.match_compute is not None and args.lr is None
-            print(json.dumps(api.kstep(args.run, steps, args.lr, allow_test=args.allow_test or measuring), indent=2))
+            print(json.dumps(api.kstep(args.run, steps, args.lr, allow_test=args.allow_test), indent=2))
             return 0
         if args.command == "report":
             from .report import build_report, find_runs

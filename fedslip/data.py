@@ -95,14 +95,18 @@ def read_csv_split(path: Path, text_columns: Sequence[str], label_column: str, n
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(f"{path}: label {label_text.iloc[row]!r} in data row {row + 1} is not an integer")
-    labels = labels.to_numpy().astype(np.int64) - offset
-    out_of_range = (labels < 0) | (labels >= num_labels)
+    # the range is checked on the values as read: a label like 1e300 would wrap when cast to an integer
+    out_of_range = ((labels - offset < 0) | (labels - offset >= num_labels)).to_numpy()
     if out_of_range.any():
         row = int(np.flatnonzero(out_of_range)[0])
         lo, hi = offset, num_labels - 1 + offset
-        raise DataError(f"{path}: label {labels[row] + offset} in data row {row + 1} is outside {lo}..{hi} "
+        raise DataError(f"{path}: label {label_text.iloc[row].strip()} in data row {row + 1} is outside {lo}..{hi} "
                         f"({num_labels} classes configured in class_names)")
+    labels = labels.to_numpy().astype(np.int64) - offset
     texts = [" ".join(part for part in parts if part) for parts in texts_frame.itertuples(index=False)]
+    if not any(t.strip() for t in texts):
+        raise DataError(f"{path}: every row's text ({', '.join(map(str, texts_frame.columns))}) is empty; "
+                        "check text_columns")
     groups = list(frame[group_column]) if group_column else None
     return TextSplit(texts=texts, labels=labels, source=str(path), groups=groups)
 
@@ -158,6 +162,8 @@ def read_own_file(cfg: ExperimentConfig, path: str | Path) -> TextSplit:
 def check_own_file(path: str | Path) -> Path:
     """A client's data file, refused with one clear error when it is not there."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"client data file {path} is a directory; name the client's CSV file in it")
     if not path.is_file():
         raise DataError(f"client data file {path} does not exist")
     return path

@@ -8,6 +8,7 @@ or touches an existing one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from .data import Encoded, TextSplit, encode, has_local_split, load_split, load_
 from .model import TrackedModel, load_tokenizer
 from .partition import ClientRows, Partition, own_partition, own_rows, partition_splits
 from .storage import StateFileError, atomic_write_bytes, load_tensors, read_json, save_tensors, write_json
+
+log = logging.getLogger("fedslip")
 
 
 class RunDirError(ValueError):
@@ -120,8 +123,17 @@ def client_data(cfg: ExperimentConfig, tokenizer, train_split: TextSplit, test_s
 
 
 def own_client_data(cfg: ExperimentConfig, tokenizer, cid: int, own: TextSplit) -> ClientData:
-    """Client ``cid``'s data from its own file (``partition = "own"``), split by the client itself."""
-    return client_data(cfg, tokenizer, own, own, own_rows(cfg, cid, len(own), own.source))
+    """Client ``cid``'s data from its own file (``partition = "own"``), split by the client itself. Test rows
+    that repeat a training row verbatim (a file with duplicated rows) are warned about: on those rows the
+    personalized accuracy measures memorization, not generalization."""
+    rows = own_rows(cfg, cid, len(own), own.source)
+    seen = {own.texts[r] for r in rows.train}
+    repeated = sum(own.texts[r] in seen for r in rows.test)
+    if repeated:
+        log.warning("%s: %d of client %d's %d test rows repeat one of its training rows verbatim (duplicated rows "
+                    "in the file?); its accuracy on them measures memorization", own.source, repeated, cid,
+                    len(rows.test))
+    return client_data(cfg, tokenizer, own, own, rows)
 
 
 @dataclass

@@ -107,7 +107,8 @@ def aggregate(runs: list[RunRecord]) -> dict:
                ("global_accuracy", "personalized_accuracy", "kstep_accuracy", "comm_mib_per_round",
                 "global_track_local_accuracy", "personalized_global_test_accuracy", "private_bytes_transmitted",
                 "wall_seconds", "worst_client_personalized_accuracy", "train_sample_passes",
-                "kstep_sample_passes", "training_passes_vs_fedavg_lora", "kstep_passes_vs_fedavg_lora")},
+                "kstep_sample_passes", "training_passes_vs_fedavg_lora", "kstep_passes_vs_fedavg_lora",
+                "equal_compute_kstep_accuracy", "equal_compute_passes_vs_fedavg_lora", "equal_compute_kstep")},
             "seconds_per_round": _stats([float(np.mean([row["seconds"] for row in r.rounds])) for r in rs]),
             "devices": sorted({str(x.get("device")) for x in s}),
             "incomplete_runs": [r.path.name for r in rs if lost_clients(r)],
@@ -131,7 +132,27 @@ def _compute(a: dict) -> str:
     return cell
 
 
+def rarely_trained_lines(runs: list[RunRecord]) -> list[str]:
+    """With client sampling (``fraction_fit`` < 1): how many rounds the clients trained, per method (min,
+    median, max over clients and seeds), and how many never trained: their personalized accuracy is the
+    global track's with an untrained private part, not what the method does for a participating client."""
+    by_method: dict[str, list[int]] = defaultdict(list)
+    for r in runs:
+        if r.cfg.fraction_fit < 1 and r.summary.get("rounds_trained_per_client") is not None:
+            by_method[r.method] += r.summary["rounds_trained_per_client"]
+    if not by_method:
+        return []
+    lines = ["", "Rounds each client trained (client sampling, `fraction_fit` < 1; over clients and seeds):"]
+    for m, counts in sorted(by_method.items()):
+        never = sum(c == 0 for c in counts)
+        lines.append(f"- {labelled(m, runs)}: min {min(counts)}, median {float(np.median(counts)):g}, max "
+                     f"{max(counts)} of {max(r.cfg.rounds for r in runs if r.method == m)} rounds; "
+                     f"{never} of {len(counts)} client runs never trained")
+    return lines
+
+
 BASELINE = "fedavg_lora"  # the verdict's baseline
+EQUAL_COMPUTE = "+ equal-compute K-step"  # a method's row from its runs' fedslip.equal_compute_kstep records
 VERDICT_METRICS = {"personalized_accuracy": "zero-shot personalized", "kstep_accuracy": "after K-step",
                    "global_accuracy": "global"}
 
@@ -215,6 +236,9 @@ def _targets(runs: list[RunRecord], agg: dict, allow_incomplete: bool) -> list[d
         return []
     targets = [("personalized_accuracy", BASELINE, "kstep_accuracy", 0.5,
                 "zero-shot personalized accuracy", "fedavg_lora + K-step", "the target (>= +0.5)"),
+               ("personalized_accuracy", BASELINE, "equal_compute_kstep_accuracy", 0.0,
+                "zero-shot personalized accuracy", f"{BASELINE} {EQUAL_COMPUTE} (the training passes FedSLIP "
+                "spent, spent on fine-tuning)", "the target (>= 0)"),
                ("global_accuracy", BASELINE, "global_accuracy", -0.5, "global accuracy", "fedavg_lora's",
                 "the target (>= -0.5)"),
                ("global_accuracy", "centralized", "global_accuracy", -1.5, "global accuracy", "the centralized "
@@ -568,6 +592,11 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "", allow_inco
                      f"{_pct(a['worst_client_personalized_accuracy'])} | {_pct(a['kstep_accuracy'])} | "
                      f"{_pct(a['personalized_global_test_accuracy'])} | {a['comm_mib_per_round']['mean']:.3f} | "
                      f"{a['seconds_per_round']['mean']:.1f}{where} | {_compute(a)} |")
+        if a["equal_compute_kstep_accuracy"]["n"]:  # the same federation, K-step matched to another run's passes
+            steps = a["equal_compute_kstep"]["mean"]
+            lines.append(f"| {labelled(m, runs)} {EQUAL_COMPUTE} ({steps:.0f} steps) | – | – | – | "
+                         f"{_pct(a['equal_compute_kstep_accuracy'])} | – | – | – | "
+                         f"{a['equal_compute_passes_vs_fedavg_lora']['mean']:.2f}x |")
     lines += ["", "Accuracies in %, mean ± sample std over seeds. Worst client = the lowest zero-shot personalized "
               "accuracy among the clients of a run. Personalized model on the global test set = each client's "
               "inference model (global + its private track) on the balanced global test set, averaged over "
@@ -577,7 +606,11 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "", allow_inco
               "(training, aggregation and evaluation), mean over rounds and seeds, on the run's device (runs "
               "sharing a machine are slower than alone). Training passes vs fedavg_lora = the forward/backward "
               "sample passes of the federated training, all clients, relative to fedavg_lora's on the same "
-              "config; + K-step: the K-step fine-tune's passes added (`–`: runs that did not record them)."]
+              "config; + K-step: the K-step fine-tune's passes added (`–`: runs that did not record them). A row '+ "
+              "equal-compute K-step': the method's runs fine-tuned for as many K-step steps as bring them to the "
+              "training passes of the run named in their `equal_compute_matched_to` (`fedslip kstep --run RUN "
+              "--match-compute OTHER`), at their own K-step learning rate."]
+    lines += rarely_trained_lines(runs)
     if incomplete:
         names = ", ".join(f"`{n}`" for n in incomplete)
         lines += ["", f"{INCOMPLETE}: the method has a run that lost clients ({names}: a failed training, a rejected "

@@ -306,9 +306,12 @@ def _rounds(setup: Setup, run_dir: RunDir, engine: Engine, start: Checkpoint, st
                                            cfg.experiment_dict(), *server.resume_state()))
         run_dir.append_metrics(row)
         trackers.log_round(row)
-        log.info("round %d/%d | global %s | personalized %s | loss %.4f | up %.2f MiB down %.2f MiB | %.1fs",
-                 round_idx, cfg.rounds, _pct(row["global_accuracy"]), _pct(row["personalized_accuracy"]),
-                 row["train_loss"], row["upload_bytes"] / MIB, row["download_bytes"] / MIB, row["seconds"])
+        scored = sum(a is not None for a in row["personalized_accuracy_per_client"])
+        covers = f" ({scored}/{cfg.num_clients} clients)" if scored < cfg.num_clients else ""  # a sampled mean
+        log.info("round %d/%d | global %s | personalized %s%s | loss %.4f | %d trained | up %.2f MiB down %.2f MiB "
+                 "| %.1fs", round_idx, cfg.rounds, _pct(row["global_accuracy"]), _pct(row["personalized_accuracy"]),
+                 covers, row["train_loss"], len(cids) - len(outcome.rejected), row["upload_bytes"] / MIB,
+                 row["download_bytes"] / MIB, row["seconds"])
         if row.get("dp_epsilon") is not None:
             log.info("round %d: differential privacy (epsilon, delta) = (%.4g, %g)", round_idx, row["dp_epsilon"],
                      cfg.dp_delta)
@@ -393,11 +396,23 @@ def _summary(cfg: ExperimentConfig, setup: Setup, history: list[dict], detail: d
     if "private_sparsity" in last:
         summary["private_sparsity"] = last["private_sparsity"]
     summary["client_failures"] = _client_failures(history)
+    summary["rounds_trained_per_client"] = rounds_trained(history, cfg.num_clients)
     summary["health"] = [entry for row in history for entry in row.get("health", [])]
     if privacy.enabled(cfg):
         summary.update(dp_mode=cfg.dp_mode, dp_clip=cfg.dp_clip, dp_noise_multiplier=cfg.dp_noise_multiplier,
                        dp_delta=cfg.dp_delta, dp_epsilon=last.get("dp_epsilon"))
     return summary
+
+
+def rounds_trained(history: list[dict], num_clients: int) -> list[int]:
+    """Per client, the rounds whose aggregate took its update: sampled (``participants``) and not rejected.
+    With ``fraction_fit`` < 1 some clients train rarely or never; their personalized accuracy is then mostly
+    the global track's (reports name them)."""
+    counts = [0] * num_clients
+    for row in history:
+        for cid in row["participants"]:
+            counts[cid] += str(cid) not in row.get("rejected", {})
+    return counts
 
 
 def _client_failures(history: list[dict]) -> list[dict]:

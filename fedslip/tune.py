@@ -29,6 +29,11 @@
 - Seeds: ``--seeds 0,1,2`` (``[tune] seeds``) runs every trial once per validation seed and scores the mean
   (run directories ``trials/<number>`` for the first seed, ``trials/<number>-seed<s>`` for the others); the
   pruner follows the first seed's rounds. One seed cannot rank settings less than a point apart.
+- Rescore: ``--rescore 2 --rescore-seeds 1`` runs the study's 2 best complete trials again on validation
+  seed 1 (``trials/<number>-seed1``) and chooses the best mean over all the seeds each of them ran
+  (``rescore.json``; ``best.toml`` and ``best.json`` follow that choice). The cheap form of ``--seeds`` for a
+  finished study: only the finalists pay for the extra seeds, and a winner that was one lucky draw of
+  partition and initialization is caught.
 - Resume: the same call again continues the study. A trial interrupted mid-run is marked failed and its
   parameters re-enqueued; the new trial resumes that run directory from its last checkpoint.
 """
@@ -399,9 +404,12 @@ def tune(out: str | Path, trials: int | None = None, toml_path: str | Path | Non
          search: list[str] | None = None, space: dict[str, Any] | None = None,
          pruner_startup_trials: int | None = None, pruner_warmup_rounds: int | None = None,
          enqueue: list[dict[str, Any]] = (), progress: bool = False, command: str = "",
-         timeout: float | None = None, seeds: list[int] | None = None) -> dict:
+         timeout: float | None = None, seeds: list[int] | None = None, rescore: int = 0,
+         rescore_seeds: list[int] | None = None) -> dict:
     """Run (or continue) the study in ``out`` until it holds ``trials`` finished (complete or pruned)
     trials; write ``study.csv``, ``best.toml``, ``report.md`` and the plots; return the best trial.
+    ``rescore``, ``rescore_seeds``: then run the ``rescore`` best complete trials on ``rescore_seeds`` too
+    and choose by the mean over every seed each ran (``rescore_finalists``).
     ``enqueue``: parameter sets to try first (after the config's own values). ``timeout``: seconds after
     which no new trial starts (the running one finishes); the outputs are written from the trials finished
     so far and the same call later continues the study (a time budget for a shared or lent machine).
@@ -411,6 +419,9 @@ def tune(out: str | Path, trials: int | None = None, toml_path: str | Path | Non
 
     study = make_study(toml_path, overrides, method, trials, maximize, search, space, pruner_startup_trials,
                        pruner_warmup_rounds, seeds)
+    if rescore < 0 or bool(rescore) != bool(rescore_seeds):
+        raise ConfigError(f"tune rescore: give the number of finalists (>= 1) and the seeds to add together, got "
+                          f"rescore={rescore}, rescore_seeds={rescore_seeds}")
     out = Path(out)
     optuna_study = _open(study, out)
     if not optuna_study.trials:  # a new study: the config's own values first (those inside the space), then
@@ -426,7 +437,39 @@ def tune(out: str | Path, trials: int | None = None, toml_path: str | Path | Non
         if not prunes(study.objective):
             log.info("tune: %s", pruning_note(study))
         optuna_study.optimize(_objective(study, out, progress), n_trials=study.trials - done, timeout=timeout)
+    done = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    if rescore and done >= study.trials:  # a study stopped by its timeout is rescored when it is finished
+        rescore_finalists(study, optuna_study, out, rescore, rescore_seeds, progress)
     return write_outputs(study, optuna_study, out, command)
+
+
+def rescore_finalists(study: Study, optuna_study, out: Path, top: int, seeds: list[int], progress: bool) -> dict:
+    """Run the ``top`` best complete trials on the validation ``seeds`` they have not run yet (run
+    directories ``<run_dir>-seed<s>``, as ``--seeds`` names them; finished ones are kept, interrupted ones
+    continued) and write ``rescore.json``: each finalist's value per seed and their mean, and the finalist
+    with the best mean (ties: the better single-seed rank). ``write_outputs`` recommends that one."""
+    from optuna.trial import TrialState
+
+    complete = sorted(optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                      key=lambda t: -t.value)[:top]
+    finalists = []
+    for t in complete:
+        values = {}
+        for i, seed in enumerate(study.run_seeds() + [s for s in seeds if s not in study.run_seeds()]):
+            path = out / (t.user_attrs["run_dir"] if i == 0 else f"{t.user_attrs['run_dir']}-seed{seed}")
+            cfg = study.config(t.params, seed)
+            summary = _trial_run(cfg, path, (path / "config.toml").is_file(), _ignore, progress)
+            values[str(seed)] = final_value(study.objective, summary)
+        if None in values.values():
+            raise ValueError(f"trial {t.number}: a rescore run gave no value for the objective")
+        finalists.append({"trial": t.number, "params": t.params, "run_dir": t.user_attrs["run_dir"],
+                          "study_value": t.value, "values": values, "mean": float(np.mean(list(values.values())))})
+    best = max(finalists, key=lambda f: f["mean"])  # max keeps the first (best single-seed rank) on a tie
+    result = {"top": top, "seeds": sorted({int(s) for f in finalists for s in f["values"]}),
+              "objective": study.objective, "finalists": finalists, "best_trial": best["trial"],
+              "best_value": best["mean"], "changed": best["trial"] != complete[0].number}
+    write_json(out / "rescore.json", result)
+    return result
 
 
 def write_outputs(study: Study, optuna_study, out: Path, command: str = "") -> dict:
@@ -437,16 +480,22 @@ def write_outputs(study: Study, optuna_study, out: Path, command: str = "") -> d
     complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise ValueError(f"{out}: no trial completed; nothing to recommend")
-    best = optuna_study.best_trial
+    best, value, rescored = optuna_study.best_trial, optuna_study.best_value, None
+    if (out / "rescore.json").is_file():  # the finalists' mean over more seeds decides
+        rescored = json.loads((out / "rescore.json").read_text())
+        best, value = optuna_study.trials[rescored["best_trial"]], rescored["best_value"]
     best_toml = {k: v for k, v in study.base.items() if k not in ("eval_split", "val_samples_per_client")}
     best_toml.update(best.params)
-    header = (f"# Best of the fedslip tune study in {out} (trial {best.number}, validation objective "
-              f"{best.value:.4f}: {json.dumps(study.objective)}).\n# Evaluates on the test split:\n"
+    how = (f"mean over validation seeds {rescored['seeds']} of the {rescored['top']} best trials"
+           if rescored else "validation objective")
+    header = (f"# Best of the fedslip tune study in {out} (trial {best.number}, {how} "
+              f"{value:.4f}: {json.dumps(study.objective)}).\n# Evaluates on the test split:\n"
               f"#   fedslip run --config {out / 'best.toml'} --out runs/best\n")
     atomic_write_bytes(out / "best.toml", (header + tomli_w.dumps(best_toml)).encode())
     pngs = _plots(optuna_study, out)
-    result = {"best_trial": best.number, "best_value": best.value, "best_params": best.params,
+    result = {"best_trial": best.number, "best_value": value, "best_params": best.params,
               "best_run": best.user_attrs.get("run_dir"), "objective": study.objective,
+              **({"rescored": {k: rescored[k] for k in ("top", "seeds", "changed")}} if rescored else {}),
               "trials": len(optuna_study.trials),
               "states": {s.name.lower(): len(optuna_study.get_trials(deepcopy=False, states=(s,)))
                          for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}}
@@ -502,6 +551,21 @@ def pruning_note(study: Study) -> str:
             f"{study.pruner_warmup_rounds + 1} on")
 
 
+def _rescore_lines(out: Path) -> list[str]:
+    """The finalists' table when the study was rescored on more validation seeds (``rescore.json``)."""
+    if not (out / "rescore.json").is_file():
+        return []
+    r = json.loads((out / "rescore.json").read_text())
+    lines = [f"Rescored: the {r['top']} best complete trials on validation seeds {r['seeds']}; the choice is the "
+             f"best mean ({'another trial than' if r['changed'] else 'the same trial as'} the single-seed best).",
+             "", "| trial | " + " | ".join(f"seed {s}" for s in r["seeds"]) + " | mean |",
+             "|---|" + "---|" * (len(r["seeds"]) + 1)]
+    for f in r["finalists"]:
+        lines.append(f"| {f['trial']} | " + " | ".join(_pct(f["values"].get(str(s))) for s in r["seeds"])
+                     + f" | {_pct(f['mean'])} |")
+    return lines + [""]
+
+
 def _report(study: Study, optuna_study, result: dict, pngs: list[str], command: str, out: Path) -> str:
     lines = [f"# fedslip tune: {study.base['method']}", ""]
     if command:
@@ -512,6 +576,7 @@ def _report(study: Study, optuna_study, result: dict, pngs: list[str], command: 
               f"value is their mean). Trials: {result['states']}.", "",
               f"**Best: trial {result['best_trial']}**, objective {100 * result['best_value']:.2f}, "
               f"{json.dumps(result['best_params'])} -> [best.toml](best.toml)", "",
+              *_rescore_lines(out),
               "| trial | state | " + " | ".join(p.name for p in study.space)
               + " | objective | global | personalized | K-step | worst client | rounds | minutes | health |",
               "|---|---|" + "---|" * len(study.space) + "---|---|---|---|---|---|---|---|"]

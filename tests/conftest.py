@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import numpy as np
 import pandas as pd
@@ -58,9 +61,25 @@ def real_data_dir() -> Path | None:
     return next((p for p in candidates if (p / "train.csv.gz").is_file() or (p / "train.csv").is_file()), None)
 
 
+def run_cli(*args) -> CompletedProcess:
+    """``fedslip ARGS`` in this process, with its exit code, stdout and stderr as ``subprocess.run`` gives them:
+    the CLI's own code path without the interpreter start (seconds per call on this machine). The console
+    script itself, and what it logs, is tested by ``test_cli_run_and_errors`` in a real process."""
+    from fedslip.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse: --help, usage errors
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return CompletedProcess(["fedslip", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def pytest_collection_modifyitems(items):
-    """``slow`` = what needs the real backbone, notebooks or Flower processes: ``make test-fast`` leaves
-    these out, ``make test`` (CI) runs everything."""
+    """``slow`` = what needs the real backbone, notebooks, Flower processes or other Python processes (a
+    SIGKILL mid-round, a plain script), and the benchmarks: ``make test-fast`` leaves these out, ``make test``
+    (CI) runs everything."""
     for item in items:
-        if item.get_closest_marker("integration") or item.get_closest_marker("flower"):
+        if any(item.get_closest_marker(m) for m in ("integration", "flower", "process")):
             item.add_marker(pytest.mark.slow)

@@ -49,6 +49,12 @@ CASES = [
     ("kstep-on-a-test-split-run", "kstep --run {out} --steps 5", "was evaluated on the test split"),
     ("resume-with-an-experiment-key", "run --resume {out} --lr 0.1",
      "--resume continues the run's experiment: lr cannot change"),
+    ("own-file-is-a-directory", f"{RUN} --partition own --client-data {{tmp}}/damaged_data,{{tmp}}/damaged_data",
+     "damaged_data is a directory"),
+    ("own-file-label-too-large", f"{RUN} --partition own --client-data {{tmp}}/huge_label.csv,{{tmp}}/huge_label.csv",
+     "label 1e300 in data row 2 is outside 0..3"),
+    ("own-file-all-texts-empty", f"{RUN} --partition own --client-data {{tmp}}/no_text.csv,{{tmp}}/no_text.csv",
+     "every row's text (title, description) is empty"),
 ]
 
 
@@ -80,6 +86,10 @@ def inputs(tmp_path, data_dir):
     damage_gzip(data_dir / "train.csv", tmp_path / "damaged_data" / "train.csv.gz")
     shutil.copy(data_dir / "test.csv", tmp_path / "damaged_data" / "test.csv")
     damage_gzip(data_dir / "train.csv", tmp_path / "damaged.csv.gz")
+    rows = pd.read_csv(data_dir / "train.csv", keep_default_na=False).head(80)
+    rows.assign(label=rows["label"].astype(str).where(rows.index != rows.index[1], "1e300")).to_csv(
+        tmp_path / "huge_label.csv", index=False)
+    rows.assign(title="", description="").to_csv(tmp_path / "no_text.csv", index=False)
     return {"out": out, "data": data_dir, "tmp": tmp_path, "keep": keep}
 
 

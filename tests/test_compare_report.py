@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_cli
 
 from fedslip import api, load_config
 from fedslip.cli import main
@@ -79,23 +80,20 @@ def test_compare_refuses_a_directory_with_other_settings(compared):
 def test_report_cli_rebuilds_from_run_directories(compared, tmp_path):
     out, *_ = compared
     (out / "report.md").unlink()
-    res = subprocess.run([sys.executable, "-m", "fedslip.cli", "report", str(out)], capture_output=True, text=True)
+    res = run_cli("report", out)
     assert res.returncode == 0, res.stderr
     assert "fedslip compare ..." in (out / "report.md").read_text()  # the recorded command is kept
-    single = subprocess.run([sys.executable, "-m", "fedslip.cli", "report", str(run_dir_for(out, "fedslip", 0)),
-                             str(run_dir_for(out, "fedavg_lora", 0)), "--out", str(tmp_path / "two")],
-                            capture_output=True, text=True)
+    single = run_cli("report", run_dir_for(out, "fedslip", 0), run_dir_for(out, "fedavg_lora", 0), "--out",
+                     tmp_path / "two")
     assert single.returncode == 0, single.stderr
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert sorted(r["method"] for r in results["runs"]) == ["fedavg_lora", "fedslip"]
-    named = subprocess.run([sys.executable, "-m", "fedslip.cli", "report", str(run_dir_for(out, "fedslip", 0)),
-                            str(run_dir_for(out, "fedavg_lora", 0)), "--out", str(tmp_path / "two"), "--command",
-                            "scripts/x.sh"], capture_output=True, text=True)  # runs made by a script
+    named = run_cli("report", run_dir_for(out, "fedslip", 0), run_dir_for(out, "fedavg_lora", 0), "--out",
+                    tmp_path / "two", "--command", "scripts/x.sh")  # runs made by a script
     assert named.returncode == 0, named.stderr
     assert "Command: `scripts/x.sh`" in (tmp_path / "two" / "report.md").read_text()
     assert json.loads((tmp_path / "two" / "results.json").read_text())["command"] == "scripts/x.sh"
-    empty = subprocess.run([sys.executable, "-m", "fedslip.cli", "report", str(tmp_path / "two")],
-                           capture_output=True, text=True)
+    empty = run_cli("report", tmp_path / "two")
     assert empty.returncode == 2 and "no finished run" in empty.stderr
 
 
@@ -105,8 +103,7 @@ def test_report_refuses_to_average_runs_of_one_method_with_different_settings(co
     subprocess.run(["cp", "-r", str(run_dir_for(out, "fedslip", 1)), str(other)], check=True)
     config = other / "config.toml"
     config.write_text(config.read_text().replace("\nlr = ", "\nlr = 0.125 # was "))
-    res = subprocess.run([sys.executable, "-m", "fedslip.cli", "report", str(run_dir_for(out, "fedslip", 0)),
-                          str(other), "--out", str(tmp_path / "mixed")], capture_output=True, text=True)
+    res = run_cli("report", run_dir_for(out, "fedslip", 0), other, "--out", tmp_path / "mixed")
     assert res.returncode == 2 and "differ in lr" in res.stderr and not (tmp_path / "mixed").exists()
 
 

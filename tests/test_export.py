@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, pipeline
@@ -194,8 +193,7 @@ def test_export_cli_writes_peft_adapters_and_refuses_bad_input(run, head_run, tm
 
     assert build_parser().parse_args(flags(out, tmp_path, "merged")[:-2]).format == "merged"  # the default
     assert all(build_parser().parse_args(flags(out, tmp_path, f)).format == f for f in EXPORT_FORMATS)
-    good = subprocess.run([sys.executable, "-m", "fedslip.cli", *flags(out, tmp_path / "peft", "peft")],
-                          capture_output=True, text=True)
+    good = run_cli(*flags(out, tmp_path / "peft", "peft"))
     assert good.returncode == 0, good.stderr
     assert good.stdout.strip() == str(tmp_path / "peft")
     assert {p.name for p in (tmp_path / "peft").iterdir()} >= {"global", "private", EXPORT_META, "README.md",

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig
 
@@ -378,16 +379,12 @@ def test_export_reproduces_predict(fedslip_run, tmp_path):
 
 
 def test_predict_cli(fedslip_run):
-    import subprocess
-    import sys
     out, *_ = fedslip_run
-    res = subprocess.run([sys.executable, "-m", "fedslip.cli", "predict", "--run", str(out), "--client", "0",
-                          "--json", "team coach match"], capture_output=True, text=True)
+    res = run_cli("predict", "--run", out, "--client", "0", "--json", "team coach match")
     assert res.returncode == 0, res.stderr
     row = json.loads(res.stdout.splitlines()[0])
     assert row["class_name"] in fedslip.make_config().class_names
-    bad = subprocess.run([sys.executable, "-m", "fedslip.cli", "predict", "--run", str(out), "--client", "9",
-                          "x"], capture_output=True, text=True)
+    bad = run_cli("predict", "--run", out, "--client", "9", "x")
     assert bad.returncode == 2 and "client 9 does not exist" in bad.stderr
 
 

@@ -3,6 +3,8 @@ on the loss of the method's inference model, training the tensors that model use
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,9 +105,26 @@ def test_the_equal_compute_kstep_spends_the_passes_the_other_method_spent(tiny_c
     steps = fedslip.equal_compute_steps(tmp_path / "fedavg", tmp_path / "fedslip")
     extra = other["train_sample_passes"] - base["train_sample_passes"]
     assert steps == -(-extra // (4 * 16))
-    result = fedslip.kstep(tmp_path / "fedavg", steps, allow_test=True)  # a test of the counting
-    assert result["kstep_sample_passes"] == steps * 4 * 16
+    result = fedslip.equal_compute_kstep(tmp_path / "fedavg", tmp_path / "fedslip")  # on test rows: chooses nothing
+    assert result["kstep"] == steps and result["kstep_sample_passes"] == steps * 4 * 16
     assert result["kstep_passes_vs_fedavg_lora"] == pytest.approx(
         (base["train_sample_passes"] + result["kstep_sample_passes"]) / base["reference_passes"])
+    assert result["kstep_passes_vs_fedavg_lora"] >= other["training_passes_vs_fedavg_lora"]  # matched, rounded up
+    summary = json.loads((tmp_path / "fedavg" / "summary.json").read_text())
+    assert {k: summary[k] for k in ("equal_compute_kstep_accuracy", "equal_compute_kstep", "equal_compute_matched_to",
+                                    "equal_compute_passes_vs_fedavg_lora")} == {
+        "equal_compute_kstep_accuracy": result["kstep_accuracy"], "equal_compute_kstep": steps,
+        "equal_compute_matched_to": str(tmp_path / "fedslip"),
+        "equal_compute_passes_vs_fedavg_lora": result["kstep_passes_vs_fedavg_lora"]}
+    assert summary["kstep_accuracy"] == base["kstep_accuracy"]  # the run's own K-step result stays
     with pytest.raises(fedslip.ConfigError, match="no more training passes"):
         fedslip.equal_compute_steps(tmp_path / "fedslip", tmp_path / "fedavg")
+
+    from fedslip.report import build_report, find_runs
+
+    results = build_report(find_runs([tmp_path / "fedavg", tmp_path / "fedslip"]), tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    row = f"| fedavg_lora + equal-compute K-step ({steps} steps) | – | – | – | {100 * result['kstep_accuracy']:.1f} |"
+    assert row in report
+    target = next(t for t in results["verdict"]["targets"] if t["reference_metric"] == "equal_compute_kstep_accuracy")
+    assert target["mean"] == pytest.approx(100 * (other["personalized_accuracy"] - result["kstep_accuracy"]))

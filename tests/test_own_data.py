@@ -4,6 +4,7 @@ own test split (the global test set). What each process opens is recorded with a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -254,6 +255,7 @@ def test_deployment_where_each_supernode_holds_only_its_own_file(tmp_path, data_
     assert clients and all(len(p) <= 1 for p in clients) and set().union(*clients) == client_files
 
 
+@pytest.mark.slow  # a benchmark: it measures several runs
 def test_bench_scale_writes_its_table_plot_and_json_and_a_rerun_keeps_finished_points(tmp_path, data_dir,
                                                                                    monkeypatch):
     from fedslip import bench_scale
@@ -306,3 +308,28 @@ def test_a_client_whose_file_changed_is_refused_on_resume_and_kstep(tmp_path, da
         fedslip.kstep(out, steps=1, allow_test=True)
     files[1].write_bytes(original)
     assert fedslip.resume(unfinished, progress=False)["global_accuracy"] is not None
+
+
+def test_a_clients_test_rows_that_repeat_its_training_rows_are_warned_about(tmp_path, caplog):
+    """A file of identical rows (or with duplicates) gives test rows that are training rows: the client's
+    accuracy on them measures memorization. The warning counts them; a file without duplicates gets none."""
+    from fedslip.data import TextSplit
+    from fedslip.experiment import own_client_data
+    from fedslip.model import load_tokenizer
+
+    cfg = fedslip.make_config(dict(backbone="tiny", partition="own", client_data=["a.csv", "b.csv"], num_clients=2,
+                                   samples_per_client=20, test_samples_per_client=8, val_samples_per_client=4))
+    tokenizer = load_tokenizer(cfg.backbone)
+    distinct = TextSplit(texts=[f"text number {i}" for i in range(40)], labels=np.arange(40) % 4, source="org.csv")
+    with caplog.at_level(logging.WARNING, logger="fedslip"):
+        own_client_data(cfg, tokenizer, 0, distinct)
+    assert not caplog.records
+    rows = own_rows(cfg, 0, 40, "org.csv")
+    texts = list(distinct.texts)
+    for r in rows.test[:3]:  # three test rows copy a training row
+        texts[r] = texts[rows.train[0]]
+    with caplog.at_level(logging.WARNING, logger="fedslip"):
+        own_client_data(cfg, tokenizer, 0, TextSplit(texts=texts, labels=distinct.labels, source="org.csv"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "org.csv: 3 of client 0's 8 test rows repeat one of its training rows verbatim (duplicated rows in the "
+        "file?); its accuracy on them measures memorization"]

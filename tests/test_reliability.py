@@ -53,10 +53,12 @@ def uninterrupted(tmp_path_factory, data_dir):
     return out, summary
 
 
+@pytest.mark.process
 def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(uninterrupted, data_dir, tmp_path):
     kill_in_round_3_resume_and_compare(uninterrupted, RUN_ARGS, data_dir, tmp_path)
 
 
+@pytest.mark.process
 def test_resume_with_error_feedback_residuals_in_play_equals_an_uninterrupted_run(tmp_path_factory, data_dir,
                                                                                   tmp_path):
     """Lossy codecs both ways: each client's reference and residual, and the server's reference and last

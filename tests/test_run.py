@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import stat
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
 import fedslip
@@ -143,20 +146,40 @@ def test_fraction_fit_samples_clients(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(Client, "fit", lambda self, payload, r: trained.append((r, self.cid)) or original(
         self, payload, r))
     cfg = tiny_cfg(fraction_fit=0.5, rounds=2, num_clients=4, seed=4)
-    fedslip.run(cfg, tmp_path / "r", progress=False)
+    summary = fedslip.run(cfg, tmp_path / "r", progress=False)
     rows = read_metrics(tmp_path / "r")
     drawn = [sorted(np.random.default_rng([4, r, 101]).choice(4, size=2, replace=False).tolist()) for r in (1, 2)]
     assert drawn == [[2, 3], [0, 1]]
     assert [r["participants"] for r in rows] == drawn
     assert sorted(trained) == [(r, c) for r, chosen in enumerate(drawn, start=1) for c in chosen]
     assert rows[0]["upload_bytes"] == rows[0]["download_bytes"]
+    assert summary["rounds_trained_per_client"] == [1, 1, 1, 1]
 
 
-def test_eval_fraction_evaluates_a_seeded_sample_each_round_and_everyone_last(tiny_cfg, tmp_path):
+def test_the_rounds_each_client_trained_are_counted_and_reported(tiny_cfg):
+    """Sampled and not rejected = trained; a client never sampled trained 0 rounds, and the report says how
+    many client runs never trained."""
+    from fedslip.report import RunRecord, rarely_trained_lines
+    from fedslip.rounds import rounds_trained
+
+    history = [{"participants": [0, 1], "rejected": {"1": "norm too large"}}, {"participants": [0, 2]},
+               {"participants": [2, 0], "rejected": {}}]
+    assert rounds_trained(history, 4) == [3, 0, 2, 0]
+    run = RunRecord(Path("fedavg_lora-seed0"), tiny_cfg(fraction_fit=0.5, rounds=3, num_clients=4),
+                    {"rounds_trained_per_client": [3, 0, 2, 0]}, [])
+    assert rarely_trained_lines([run])[-1] == ("- fedavg_lora: min 0, median 1, max 3 of 3 rounds; 2 of 4 client "
+                                               "runs never trained")
+    assert rarely_trained_lines([RunRecord(run.path, tiny_cfg(rounds=3, num_clients=4), run.summary, [])]) == []
+
+
+def test_eval_fraction_evaluates_a_seeded_sample_each_round_and_everyone_last(tiny_cfg, tmp_path, caplog):
     from fedslip.server import eval_clients, global_view_clients
 
     cfg = tiny_cfg(method="fedslip", num_clients=4, eval_fraction=0.5, rounds=3)
-    summary = fedslip.run(cfg, tmp_path / "r", progress=False)
+    with caplog.at_level(logging.INFO, logger="fedslip"):
+        summary = fedslip.run(cfg, tmp_path / "r", progress=False)
+    lines = [r.getMessage() for r in caplog.records if "| global" in r.getMessage()]
+    assert ["(2/4 clients)" in line for line in lines] == [True, True, False]  # each round's mean says what it covers
     rows = read_metrics(tmp_path / "r")
     drawn = [eval_clients(cfg, r) for r in (1, 2)]
     assert all(len(d) == 2 for d in drawn) and drawn[0] != drawn[1]  # a fresh draw each round
@@ -241,16 +264,15 @@ def test_cli_run_and_errors(data_dir, tmp_path):
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d round 1/1 \| global", loud.stderr, re.M), loud.stderr
     assert "\x1b[" not in loud.stderr  # no ANSI colour when redirected
     assert "aggregate_train" not in loud.stderr  # Flower's strategy line describes Flower's loop, not ours
-    again = subprocess.run(base + ["--out", str(tmp_path / "cli")], capture_output=True, text=True)
+    again = run_cli(*base[3:], "--out", tmp_path / "cli")  # the errors: in this process (run_cli)
     assert again.returncode == 2 and "already holds a run" in again.stderr
-    bad = subprocess.run(base + ["--out", str(tmp_path / "x"), "--rounds", "0"], capture_output=True, text=True)
+    bad = run_cli(*base[3:], "--out", tmp_path / "x", "--rounds", "0")
     assert bad.returncode == 2 and "rounds must be > 0" in bad.stderr
     assert "Traceback" not in bad.stderr
     taken = tmp_path / "deploy" / "run"
     taken.mkdir(parents=True)
     (taken / "summary.json").write_text("{}")
-    deploy = subprocess.run([sys.executable, "-m", "fedslip.cli", "deploy-local", "--workdir", str(tmp_path / "deploy"),
-                             "--backbone", "tiny", "--data-dir", str(data_dir)], capture_output=True, text=True)
+    deploy = run_cli("deploy-local", "--workdir", tmp_path / "deploy", "--backbone", "tiny", "--data-dir", data_dir)
     assert deploy.returncode == 2 and "already holds a run" in deploy.stderr
     assert (taken / "summary.json").read_text() == "{}"
     assert [p.name for p in (tmp_path / "deploy").iterdir()] == ["run"]  # no SuperLink, nodes or logs started

@@ -77,6 +77,7 @@ def test_every_sampled_client_trains_and_is_evaluated_with_a_lossy_download(code
         assert row["download_bytes"] == len(full) * whole + (len(row["participants"]) - len(full)) * change, r
 
 
+@pytest.mark.process
 def test_sigkill_and_resume_with_sampling_and_a_lossy_download_equal_an_uninterrupted_run(data_dir, tmp_path):
     """Which client holds which reference is part of the checkpoint: a resumed run serves the same
     clients the full state as the uninterrupted one."""

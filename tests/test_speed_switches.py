@@ -61,6 +61,7 @@ def test_dynamic_padding_does_not_change_fp32_logits(tokenizer):
     assert torch.allclose(alone, to_max, atol=1e-5)
 
 
+@pytest.mark.slow  # a benchmark: it measures several runs
 def test_bench_runs_and_writes_well_formed_output(data_dir, tmp_path):
     from fedslip.bench import bench, table
 

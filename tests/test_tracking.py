@@ -100,6 +100,7 @@ def test_resume_rewrites_the_csv_from_the_checkpoint_without_duplicates(tiny_cfg
     assert [float(r["round"]) for r in table] == [1, 2, 3]
 
 
+@pytest.mark.process
 def test_a_plain_script_shows_timestamped_round_lines(data_dir, tmp_path):
     """No logging configured (a notebook or script): fedslip.run still shows the round lines."""
     def script(out, extra=""):

@@ -10,6 +10,7 @@ import textwrap
 import optuna
 import pandas as pd
 import pytest
+import tomllib
 
 from fedslip import ConfigError, load_config
 from fedslip import tune as tune_mod
@@ -267,3 +268,42 @@ def test_a_kstep_objective_prunes_nothing_on_the_zero_shot_signal(tiny_overrides
     assert [t.params["lr"] for t in trials] == [0.01, 0.002, 0.003]
     assert result["best_params"] == {"lr": 0.002} and result["best_value"] == 0.8
     assert "no pruning" in (out / "report.md").read_text()
+
+
+def test_rescore_reruns_the_finalists_on_more_seeds_and_recommends_the_best_mean(tiny_overrides, tmp_path,
+                                                                                  monkeypatch):
+    """A finished one-seed study, then --rescore 2 --rescore-seeds 5: its two best complete trials run on seed 5
+    (run stand-ins with a known value per lr and seed), the third is not rerun, and best.toml follows the best
+    mean: lr 0.01 was one lucky draw (0.9 then 0.5), lr 0.002 holds (0.8, 0.8). A second call runs nothing."""
+    from fedslip import api
+
+    values = {(0.01, 0): 0.9, (0.01, 5): 0.5, (0.002, 0): 0.8, (0.002, 5): 0.8, (0.003, 0): 0.7}
+    ran = []
+
+    def run(cfg, out, callbacks=(), **kwargs):
+        ran.append((cfg.lr, cfg.seed, cfg.eval_split))
+        out.mkdir(parents=True, exist_ok=True)
+        summary = {"personalized_accuracy": values[(cfg.lr, cfg.seed)], "wall_seconds": 1.0}
+        (out / "summary.json").write_text(json.dumps(summary))
+        (out / "config.toml").write_text("")
+        return summary
+
+    monkeypatch.setattr(api, "run", run)
+    out = tmp_path / "study"
+    keys = dict(trials=3, overrides={**tiny_overrides, "method": "fedper", "lr": 0.01, "seed": 0},
+                maximize="personalized", search=["lr"], pruner_startup_trials=5, enqueue=[{"lr": 0.002}, {"lr": 0.003}])
+    assert tune_mod.tune(out, **keys)["best_params"] == {"lr": 0.01}
+    assert len(ran) == 3
+    result = tune_mod.tune(out, **keys, rescore=2, rescore_seeds=[5])
+    assert ran[3:] == [(0.01, 5, "val"), (0.002, 5, "val")]  # the finalists only, on validation rows
+    assert result["best_params"] == {"lr": 0.002} and result["best_value"] == pytest.approx(0.8)
+    assert result["rescored"] == {"top": 2, "seeds": [0, 5], "changed": True}
+    rescored = json.loads((out / "rescore.json").read_text())
+    assert [(f["trial"], f["values"], f["mean"]) for f in rescored["finalists"]] == [
+        (0, {"0": 0.9, "5": 0.5}, pytest.approx(0.7)), (1, {"0": 0.8, "5": 0.8}, pytest.approx(0.8))]
+    assert tomllib.loads((out / "best.toml").read_text())["lr"] == 0.002
+    assert "| 1 | 80.0 | 80.0 | 80.0 |" in (out / "report.md").read_text()
+    assert tune_mod.tune(out, **keys, rescore=2, rescore_seeds=[5])["best_params"] == {"lr": 0.002}
+    assert len(ran) == 5  # finished rescore runs are kept
+    with pytest.raises(ConfigError, match="rescore"):
+        tune_mod.tune(out, **keys, rescore=2)
