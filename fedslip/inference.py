@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard
 from peft.utils import ModulesToSaveWrapper
 
 from .client import PrivateStore
@@ -34,7 +35,8 @@ from .config import ExperimentConfig, load_config
 from .data import Encoded, eval_batches
 from .experiment import ADAPTER_DIR, BASE_DIR, RunDir
 from .model import GLOBAL, PRIVATE, TrackedModel, load_backbone, load_tokenizer, resolve_backbone
-from .storage import StateFileError, load_tensors, set_plain_mode, write_json
+from .model_card import Export, model_card
+from .storage import StateFileError, load_tensors, read_json, set_plain_mode, write_json
 
 EXPORT_FORMATS = ("merged", "peft")
 EXPORT_META = "fedslip_export.json"
@@ -122,18 +124,25 @@ class RunModel:
         """Save the active tracks to ``out`` (a new or empty directory) with the tokenizer.
 
         ``merged``: one plain transformers model directory. ``peft``: the adapters ``out/global`` (and
-        ``out/private``) plus ``fedslip_export.json`` and ``README.md`` saying how to load them. Every refusal
-        comes before anything is written."""
+        ``out/private``) plus ``fedslip_export.json``. Both: ``README.md``, the model card (``model_card``: what
+        the model is, the run's metrics, how to load it). Every refusal comes before anything is written."""
         if format not in EXPORT_FORMATS:
             raise ExportError(f"export format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
         if format == "peft":
             self.check_peft_format()
         out = check_export_target(out)
+        peft_cards: list[ModelCard] = []
         if format == "merged":
-            self._export_merged(out)
+            base_model, usage = self._export_merged(out)
         else:
-            self._export_peft(out)
+            base_model, usage = self._export_peft(out, peft_cards)
         self.tokenizer.save_pretrained(out)
+        summary = self.run.path / "summary.json"
+        export = Export(run=self.run.path, cfg=self.cfg, summary=read_json(summary) if summary.is_file() else {},
+                        client=self.client, personalized=self.personalized, tracks=self.tracks, format=format,
+                        base_model=base_model, out=out, usage=usage,
+                        adapters={t: self.model.model.peft_config[t] for t in self.tracks})
+        model_card(export, peft_cards).save(out / "README.md")
         set_plain_mode([f for f in out.rglob("*") if f.is_file()])
         return out
 
@@ -152,7 +161,9 @@ class RunModel:
                               f"{self.cfg.private_weight}): a peft adapter runs at its own scale; use --format "
                               "merged (or --global for the global track alone)")
 
-    def _export_merged(self, out: Path) -> None:
+    def _export_merged(self, out: Path) -> tuple[str, str]:
+        """The tracks merged into the backbone, saved to ``out``; returns the backbone's name and the Python
+        that loads the model."""
         self.model.run_through(self.tracks)
         head = self.model.merged_head(self.tracks)  # the private head folds into the classifier layer
         merged = self.model.model.merge_and_unload(adapter_names=list(self.tracks))
@@ -164,11 +175,24 @@ class RunModel:
         merged.config.id2label = dict(enumerate(self.cfg.class_names))
         merged.config.label2id = {n: i for i, n in enumerate(self.cfg.class_names)}
         merged.save_pretrained(out)
+        return self._backbone_name() if self.cfg.backbone != "tiny" else "tiny", "\n".join([
+            "from transformers import pipeline", "",
+            f"classify = pipeline('text-classification', model={str(out.resolve())!r}, truncation=True)  "
+            f"# cuts at {self.cfg.max_seq_len} tokens, as in training",
+            "classify(['a text to classify'])"])
 
-    def _export_peft(self, out: Path) -> None:
+    def _backbone_name(self) -> str:
+        """The name ``from_pretrained`` loads the run's backbone by: its hub id or the absolute path of its files."""
+        source, local_only = resolve_backbone(self.cfg.backbone)
+        return str(Path(source).resolve()) if local_only else source
+
+    def _export_peft(self, out: Path, peft_cards: list[ModelCard]) -> tuple[str, str]:
+        """The tracks as peft adapters in ``out`` (and the backbone in ``out/base`` where its name cannot
+        rebuild it); returns the name the adapters load the backbone from and the Python that loads them. The
+        cards peft writes beside the adapters it saves are added to ``peft_cards``."""
         base_model, _ = self._save_base(out / BASE_DIR)
         for track in self.tracks:
-            self._save_adapter(track, out / track, base_model)
+            self._save_adapter(track, out / track, base_model, peft_cards)
         id2label = dict(enumerate(self.cfg.class_names))
         write_json(out / EXPORT_META, {
             "format": "peft", "base_model": base_model, "num_labels": self.cfg.num_labels, "id2label": id2label,
@@ -187,34 +211,34 @@ class RunModel:
                       f"model.base_model.set_adapter({list(self.tracks)!r})  # both adapters run"]
         lines += ["model.eval()", f"tokenizer = AutoTokenizer.from_pretrained({str(where)!r})  "
                   f"# truncation=True cuts at {self.cfg.max_seq_len} tokens, as in training"]
-        whose = f"client {self.client}'s personalized model" if self.personalized else "the global track"
-        (out / "README.md").write_text(f"# FedSLIP export: {whose} (peft adapters)\n\nRun: `{self.run.path}`. "
-                                       "Load with transformers and peft:\n\n```python\n" + "\n".join(lines)
-                                       + "\n```\n")
+        return base_model, "\n".join(lines)
 
     def _save_base(self, folder: Path) -> tuple[str, list[Path]]:
         """The name ``from_pretrained`` rebuilds this run's frozen backbone from, and the files written for it:
         the backbone's own name when a fresh load gives every weight outside the head back (the global adapter
         brings the head), else the backbone saved to ``folder`` and that folder's absolute path."""
-        source, local_only = resolve_backbone(self.cfg.backbone)
         backbone = copy.deepcopy(self.model.model).unload()  # this run's frozen backbone, without peft's layers
         heads = [n for n, m in self.model.model.get_base_model().named_modules() if isinstance(m, ModulesToSaveWrapper)]
         if self.cfg.backbone != "tiny":  # tiny has no files: seeded random weights
             with torch.random.fork_rng(devices=[]):  # weights missing from a checkpoint load at random
                 fresh = load_backbone(self.cfg.backbone, self.cfg.num_labels, len(self.tokenizer))
             if same_backbone(fresh, backbone, heads):
-                return (str(Path(source).resolve()) if local_only else source), []
+                return self._backbone_name(), []
         backbone.save_pretrained(folder)
         return str(folder.resolve()), sorted(folder.iterdir())
 
-    def _save_adapter(self, track: str, folder: Path, base_model: str) -> list[Path]:
+    def _save_adapter(self, track: str, folder: Path, base_model: str,
+                      peft_cards: list[ModelCard] | None = None) -> list[Path]:
         """peft's ``save_pretrained`` of one adapter: ``adapter_config.json`` and ``adapter_model.safetensors`` in
         ``folder``. peft puts a named adapter in a subfolder of its target, next to a generated model card, so
-        it saves into a temporary folder beside ``folder`` and the adapter's files move in."""
+        it saves into a temporary folder beside ``folder`` and the adapter's files move in; the card goes to
+        ``peft_cards`` when given (an export's own card keeps its metadata)."""
         self.model.model.peft_config[track].base_model_name_or_path = base_model
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-") as tmp:
             self.model.model.save_pretrained(tmp, selected_adapters=[track], safe_serialization=True)
+            if peft_cards is not None and (Path(tmp) / "README.md").is_file():
+                peft_cards.append(ModelCard.load(Path(tmp) / "README.md"))
             written = []
             for file in sorted((Path(tmp) / track).iterdir()):
                 os.replace(file, folder / file.name)

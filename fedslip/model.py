@@ -92,6 +92,18 @@ def resolve_backbone(name: str) -> tuple[str, bool]:
     return name, False
 
 
+EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the model the packaged MiniLM files hold
+
+
+def hub_id(backbone: str) -> str | None:
+    """The Hugging Face Hub id of ``backbone`` (the packaged MiniLM's for ``minilm``); None for ``tiny`` (seeded
+    random weights) and a local directory."""
+    if backbone in ("minilm", "tiny"):
+        return EMBEDDED_HUB_ID if backbone == "minilm" else None
+    source, local_only = resolve_backbone(backbone)
+    return None if local_only else source
+
+
 def load_tokenizer(backbone: str):
     source, local_only = resolve_backbone(backbone)
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -384,6 +385,101 @@ def client_names(runs: list[RunRecord]) -> list[str]:
     return [f"client {c}" for c in range(runs[0].cfg.num_clients)]
 
 
+# The per-client rows of a method: summary key, name in results.json, label in tables and plots, CDF line style
+ROW_KINDS = (("personalized_accuracy_per_client", "zero_shot", "zero-shot", "-"),
+             ("kstep_accuracy_per_client", "kstep", "+ K-step", "--"))
+MANY_CLIENTS = 12  # above this many clients a report shows distributions over clients, not a column per client
+
+
+def client_count(runs: list[RunRecord]) -> int:
+    return max(r.cfg.num_clients for r in runs)
+
+
+def many_clients(runs: list[RunRecord]) -> bool:
+    return client_count(runs) > MANY_CLIENTS
+
+
+def client_distribution(accuracies: np.ndarray, floors: np.ndarray, names: list[str]) -> dict:
+    """The distribution over clients of one accuracy per client (NaN, a client no seed scored, is left out):
+    ``clients`` counted, ``mean``, ``median``, ``worst_client`` (and its name), ``worst_10_percent`` (the mean
+    of the lowest tenth, ceil(n / 10) clients) and ``below_floor``: how many clients score below their own
+    majority-class floor, of ``below_floor_of`` (those with both values), and that as ``share_below_floor``."""
+    scored = ~np.isnan(accuracies)
+    values = accuracies[scored]
+    compared = scored & ~np.isnan(floors)
+    below = int(np.sum(accuracies[compared] < floors[compared]))
+    found = {"clients": int(values.size), "below_floor": below, "below_floor_of": int(compared.sum()),
+             "share_below_floor": below / int(compared.sum()) if compared.any() else None}
+    if not values.size:
+        return {**found, "mean": None, "median": None, "worst_client": None, "worst_client_name": None,
+                "worst_10_percent": None}
+    return {**found, "mean": float(values.mean()), "median": float(np.median(values)),
+            "worst_client": float(values.min()), "worst_client_name": names[int(np.nanargmin(accuracies))],
+            "worst_10_percent": float(np.sort(values)[:math.ceil(values.size / 10)].mean())}
+
+
+def per_client_distributions(runs: list[RunRecord]) -> dict:
+    """``client_distribution`` of each method's per-client accuracies (``ROW_KINDS``: zero-shot, and after
+    K-step where its runs ran it), each client's accuracy the mean over the method's seeds first, against the
+    clients' majority-class floors; and of the floors themselves (``majority_floor``)."""
+    floors, names = majority_floors(runs), client_names(runs)
+    found: dict = {}
+    for m in sorted({r.method for r in runs}):
+        mine = [r for r in runs if r.method == m]
+        for key, kind, _, _ in ROW_KINDS:
+            stats = per_client_stats(mine, key)
+            if stats is not None:
+                found.setdefault(m, {})[kind] = client_distribution(stats[0], floors, names)
+    found["majority_floor"] = client_distribution(floors, np.full_like(floors, np.nan), names)
+    return found
+
+
+def _distribution_row(label: str, d: dict) -> str:
+    def pct(v: float | None) -> str:
+        return "–" if v is None else f"{100 * v:.1f}"
+
+    worst = "–" if d["worst_client"] is None else f"{pct(d['worst_client'])} ({d['worst_client_name']})"
+    below = "–" if d["share_below_floor"] is None else \
+        f"{100 * d['share_below_floor']:.0f}% ({d['below_floor']} of {d['below_floor_of']})"
+    return (f"| {label} | {d['clients']} | {pct(d['mean'])} | {pct(d['median'])} | {worst} | "
+            f"{pct(d['worst_10_percent'])} | {below} |")
+
+
+def per_client_section(runs: list[RunRecord], distributions: dict) -> list[str]:
+    """The report's "Per client" section: a column per client up to ``MANY_CLIENTS`` clients, else the
+    distributions over clients (``per_client_distributions``)."""
+    lines = ["## Per client", ""]
+    if many_clients(runs):
+        lines += [f"Personalized accuracy over the {client_count(runs)} clients: each client's "
+                  "accuracy on its own test rows, mean over seeds first, then over the clients: mean, median, the "
+                  "worst client (named), the worst 10% (the mean of the lowest tenth of the clients) and the "
+                  "clients below their majority-class floor (a constant predictor of the dominant class of their "
+                  "test rows). Clients = the clients some seed scored (a client whose evaluation failed in every seed "
+                  "is not counted). The CDF plot shows the whole distribution.", "",
+                  "| method | clients | mean | median | worst client | worst 10% | below their floor |",
+                  "|---|---|---|---|---|---|---|"]
+        for m, kinds in distributions.items():
+            if m != "majority_floor":
+                lines += [_distribution_row(labelled(m, runs) + ("" if kind == "zero_shot" else f" {label}"),
+                                            kinds[kind]) for _, kind, label, _ in ROW_KINDS if kind in kinds]
+        return lines + [_distribution_row("majority floor", distributions["majority_floor"])]
+    lines += ["Personalized accuracy (zero-shot) per client, mean over seeds, next to the majority-class floor of "
+              "that client's test rows (a constant predictor of its dominant class); `–`: a client no seed scored "
+              "(with `eval_fraction` < 1 only a sample of clients also scores its model on the global test set).",
+              "", "| method | " + " | ".join(client_names(runs)) + " |",
+              "|---|" + "---|" * len(client_names(runs))]
+    for m in sorted({r.method for r in runs}):
+        mine = [r for r in runs if r.method == m]
+        zero_shot, _ = per_client_stats(mine, "personalized_accuracy_per_client")
+        lines.append(f"| {labelled(m, runs)} | {_percent_cells(zero_shot)} |")
+        for key, label in (("kstep_accuracy_per_client", "+ K-step"),
+                           ("personalized_global_test_accuracy_per_client", "on the global test set")):
+            stats = per_client_stats(mine, key)
+            if stats is not None and (key.startswith("kstep") or any(r.cfg.private_track for r in mine)):
+                lines.append(f"| {labelled(m, runs)} {label} | {_percent_cells(stats[0])} |")
+    return lines + [f"| majority floor | {_percent_cells(majority_floors(runs))} |"]
+
+
 def per_client_figure(runs: list[RunRecord]):
     """Per client: each method's zero-shot personalized accuracy and, next to it (hatched), its accuracy after
     K-step, mean over seeds with ± std error bars, and the client's majority-class floor. The y-axis starts a
@@ -396,12 +492,11 @@ def per_client_figure(runs: list[RunRecord]):
     for m in methods:
         mine = [r for r in runs if r.method == m]
         mark = f" {INCOMPLETE}" if labelled(m, runs) != m else ""
-        for key, label, hatch in (("personalized_accuracy_per_client", f"{m} zero-shot{mark}", None),
-                                  ("kstep_accuracy_per_client", f"{m} + K-step{mark}", "//")):
+        for (key, _, label, _), hatch in zip(ROW_KINDS, (None, "//")):
             stats = per_client_stats(mine, key)
             if stats is not None:
-                bars.append((label, 100 * stats[0], 100 * stats[1] if len(mine) > 1 else None, method_color(m),
-                             hatch))
+                bars.append((f"{m} {label}{mark}", 100 * stats[0], 100 * stats[1] if len(mine) > 1 else None,
+                             method_color(m), hatch))
     floors = 100 * majority_floors(runs)
     bars.append(("majority-class floor", floors, None, FLOOR_COLOR, None))
 
@@ -425,6 +520,39 @@ def per_client_figure(runs: list[RunRecord]):
     return fig
 
 
+def _cdf_line(ax, values: np.ndarray, label: str, color: str, linestyle: str) -> None:
+    """The empirical CDF of ``values`` (NaN left out) as a step line: at x, the fraction of values <= x."""
+    x = np.sort(values[~np.isnan(values)])
+    if x.size:
+        ax.step(np.r_[x[0], x], np.r_[0.0, np.arange(1, x.size + 1) / x.size], where="post", label=label,
+                color=color, linestyle=linestyle)
+
+
+def per_client_cdf_figure(runs: list[RunRecord]):
+    """The distribution over clients of the personalized accuracy (mean over seeds per client), as an empirical
+    CDF: accuracy on x, the fraction of clients at or below it on y. One colour per method, zero-shot solid and
+    after K-step dashed (lines labelled like ``per_client_figure``'s bars), the clients' majority-class floors
+    in light gray: a method's line left of the gray one has clients below their floor."""
+    fig, ax = _subplots((7.5, 4.5))
+    for m in sorted({r.method for r in runs}):
+        mine = [r for r in runs if r.method == m]
+        mark = f" {INCOMPLETE}" if labelled(m, runs) != m else ""
+        for key, _, label, linestyle in ROW_KINDS:
+            stats = per_client_stats(mine, key)
+            if stats is not None:
+                _cdf_line(ax, 100 * stats[0], f"{m} {label}{mark}", method_color(m), linestyle)
+    _cdf_line(ax, 100 * majority_floors(runs), "majority-class floor", FLOOR_COLOR, "-")
+    ax.set_xlabel("accuracy on own test rows (%), mean over seeds per client")
+    ax.set_ylabel("fraction of clients at or below")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(f"Per-client personalized accuracy over {client_count(runs)} clients: "
+                 "zero-shot (solid) and after K-step (dashed)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def bytes_per_round_figure(runs: list[RunRecord]):
     methods = sorted({r.method for r in runs})
     fig, ax = _subplots((6, 3.5))
@@ -439,13 +567,20 @@ def bytes_per_round_figure(runs: list[RunRecord]):
 
 
 FIGURES = {"accuracy_per_round.png": accuracy_per_round_figure, "per_client_accuracy.png": per_client_figure,
-           "bytes_per_round.png": bytes_per_round_figure}
+           "per_client_cdf.png": per_client_cdf_figure, "bytes_per_round.png": bytes_per_round_figure}
+
+
+def figures_for(runs: list[RunRecord]) -> dict:
+    """The ``FIGURES`` a report on ``runs`` holds: the per-client bars up to ``MANY_CLIENTS`` clients, the CDF
+    above (where bars are too narrow to read)."""
+    left_out = "per_client_accuracy.png" if many_clients(runs) else "per_client_cdf.png"
+    return {name: make for name, make in FIGURES.items() if name != left_out}
 
 
 def render_figures(runs: list[RunRecord]) -> dict[str, bytes]:
-    """``FIGURES`` as PNG bytes, by file name (written by ``build_report`` once everything is built)."""
+    """``figures_for(runs)`` as PNG bytes, by file name (written by ``build_report`` once everything is built)."""
     pngs = {}
-    for name, make in FIGURES.items():
+    for name, make in figures_for(runs).items():
         buffer = io.BytesIO()
         make(runs).savefig(buffer, format="png", dpi=110)
         pngs[name] = buffer.getvalue()
@@ -572,7 +707,8 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "", allow_inco
         command = read_json(out / "results.json").get("command", "")
     verdict_lines, verdict_record = verdict(runs, agg, allow_incomplete)
     results = {"runs": [{"dir": str(r.path), "method": r.method, "seed": r.cfg.seed, "summary": r.summary}
-                        for r in runs], "by_method": agg, "verdict": verdict_record, "command": command}
+                        for r in runs], "by_method": agg, "per_client_distribution": per_client_distributions(runs),
+               "verdict": verdict_record, "command": command}
     pngs = render_figures(runs)
     c = next(iter(federated_configs(runs).values()))
     incomplete = [r.path.name for r in runs if lost_clients(r)]
@@ -622,22 +758,7 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "", allow_inco
     if verdict_lines:
         lines += ["## Verdict", "", *verdict_lines, ""]
     lines += health_section(runs)
-    lines += ["## Per client", "", "Personalized accuracy (zero-shot) per client, mean over seeds, next to the "
-              "majority-class floor of that client's test rows (a constant predictor of its dominant class); "
-              "`–`: a client no seed scored (with `eval_fraction` < 1 only a sample of clients also scores its "
-              "model on the global test set).", "",
-              "| method | " + " | ".join(client_names(runs)) + " |",
-              "|---|" + "---|" * c.num_clients]
-    for m in sorted(agg):
-        mine = [r for r in runs if r.method == m]
-        zero_shot, _ = per_client_stats(mine, "personalized_accuracy_per_client")
-        lines.append(f"| {labelled(m, runs)} | {_percent_cells(zero_shot)} |")
-        for key, label in (("kstep_accuracy_per_client", "+ K-step"),
-                           ("personalized_global_test_accuracy_per_client", "on the global test set")):
-            stats = per_client_stats(mine, key)
-            if stats is not None and (key.startswith("kstep") or any(r.cfg.private_track for r in mine)):
-                lines.append(f"| {labelled(m, runs)} {label} | {_percent_cells(stats[0])} |")
-    lines.append(f"| majority floor | {_percent_cells(majority_floors(runs))} |")
+    lines += per_client_section(runs, results["per_client_distribution"])
     lines += ["", "## Per class (global test set, global track)", "",
               "| method | " + " | ".join(c.class_names) + " |", "|---|" + "---|" * len(c.class_names)]
     for m in sorted(agg):

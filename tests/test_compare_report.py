@@ -474,3 +474,93 @@ def test_settings_that_differ_between_methods_are_shown_per_method_only(tmp_path
     _, report = report_of(tmp_path / "written")
     settings = next(line for line in report.splitlines() if line.startswith("Settings:"))
     assert ", K-step 5 steps at lr 0.008," in settings and "Per method" not in settings
+
+
+# --- many clients: distributions over clients instead of a column per client --------------------------------
+def test_a_report_on_many_clients_gives_the_distribution_over_clients_and_a_cdf_plot(tmp_path):
+    """Above 12 clients the per-client table and bar plot are unreadable: the report gives, per method and row
+    kind, the mean, median, worst client, worst 10% and share below the floor over the clients (each client's
+    accuracy the mean over seeds first), and a CDF plot; failed (None) and unsampled (NaN) evaluations count
+    for no client."""
+    import math
+    import random
+    import statistics
+
+    import matplotlib.pyplot as plt
+
+    from fedslip.report import find_runs, per_client_cdf_figure
+
+    n = 100
+    draw = random.Random(0)
+    floors = [round(draw.uniform(0.3, 0.55), 3) for _ in range(n)]
+    zero_shot = {s: [round(draw.uniform(0.6, 1.0), 3) for _ in range(n)] for s in (0, 1)}
+    kstep = {s: [round(draw.uniform(0.7, 1.0), 3) for _ in range(n)] for s in (0, 1)}
+    for c in range(5):  # five clients below their floor in both seeds
+        zero_shot[0][c], zero_shot[1][c] = floors[c] - 0.2, floors[c] - 0.1
+    zero_shot[0][7] = kstep[0][7] = None  # client 7 failed its evaluation in seed 0: seed 1's value alone counts
+    zero_shot[0][9], zero_shot[1][9] = float("nan"), None  # client 9: no seed scored it (sampled, then failed)
+    for seed in (0, 1):
+        write_run(tmp_path, "fedslip", seed, personal=0.9, glob=0.8, kstep=0.92, config={"num_clients": n},
+                  personalized_accuracy_per_client=zero_shot[seed], kstep_accuracy_per_client=kstep[seed],
+                  majority_floor_per_client=[None if (seed, c) == (0, 7) else f for c, f in enumerate(floors)])
+    write_run(tmp_path, "fedavg_lora", 0, personal=0.85, glob=0.8, config={"num_clients": n},  # no K-step
+              personalized_accuracy_per_client=kstep[1], majority_floor_per_client=floors)
+    results, report = report_of(tmp_path)
+    per_client = report.split("## Per client")[1].split("## Per class")[0]
+
+    def by_hand(per_seed):  # client -> mean over the seeds that scored it; then the distribution over clients
+        means = {c: statistics.mean(v) for c in range(n)
+                 if (v := [s[c] for s in per_seed if s[c] is not None and not math.isnan(s[c])])}
+        ranked = sorted(means.values())
+        worst = min(means, key=means.get)
+        return {"clients": len(means), "mean": statistics.mean(ranked), "median": statistics.median(ranked),
+                "worst_client": means[worst], "worst_client_name": f"client {worst}",
+                "worst_10_percent": statistics.mean(ranked[:math.ceil(len(ranked) / 10)]),
+                "below_floor": sum(means[c] < floors[c] for c in means), "below_floor_of": len(means)}
+
+    expected = {("fedslip", "zero_shot"): by_hand([zero_shot[0], zero_shot[1]]),
+                ("fedslip", "kstep"): by_hand([kstep[0], kstep[1]]),
+                ("fedavg_lora", "zero_shot"): by_hand([kstep[1]])}
+    assert expected["fedslip", "zero_shot"]["clients"] == 99 and expected["fedslip", "zero_shot"]["below_floor"] == 5
+    for (method, kind), want in expected.items():
+        got = results["per_client_distribution"][method][kind]
+        assert got == pytest.approx({**want, "share_below_floor": want["below_floor"] / want["below_floor_of"]})
+        label = method if kind == "zero_shot" else f"{method} + K-step"
+        assert table_row(per_client, label) == (
+            f"| {label} | {want['clients']} | {100 * want['mean']:.1f} | {100 * want['median']:.1f} | "
+            f"{100 * want['worst_client']:.1f} ({want['worst_client_name']}) | {100 * want['worst_10_percent']:.1f} | "
+            f"{100 * want['below_floor'] / want['below_floor_of']:.0f}% ({want['below_floor']} of "
+            f"{want['below_floor_of']}) |")
+    assert set(results["per_client_distribution"]["fedavg_lora"]) == {"zero_shot"}
+    assert "| fedavg_lora + K-step |" not in report
+    assert "| method | clients | mean | median | worst client | worst 10% | below their floor |" in report
+    assert table_row(per_client, "majority floor").startswith(f"| majority floor | {n} | "
+                                                              f"{100 * statistics.mean(floors):.1f} |")
+    assert "| client 0 |" not in report  # no column per client
+    out = tmp_path / "report"
+    assert (out / "per_client_cdf.png").stat().st_size > 0 and not (out / "per_client_accuracy.png").exists()
+    assert "![per_client_cdf.png](per_client_cdf.png)" in report
+    # the CDF: each client's mean over seeds, sorted, against the fraction of clients at or below it
+    fig = per_client_cdf_figure(find_runs([tmp_path]))
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert set(lines) == {"fedslip zero-shot", "fedslip + K-step", "fedavg_lora zero-shot", "majority-class floor"}
+    means = sorted(100 * statistics.mean([s[c] for s in (zero_shot[0], zero_shot[1]) if s[c] is not None])
+                   for c in range(n) if c != 9)
+    assert lines["fedslip zero-shot"].get_xdata()[1:] == pytest.approx(means)
+    assert lines["fedslip zero-shot"].get_ydata() == pytest.approx([k / 99 for k in range(100)])
+    assert lines["fedslip zero-shot"].get_linestyle() == "-" and lines["fedslip + K-step"].get_linestyle() == "--"
+    assert lines["majority-class floor"].get_xdata()[1:] == pytest.approx(sorted(100 * f for f in floors))
+    plt.close(fig)
+
+
+def test_a_report_on_few_clients_keeps_a_column_per_client_and_the_bar_plot(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path, "fedslip", seed, personal=0.9, glob=0.8)
+    results, report = report_of(tmp_path)
+    per_client = report.split("## Per client")[1].split("## Per class")[0]
+    assert "| method | client 0 | client 1 | client 2 |" in per_client
+    assert table_row(per_client, "fedslip") == "| fedslip | 90.0 | 90.0 | 90.0 |"
+    assert "| method | clients | mean |" not in report
+    assert (tmp_path / "report" / "per_client_accuracy.png").is_file()
+    assert not (tmp_path / "report" / "per_client_cdf.png").exists()
+    assert results["per_client_distribution"]["fedslip"]["zero_shot"]["median"] == pytest.approx(0.9)

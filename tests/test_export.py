@@ -227,3 +227,69 @@ def test_the_new_presets_export_what_predict_computes(tmp_path, data_dir, tiny_d
     namespace: dict = {}
     exec(snippet, namespace)
     torch.testing.assert_close(probabilities(namespace["model"], namespace["tokenizer"]), want, atol=ATOL, rtol=0)
+
+
+def card_row(text: str, label: str) -> str:
+    """The value cell of the model card's table row ``label``."""
+    rows = [line for line in text.splitlines() if line.startswith(f"| {label} |")]
+    assert rows, f"the model card has no row {label!r}"
+    return rows[0].split(" | ")[1].rstrip(" |")
+
+
+def test_an_export_has_a_model_card_naming_its_method_data_and_the_runs_metrics(run, tmp_path):
+    """README.md at the top of the export, as transformers' and peft's cards: Hub metadata, then the base model,
+    the method with its preset's values, the data and partition, the metrics of the run's summary.json, the
+    bytes per round, whose private track it holds and the commands that made the run and the export."""
+    import statistics
+
+    from huggingface_hub import ModelCard
+
+    out, cfg, _ = run
+    summary = json.loads((out / "summary.json").read_text())
+    export = RunModel(out, 1).export(tmp_path / "peft", format="peft")
+    card = ModelCard.load(export / "README.md")
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "text-classification"
+    assert {"fedslip", "federated-learning", "lora", "transformers"} <= set(card.data.tags)
+    assert card.data.base_model is None  # a local backbone directory is no hub id; the text names it
+    assert not list(export.glob("*/README.md"))  # peft's own card is folded in, not left beside an adapter
+    text = card.text
+
+    def pct(value):  # as the card writes an accuracy
+        return f"{100 * value:.1f}%"
+
+    per_client = summary["personalized_accuracy_per_client"]
+    assert card_row(text, "global accuracy (global track, global test set)") == pct(summary["global_accuracy"])
+    assert card_row(text, "personalized accuracy, zero-shot (each client's model on its own test rows, mean over "
+                          "clients)") == pct(summary["personalized_accuracy"])
+    assert card_row(text, "personalized accuracy per client, min / median / max over 2 clients") == " / ".join(
+        pct(v) for v in (min(per_client), statistics.median(per_client), max(per_client)))
+    assert card_row(text, "client 1's personalized accuracy (this model)") == pct(per_client[1])
+    assert card_row(text, "MiB per round (upload + download, all clients)") == f"{summary['comm_mib_per_round']:.3f}"
+    assert summary["kstep_accuracy"] is None and "after K-step" not in text  # this run ran no K-step
+    assert "# FedSLIP `fedslip`: client 1's personalized model" in text
+    assert "Included: client 1's private track." in text
+    assert card_row(text, "objective") == "`separated`" and card_row(text, "fedprox_mu") == "`0.01`"
+    assert card_row(text, "private_warmup_rounds") == "`0` (the preset: `1`)"  # the run's own value
+    assert card_row(text, "partition") == "`dominant` (dominant fraction 0.8)" and card_row(text, "clients") == "2"
+    assert card_row(text, "rows per client (train / validation / test)") == "32 / 0 / 16"
+    assert card_row(text, "accuracies measured on") == "the `test` split"
+    assert f"`{Path(cfg.backbone).resolve()}`" in text  # the base model
+    assert f"fedslip run --config {out}/config.toml" in text
+    assert f"fedslip export --run {out} --client 1 --out {export} --format peft" in text
+    # a run with K-step and clients far apart, exported merged and global: the K-step row, no private track
+    again = tmp_path / "with-kstep"
+    shutil.copytree(out, again)
+    (again / "summary.json").write_text(json.dumps({**summary, "kstep_accuracy": 0.8766, "kstep_lr": 0.001,
+                                                    "personalized_accuracy_per_client": [0.93, 0.61]}))
+    (tmp_path / "results.json").write_text(json.dumps({"command": "fedslip compare --methods fedslip ...",
+                                                       "runs": [{"dir": str(again)}]}))  # a comparison's run
+    merged = RunModel(again, 0, use_private=False).export(tmp_path / "merged")
+    card = ModelCard.load(merged / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card_row(card.text, "personalized accuracy per client, min / median / max over 2 clients") == \
+        "61.0% / 77.0% / 93.0%"
+    assert card_row(card.text, f"after K-step ({cfg.kstep} local steps per client at lr 0.001; the fine-tuned models "
+                               "are not in this export)") == "87.7%"
+    assert "# FedSLIP `fedslip`: the global model" in card.text and "Included: the global track only" in card.text
+    assert f"--client 0 --out {merged} --global --format merged" in card.text
+    assert f"the run: `{again}`, made by `fedslip compare --methods fedslip ...`" in card.text

@@ -390,7 +390,7 @@ def test_too_few_valid_clients_stops_cleanly_and_the_run_resumes(tiny_cfg, tmp_p
 def test_a_client_failing_evaluation_is_recorded_not_fatal(tiny_cfg, tmp_path, monkeypatch):
     """The run goes on without the client's accuracy; its report is written whole (the client has no
     majority floor), names the run incomplete and lists the failure in its Health section."""
-    from fedslip.report import FIGURES, build_report, load_run
+    from fedslip.report import build_report, figures_for, load_run
     from tests.test_compare_report import table_row
 
     original = Client.evaluate
@@ -412,11 +412,12 @@ def test_a_client_failing_evaluation_is_recorded_not_fatal(tiny_cfg, tmp_path, m
     assert [(f["round"], f["client"], f["stage"]) for f in summary["client_failures"]] == [(1, 1, "evaluate"),
                                                                                          (2, 1, "evaluate")]
     assert summary["majority_floor_per_client"][1] is None
-    build_report([load_run(tmp_path / "r")], tmp_path / "report")
+    runs = [load_run(tmp_path / "r")]
+    build_report(runs, tmp_path / "report")
     report = (tmp_path / "report" / "report.md").read_text()
     assert table_row(report, "fedavg_lora (incomplete)") and "| `r` | 1 | client_failed | client 1 (evaluate): " \
         "OSError: test rows unreadable |" in report
-    assert all((tmp_path / "report" / name).is_file() for name in (*FIGURES, "results.json"))
+    assert all((tmp_path / "report" / name).is_file() for name in (*figures_for(runs), "results.json"))
 
 
 def test_a_complete_run_says_so(uninterrupted):
