@@ -9,6 +9,7 @@
     fedslip bench-engines --out DIR   # per-round time on embedded / Flower simulation / deployment
     fedslip bench-scale --out DIR     # memory and round time at 10 / 100 / 1,000 clients
     fedslip deploy-local --workdir runs/deploy [config flags]   # SuperLink + SuperNodes on 127.0.0.1
+    fedslip flower-app DIR            # DIR/pyproject.toml: the Flower app of the installed package (flwr run DIR)
     fedslip config-reference          # the config table of docs/configuration.md
 """
 
@@ -157,13 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy-local", help="start a Flower SuperLink and one SuperNode per client on "
                             "127.0.0.1 (TLS with --tls), run the experiment on them with `flwr run`, stop them")
     deploy.add_argument("--workdir", required=True, help="new directory: run/, nodes/<id>/ (private states), "
-                        "logs/, .flwr/")
+                        "logs/, app/ (the Flower app), .flwr/")
     deploy.add_argument("--config", type=str, default=None, help="TOML file with config keys")
     deploy.add_argument("--tls", action="store_true", help="TLS between SuperLink, SuperNodes and flwr, with a "
                         "throwaway CA made in WORKDIR/certs")
     deploy.add_argument("--node-auth", action="store_true", help="SuperNode authentication (needs --tls): "
                         "a key pair per SuperNode, registered with the SuperLink")
     add_config_flags(deploy)
+    app = sub.add_parser("flower-app", help="write DIR/pyproject.toml: the Flower app of the installed fedslip "
+                         "(components, every config key) for `flwr run DIR <connection>`; ships no source")
+    app.add_argument("dir", help="the app directory (created; a pyproject.toml there is replaced only if this "
+                     "command wrote it)")
     tune = sub.add_parser("tune", help="hyperparameter search on validation rows with Optuna (resumable: the same "
                           "command continues the study); writes OUT/best.toml, study.csv, report.md, plots")
     tune.add_argument("--config", type=str, default=None, help="TOML file with config keys and an optional [tune] "
@@ -255,6 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(json.dumps(p.__dict__))
                 else:
                     print(f"{p.class_name}\t{max(p.probabilities):.3f}\t{p.text}")
+            return 0
+        if args.command == "flower-app":
+            from .launch.app_dir import write_app_dir
+
+            print(write_app_dir(args.dir))
             return 0
         if args.command == "compare":
             from .compare import compare

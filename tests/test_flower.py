@@ -3,10 +3,20 @@ embedded engine, on Flower's simulation runtime (Ray) and on a real SuperLink/Su
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import io
 import json
+import os
+import shutil
 import signal
+import site
+import subprocess
+import sys
 import threading
 import time
+import zipfile
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -27,6 +37,7 @@ from fedslip.flower_app import (
     private_guard_mod,
 )
 from fedslip.health import HealthError
+from fedslip.launch.app_dir import app_table, write_app_dir
 from fedslip.storage import load_tensors_and_metadata
 
 # numbers that legitimately differ between engines: wall time and the bytes of the carrier's framing
@@ -44,30 +55,81 @@ def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(a, b):
-    """Same global weights (allclose) and the same metrics, round by round, apart from engine framing."""
+def assert_same_run(a, b, ignore=()):
+    """Same global weights (allclose) and the same metrics, round by round, apart from engine framing (and
+    ``ignore``)."""
     ga, gb = load_file(a / "global.safetensors"), load_file(b / "global.safetensors")
     assert ga.keys() == gb.keys()
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-6)
+    skip = ENGINE_DEPENDENT | set(ignore)
     for ra, rb in zip(rows(a), rows(b), strict=True):
-        assert {k: v for k, v in ra.items() if k not in ENGINE_DEPENDENT} == \
-               {k: v for k, v in rb.items() if k not in ENGINE_DEPENDENT}
+        assert {k: v for k, v in ra.items() if k not in skip} == {k: v for k, v in rb.items() if k not in skip}
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
-    assert {k: v for k, v in sa.items() if k not in ENGINE_DEPENDENT} == \
-           {k: v for k, v in sb.items() if k not in ENGINE_DEPENDENT}
+    assert {k: v for k, v in sa.items() if k not in skip} == {k: v for k, v in sb.items() if k not in skip}
     assert sb["private_bytes_transmitted"] == 0
 
 
 # --- run config ------------------------------------------------------------------------------------
 def test_pyproject_flower_config_is_in_sync():
     """`python scripts/flower_config.py` regenerates it; every config key is declared (Flower only
-    accepts --run-config overrides of declared keys)."""
+    accepts --run-config overrides of declared keys). The checkout's app is the installed package's app
+    (`fedslip flower-app`) plus the source it ships."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     app = pyproject["tool"]["flwr"]["app"]
+    assert {k: v for k, v in app.items() if k != "fab-include"} == app_table()
     assert app["config"] == default_run_config()
-    assert app["components"] == {"serverapp": "fedslip.flower_app:server_app",
-                                 "clientapp": "fedslip.flower_app:client_app"}
+    assert app["fab-include"] == ["fedslip/**/*.py", "pyproject.toml"]
+
+
+def test_flower_app_directory_of_the_installed_package(tmp_path):
+    """`fedslip flower-app DIR`: a pyproject.toml that Flower validates, whose components import from the
+    installed fedslip, declaring every config key at its default; its FAB holds that file and no source."""
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.config_utils import load_and_validate
+
+    out = subprocess.run([sys.executable, "-m", "fedslip.cli", "flower-app", str(tmp_path / "app")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    path = tmp_path / "app" / "pyproject.toml"
+    assert out.stdout.strip() == str(path)
+    pyproject = tomllib.loads(path.read_text())
+    assert pyproject["project"]["dependencies"] == [f"fedslip=={fedslip.__version__}"]
+    assert pyproject["tool"]["flwr"]["app"] == app_table()
+    cfg, options = config_from_run_config(pyproject["tool"]["flwr"]["app"]["config"])
+    assert cfg == fedslip.make_config() and options == {"out": "runs/flower", "overwrite": False, "resume": False}
+    load_and_validate(path, check_module=True)  # what `flwr run` checks: both components are importable
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(tmp_path / "app"))) as fab:
+        assert sorted(fab.namelist()) == [".info/CONTENT", "pyproject.toml"]
+    assert write_app_dir(tmp_path / "app") == path  # rewriting its own file is fine
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "mine"\n')
+    for other in (REPO, tmp_path):  # a checkout's pyproject.toml, any other project's
+        before = (other / "pyproject.toml").read_text()
+        with pytest.raises(FileExistsError, match="not a FedSLIP app directory"):
+            write_app_dir(other)
+        assert (other / "pyproject.toml").read_text() == before
+
+
+def test_a_venv_in_the_project_breaks_flwr_run_unless_gitignore_names_it(tmp_path):
+    """Flower 1.42 checks the depth of every .py/.toml/.md/... file under the app directory that its root
+    .gitignore does not name (`.venv/` it skips itself), before fab-include narrows anything: a virtualenv
+    named `venv/` or `env/`, or kept inside `.git/`, breaks `flwr run .` unless .gitignore names it."""
+    from flwr.cli.build import build_fab_from_disk
+
+    site_packages = Path("lib/python3.11/site-packages/torch/ao/nn/intrinsic/quantized/dynamic/modules")  # depth 11
+    for venv in (".venv", "venv", "env", ".git/venv"):
+        app = tmp_path / venv.replace("/", "-")
+        (app / "fedslip").mkdir(parents=True)
+        (app / "fedslip" / "__init__.py").write_text("")
+        (app / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
+        (app / venv / site_packages).mkdir(parents=True)
+        (app / venv / site_packages / "__init__.py").write_text("")
+        if venv != ".venv":
+            with pytest.raises(ValueError, match=f"'{venv}/lib/.*exceeds the maximum directory depth"):
+                build_fab_from_disk(app)
+            (app / ".gitignore").write_text((REPO / ".gitignore").read_text())
+        with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))) as fab:
+            assert sorted(fab.namelist()) == [".info/CONTENT", "fedslip/__init__.py", "pyproject.toml"]
 
 
 def test_run_config_maps_onto_the_config_dataclass():
@@ -263,12 +325,13 @@ def test_node_auth_refuses_an_unregistered_supernode_and_the_run_goes_on_without
 
 @pytest.mark.flower
 def test_flwr_run_on_a_simulation_superlink(tmp_path, data_dir):
-    """`flwr run . <connection> --federation-config "num-supernodes=2 ..."` on `flower-superlink --simulation`."""
+    """`flwr run . <connection> --federation-config "num-supernodes=2 ..."` on `flower-superlink --simulation`,
+    from a checkout: its pyproject.toml's app, whose FAB ships the source."""
     from fedslip.launch.deployment import LocalDeployment
 
     cfg = tiny(data_dir, method="fedslip", kstep=2, eval_fraction=0.5)  # one client evaluated after round 1
     reference = embedded_reference(tmp_path, cfg)
-    with LocalDeployment(tmp_path / "sim", num_nodes=2, simulation=True) as fed:
+    with LocalDeployment(tmp_path / "sim", num_nodes=2, simulation=True, app_dir=REPO) as fed:
         fed.run({**cfg, "out": str(tmp_path / "sim" / "run")}, timeout=900)
         assert fed.nodes == {}  # Ray played the SuperNodes
     assert_same_run(reference, tmp_path / "sim" / "run")
@@ -310,6 +373,79 @@ def test_supernode_restart_between_rounds_keeps_private_track(tmp_path, data_dir
     assert summary["rounds"] == 3 and len(rows(out)) == 3
     assert_same_run(reference, out)  # the restarted client's private track carried on intact
     check_private_state_only_on_nodes(fed, out, 2, 3)
+
+
+# --- from an installed wheel ---------------------------------------------------------------------------
+def build_wheel(dist):
+    """The package's wheel, built offline from a copy of its sources (the checkout gets no build/ or egg-info)."""
+    src = dist.parent / "src"
+    shutil.copytree(REPO / "fedslip", src / "fedslip", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", *isolation, "-q", "-w",
+                    str(dist), str(src)], check=True)
+    return next(dist.glob("fedslip-*.whl"))
+
+
+def fresh_venv(root, wheel):
+    """A venv without system site-packages with the wheel pip-installed. Its dependencies: with
+    FEDSLIP_WHEELHOUSE=DIR (`pip download -d DIR <wheel>`, ~600 MB) pip installs them from DIR (about 4
+    minutes); otherwise this environment's site-packages are appended to the venv's sys.path by a .pth file,
+    which imports no editable fedslip (a path in a .pth is not scanned for further .pth files), and Flower's
+    console scripts are written into the venv's bin/ with its own python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-index"]
+    wheelhouse = os.environ.get("FEDSLIP_WHEELHOUSE")
+    if wheelhouse:
+        subprocess.run([*pip, "--find-links", wheelhouse, str(wheel)], check=True)
+        return python
+    subprocess.run([*pip, "--no-deps", str(wheel)], check=True)
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    (Path(purelib) / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    for ep in importlib.metadata.distribution("flwr").entry_points.select(group="console_scripts"):
+        script = python.parent / ep.name  # what pip writes for a console script
+        script.write_text(f"#!{python}\nimport sys\nfrom {ep.module} import {ep.attr.split('.')[0]}\n"
+                          f"sys.exit({ep.attr}())\n")
+        script.chmod(0o755)
+    return python
+
+
+@pytest.mark.flower
+def test_deploy_local_from_a_wheel_installed_in_a_fresh_venv(tmp_path, data_dir):
+    """`pip install fedslip-*.whl` in a venv that cannot see the checkout, then `fedslip deploy-local` from a
+    directory outside it: SuperLink, SuperNodes, ServerApp and ClientApps all run the wheel's fedslip, the FAB
+    carries no source, and the run equals the embedded engine's."""
+    python = fresh_venv(tmp_path / "venv", build_wheel(tmp_path / "dist"))
+    bin_dir = python.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "FEDSLIP_DATA_DIR")}
+    env.update(PATH=os.pathsep.join([str(bin_dir), "/usr/bin", "/bin"]), HF_HUB_OFFLINE="1",
+               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_HOME=str(tmp_path / ".flwr"))
+    work = tmp_path / "work"
+    work.mkdir()
+    where = subprocess.run([str(python), "-c", "import fedslip.flower_app; print(fedslip.__file__)"], env=env,
+                           cwd=work, check=True, capture_output=True, text=True).stdout.strip()
+    assert Path(where).is_relative_to(tmp_path / "venv") and not Path(where).is_relative_to(REPO)
+    for name in ("fedslip", "flwr", "flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
+                 "flwr-clientapp"):  # what deploy-local and Flower start: the venv's, with the venv's python
+        assert shutil.which(name, path=env["PATH"]) == str(bin_dir / name)
+        assert (bin_dir / name).read_text().splitlines()[0] == f"#!{python}"
+
+    cfg = tiny(data_dir, method="fedslip", rounds=1)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]
+    done = subprocess.run([str(bin_dir / "fedslip"), "deploy-local", "--workdir", "deploy", *flags], env=env,
+                          cwd=work, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["method"] == "fedslip"
+    deploy = work / "deploy"
+    installed = list((deploy / ".flwr" / "apps").iterdir())  # the FAB as the SuperNodes and ServerApp unpacked it
+    assert installed and all(sorted(p.name for p in app.iterdir()) == ["pyproject.toml"] for app in installed)
+    # a wheelhouse may hold other releases of the dependencies than this environment (recorded in "versions")
+    assert_same_run(embedded_reference(tmp_path, cfg), deploy / "run",
+                    ignore={"versions"} if os.environ.get("FEDSLIP_WHEELHOUSE") else ())
 
 
 @pytest.mark.flower

@@ -1,6 +1,8 @@
 """A real Flower deployment on this machine: one ``flower-superlink`` and N ``flower-supernode`` processes
 on 127.0.0.1, and ``flwr run`` of the FedSLIP app on it. For demos, tests and as the template of a
-multi-machine deployment (docs/flower.md has the commands).
+multi-machine deployment (docs/flower.md has the commands). The app is ``workdir/app``, written by
+``app_dir.write_app_dir``: a ``pyproject.toml`` whose components every process imports from the installed
+``fedslip`` (a wheel or a checkout alike); ``app_dir=`` runs another app directory, such as a checkout.
 
 ``tls=True``: a throwaway CA and a certificate for 127.0.0.1 are made in ``workdir/certs`` (the
 ``cryptography`` package); the SuperLink serves TLS, SuperNodes and the ``flwr`` CLI trust that CA.
@@ -42,10 +44,10 @@ from ..config import ExperimentConfig
 from ..data import check_own_file
 from ..flower_app import as_run_config
 from ..storage import read_json
+from .app_dir import write_app_dir
 from .environment import flower_environment, ray_temp_dir
 
 log = logging.getLogger("fedslip")
-REPO = Path(__file__).resolve().parents[2]  # the app directory: pyproject.toml names the Flower app
 CONNECTION = "fedslip-local"
 
 
@@ -166,13 +168,14 @@ def run_config_args(values: dict[str, Any]) -> str:
 class LocalDeployment:
     """SuperLink + SuperNodes as local processes; ``run`` submits the app with ``flwr run`` and waits."""
 
-    def __init__(self, workdir: Path, num_nodes: int, app_dir: Path = REPO, simulation: bool = False,
+    def __init__(self, workdir: Path, num_nodes: int, app_dir: Path | None = None, simulation: bool = False,
                  client_cpus: int = 1, tls: bool = False, node_auth: bool = False,
                  node_data: dict[int, Path] | None = None):
         """``simulation=True``: a ``flower-superlink --simulation`` whose Ray runtime plays the
         ``num_nodes`` SuperNodes (``client_cpus`` cores each); no SuperNode processes. ``tls`` /
         ``node_auth``: see the module docstring. ``node_data``: each SuperNode's own data file (node
-        config ``data-path``, for runs with ``partition = "own"``)."""
+        config ``data-path``, for runs with ``partition = "own"``). ``app_dir``: the Flower app to run
+        (default: ``workdir/app``, written on ``start``)."""
         if node_data and simulation:
             raise DeploymentError("node_data names SuperNodes' files; the simulation has no SuperNodes "
                                   "(use client_data in the run config)")
@@ -181,7 +184,8 @@ class LocalDeployment:
         self.tls, self.node_auth = tls, node_auth
         self.certs: Certificates | None = None
         self.workdir = Path(workdir).resolve()
-        self.num_nodes, self.app_dir = num_nodes, Path(app_dir)
+        self.num_nodes, self.app_dir = num_nodes, Path(app_dir or self.workdir / "app")
+        self._write_app = app_dir is None
         self.simulation, self.client_cpus = simulation, client_cpus
         # the SuperLink and SuperNodes start flower-superexec / flwr-serverapp / flwr-clientapp from PATH
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -209,6 +213,8 @@ class LocalDeployment:
     def start(self, nodes: list[int] | None = None) -> LocalDeployment:
         """Start the SuperLink, then the SuperNodes ``nodes`` (default: all)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self._write_app:
+            write_app_dir(self.app_dir)
         if self.simulation:  # Ray's temp dir inside the workdir (Ray reads RAY_TMPDIR)
             self.env["RAY_TMPDIR"] = self._cleanup.enter_context(ray_temp_dir(self.workdir / ".ray"))
         if self.tls:
@@ -356,9 +362,9 @@ def run_local(cfg: ExperimentConfig, workdir: str | Path, timeout: float = 24 * 
               node_auth: bool = False) -> dict:
     """Run ``cfg`` on a SuperLink and ``cfg.num_clients`` SuperNodes started on 127.0.0.1 for this call
     (``fedslip deploy-local [--tls] [--node-auth]``). The run directory is ``workdir/run``; node states
-    ``workdir/nodes/<id>``; logs ``workdir/logs``; certificates and keys ``workdir/certs``,
-    ``workdir/keys``. With ``partition = "own"``, SuperNode i gets ``client_data[i]`` as its ``data-path``
-    and the server's run config names no client file. Every process is stopped before this returns."""
+    ``workdir/nodes/<id>``; logs ``workdir/logs``; the Flower app ``workdir/app``; certificates and keys
+    ``workdir/certs``, ``workdir/keys``. With ``partition = "own"``, SuperNode i gets ``client_data[i]`` as its
+    ``data-path`` and the server's run config names no client file. Every process is stopped before this returns."""
     workdir = Path(workdir).resolve()
     node_data = dict(enumerate(cfg.resolved_client_data()))
     for path in node_data.values():  # before any process starts (each SuperNode reads only its own)
