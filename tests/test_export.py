@@ -229,3 +229,30 @@ def test_the_new_presets_export_what_predict_computes(tmp_path, data_dir, tiny_d
     namespace: dict = {}
     exec(snippet, namespace)
     torch.testing.assert_close(probabilities(namespace["model"], namespace["tokenizer"]), want, atol=ATOL, rtol=0)
+
+
+def test_predict_prints_one_line_per_text_and_reads_texts_from_a_file_or_stdin(head_run, tmp_path, capsys,
+                                                                               monkeypatch):
+    """A text holding a newline or a tab printed as two lines or an extra column; each is escaped as in Python
+    (``\\n``, ``\\t``). ``--file`` reads one text per line, a .jsonl file's "text" fields (which may hold
+    newlines), or standard input (``-``); each gives what ``RunModel.predict`` gives for the same texts."""
+    import io
+
+    from fedslip.inference import read_texts
+
+    texts = ["stocks profit\nmarket news", "team\tcoach \\ match", "war minister election today"]
+    expected = RunModel(head_run, 0).predict(texts)
+    assert main(["predict", "--run", str(head_run), "--client", "0", *texts]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t") for line in lines] == [[p.class_name, f"{max(p.probabilities):.3f}", text] for p, text in
+                                                     zip(expected, ["stocks profit\\nmarket news",
+                                                                    "team\\tcoach \\\\ match", texts[2]])]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    (tmp_path / "lines.txt").write_text("team coach match\r\n\nstocks profit market news\n")
+    assert read_texts(tmp_path / "texts.jsonl") == texts
+    assert read_texts(tmp_path / "lines.txt") == ["team coach match", "stocks profit market news"]  # blank skipped
+    for source, given in ((str(tmp_path / "texts.jsonl"), texts), ("-", ["team coach match", "software chip"])):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\n".join(given).encode())))
+        assert main(["predict", "--run", str(head_run), "--client", "0", "--json", "--file", source]) == 0
+        printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert printed == [p.__dict__ for p in RunModel(head_run, 0).predict(given)]
