@@ -23,7 +23,7 @@ from .engines.embedded import EmbeddedEngine
 from .experiment import RunDir, RunDirError, build_clients
 from .rounds import mean_present, per_client, prepare_for, ratio, resumable_config, start, start_resumed
 from .server import RoundFailed
-from .storage import atomic_write_bytes, load_tensors, read_json, write_json
+from .storage import atomic_write_bytes, finished_run, load_tensors, read_json, write_json
 from .tracking import Callback
 
 log = logging.getLogger("fedslip")
@@ -102,9 +102,7 @@ def kstep(out: str | Path, steps: int, lr: float | None = None, allow_test: bool
 
         fedslip kstep --run runs/tune/fedavg_lora --steps 100 --lr 1e-3
     """
-    run_dir = RunDir(Path(out))
-    if not (run_dir.path / "summary.json").is_file():
-        raise RunDirError(f"{run_dir.path} holds no finished run (no summary.json)")
+    run_dir = RunDir(finished_run(out))
     if steps <= 0:
         raise ConfigError(f"kstep needs steps > 0, got {steps}")
     cfg = load_config(run_dir.path / "config.toml")
@@ -143,9 +141,7 @@ def equal_compute_steps(out: str | Path, match: str | Path) -> int:
     """
     summaries = {}
     for name, path in (("run", Path(out)), ("match", Path(match))):
-        if not (path / "summary.json").is_file():
-            raise RunDirError(f"{path} holds no finished run (no summary.json)")
-        summaries[name] = read_json(path / "summary.json")
+        summaries[name] = read_json(finished_run(path) / "summary.json")
         if not summaries[name].get("train_sample_passes"):
             raise RunDirError(f"{path}: its summary.json records no training passes (a run made before compute "
                               "was recorded); rerun it")

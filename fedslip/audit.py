@@ -41,7 +41,7 @@ from .experiment import RunDir, RunDirError
 from .model import TrackedModel, load_tokenizer
 from .partition import Partition, counts_for
 from .rounds import AUDIT_DIR
-from .storage import load_tensors, write_json
+from .storage import load_tensors, run_directory, write_json
 
 
 def bias_name(names: list[str]) -> str | None:
@@ -63,7 +63,7 @@ def audit(run_dir: str | Path, public_data: str | Path | None = None, shadow_per
 
 def _recorded(run_path: Path) -> tuple[list[Path], list[int], int]:
     """The recorded rounds, each client's true dominant class, and the number of classes."""
-    run = RunDir(run_path)
+    run = RunDir(run_directory(run_path))
     folder = run.path / AUDIT_DIR
     rounds = sorted(folder.glob("round-*.safetensors"))
     if not rounds:

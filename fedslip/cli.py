@@ -1,7 +1,7 @@
 """``fedslip`` command line: a thin layer over the Python API.
 
     fedslip run --method fedavg_lora --out runs/x [--config cfg.toml] [--rounds 3 ...]
-    fedslip predict --run runs/x --client 0 "some text" ...
+    fedslip predict --run runs/x --client 0 "some text" ...   # or --file texts.txt|texts.jsonl|-
     fedslip export --run runs/x --client 0 --out exported/ [--format peft]
     fedslip kstep --run runs/x --steps 100 --lr 1e-3   # K-step again on a finished run
     fedslip tune --config cfg.toml --method fedslip --trials 12 --out runs/tune   # Optuna, validation rows
@@ -21,7 +21,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .config import CHOICES, FIELDS, PRESET_BASE, PRESET_KEYS, ConfigError, make_config
@@ -80,9 +80,16 @@ ALLOW_INCOMPLETE = ("count runs that lost clients (client_failures) in the repor
                     "are marked in every table and plot and left out of the verdict's comparisons")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser (each subcommand's too) with a short answer to a bad flag: the problem and where the help
+    is, not the whole usage first (some 60 lines for ``fedslip run``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nsee {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedslip", description="Personalized federated fine-tuning with "
-                                     "dual-track LoRA.")
+    parser = Parser(prog="fedslip", description="Personalized federated fine-tuning with dual-track LoRA.")
     parser.add_argument("--version", action="version", version=f"fedslip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one federated experiment")
@@ -98,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--client", type=int, required=True, help="client id (0-based)")
     predict.add_argument("--global", dest="global_only", action="store_true", help="global track only")
     predict.add_argument("--json", action="store_true", help="print JSON lines with probabilities")
-    predict.add_argument("texts", nargs="+", help="texts to classify")
+    predict.add_argument("--file", default=None, metavar="PATH|-", help="read the texts from PATH, one per line (a "
+                         "name ending in .jsonl: one JSON object per line, its \"text\" field), or from standard "
+                         "input with -; blank lines are skipped")
+    predict.add_argument("texts", nargs="*", help="texts to classify (or --file)")
     export = sub.add_parser("export", help="save a client's model for plain transformers (merged) or peft (adapters)")
     export.add_argument("--run", required=True, help="finished run directory")
     export.add_argument("--client", type=int, required=True, help="client id (0-based)")
@@ -205,6 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def predict_texts(args: argparse.Namespace) -> list[str]:
+    """``predict``'s texts: its arguments, or the lines of ``--file``."""
+    from .inference import read_texts
+
+    if bool(args.texts) == bool(args.file):
+        raise ValueError("predict: give the texts as arguments or --file PATH|- (one text per line), not both"
+                         if args.texts else "predict: no text to classify; give texts as arguments or --file PATH|-")
+    if args.file:
+        return read_texts(args.file)
+    check_texts(args.texts)
+    return args.texts
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line of plain ``predict`` output: backslash, tab (the column separator), newlines and other
+    characters that are not printable escaped as in Python (``\\n``, ``\\t``, ``\\u2028``)."""
+    escaped = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    return "".join(escaped.get(c) or (c if c.isprintable() else c.encode("unicode_escape").decode("ascii"))
+                   for c in text)
+
+
 def check_texts(texts: Sequence[str]) -> None:
     """``predict`` arguments must be text: bytes that are not UTF-8 reach Python as lone surrogates."""
     for i, text in enumerate(texts, 1):
@@ -250,16 +281,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "export":
                 check_export_target(args.out)
             else:
-                check_texts(args.texts)
+                texts = predict_texts(args)
             run_model = RunModel(args.run, args.client, use_private=not args.global_only)
             if args.command == "export":
                 print(run_model.export(args.out, format=args.format))
                 return 0
-            for p in run_model.predict(args.texts):
+            for p in run_model.predict(texts):
                 if args.json:
                     print(json.dumps(p.__dict__))
                 else:
-                    print(f"{p.class_name}\t{max(p.probabilities):.3f}\t{p.text}")
+                    print(f"{p.class_name}\t{max(p.probabilities):.3f}\t{one_line(p.text)}")
             return 0
         if args.command == "flower-app":
             from .launch.app_dir import write_app_dir
@@ -328,12 +359,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(api.kstep(args.run, steps, args.lr, allow_test=args.allow_test), indent=2))
             return 0
         if args.command == "report":
-            from .report import build_report, find_runs
+            from .report import build_report, scan_runs
 
             if args.out is None and len(args.paths) != 1:
                 raise ConfigError("report with several paths needs --out")
             out = args.out or args.paths[0]
-            build_report(find_runs(args.paths), out, args.made_by, allow_incomplete=args.allow_incomplete)
+            runs, skipped = scan_runs(args.paths)
+            for line in skipped:
+                print(f"fedslip report: skipped {line}", file=sys.stderr)
+            build_report(runs, out, args.made_by, allow_incomplete=args.allow_incomplete, skipped=skipped)
             print(f"{out}/report.md")
             return 0
         if args.command == "deploy-local":
@@ -365,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     except KeyboardInterrupt:
         out = getattr(args, "resume", None) or getattr(args, "out", None)
-        hint = f"; continue with `fedslip run --resume {out}`" if args.command == "run" and out else ""
+        hint = {"run": f"; continue with `fedslip run --resume {out}`" if out else "",
+                "tune": "; the same command continues the study"}.get(args.command, "")
         print(f"fedslip: interrupted{hint}", file=sys.stderr)
         return 130
     keys = ("method", "global_accuracy", "personalized_accuracy", "kstep_accuracy", "comm_mib_per_round",

@@ -84,7 +84,8 @@ class ExperimentConfig:
                               "(docs/usage.md, Experiment tracking; tensorboard/mlflow/wandb are optional extras).")
     audit: bool = _f(False, "Record every accepted client's change of the global track, as the server received "
                      "it, in audit/round-<r>.safetensors, for `fedslip audit` (what an honest-but-curious "
-                     "server can infer; docs/privacy.md).")
+                     "server can infer; docs/privacy.md). Not with partition = 'own': the audit scores its guesses "
+                     "against drawn class proportions, which the clients' own files do not have.")
     strict_health: bool = _f(False, "Stop the run (after the round's checkpoint; CLI exit code 3) when a round shows a "
                              "health symptom: global accuracy at chance, personalized at the clients' majority floor, "
                              "a NaN or rising loss, a client far behind (docs/usage.md, Run health).")
@@ -365,6 +366,10 @@ class ExperimentConfig:
         if self.client_data and self.partition != "own":
             raise ConfigError(f"client_data names the clients' own files: it needs partition='own', not "
                               f"{self.partition!r}")
+        if self.audit and self.partition == "own":
+            raise ConfigError("audit = true records the updates for fedslip audit, which scores its guesses against "
+                              "each client's drawn class proportions; with partition='own' the clients bring their own "
+                              "data and there are none to score against: drop --audit")
         if self.client_data and len(self.client_data) != self.num_clients:
             raise ConfigError(f"client_data names {len(self.client_data)} files for num_clients={self.num_clients}: "
                               "one file per client")

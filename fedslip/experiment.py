@@ -21,14 +21,9 @@ from .config import ConfigError, ExperimentConfig
 from .data import Encoded, TextSplit, encode, has_local_split, load_split, load_splits, read_own_file
 from .model import TrackedModel, load_tokenizer
 from .partition import ClientRows, Partition, own_partition, own_rows, partition_splits
-from .storage import StateFileError, atomic_write_bytes, load_tensors, read_json, save_tensors, write_json
+from .storage import RunDirError, StateFileError, atomic_write_bytes, load_tensors, read_json, save_tensors, write_json
 
 log = logging.getLogger("fedslip")
-
-
-class RunDirError(ValueError):
-    """The output directory already holds a run (and --overwrite was not given), or is not usable."""
-
 
 RUN_FILES = ("config.toml", "partition.json", "metrics.jsonl", "metrics.csv", "summary.json", "global.safetensors")
 RUN_DIRS = ("clients", "checkpoint")

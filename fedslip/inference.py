@@ -1,6 +1,7 @@
 """Using a finished run: a client's personalized predictions, and export for plain transformers / peft.
 
     fedslip predict --run runs/fedslip --client 2 "Stocks rally as rates fall"
+    fedslip predict --run runs/fedslip --client 2 --file texts.jsonl            # or texts.txt, or - (stdin)
     fedslip export  --run runs/fedslip --client 2 --out exported/client2                 # merged
     fedslip export  --run runs/fedslip --client 2 --out exported/client2 --format peft   # adapters
 
@@ -20,7 +21,9 @@ the adapters and the name is that folder's absolute path.
 from __future__ import annotations
 
 import copy
+import json
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +39,7 @@ from .data import Encoded, eval_batches
 from .experiment import ADAPTER_DIR, BASE_DIR, RunDir
 from .model import GLOBAL, PRIVATE, TrackedModel, load_backbone, load_tokenizer, resolve_backbone
 from .model_card import Export, model_card
-from .storage import StateFileError, load_tensors, read_json, set_plain_mode, write_json
+from .storage import StateFileError, finished_run, load_tensors, read_json, set_plain_mode, write_json
 
 EXPORT_FORMATS = ("merged", "peft")
 EXPORT_META = "fedslip_export.json"
@@ -52,6 +55,47 @@ class Prediction:
     label: int
     class_name: str
     probabilities: list[float]
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Texts to classify from a UTF-8 file: one per line, or, where the name ends in ``.jsonl``, one JSON
+    object per line whose ``"text"`` field is the text (a text that holds newlines); ``"-"``: standard
+    input, one per line. Blank lines are skipped.
+
+        fedslip predict --run runs/fedslip --client 2 --file texts.jsonl
+        RunModel("runs/fedslip", 2).predict(read_texts("texts.jsonl"))
+    """
+    if str(path) == "-":
+        name, stdin = "standard input", sys.stdin
+        data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8", "surrogateescape")
+    else:
+        name, path = str(path), Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory; --file names a text file (one text per line) or a .jsonl file")
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        data = path.read_bytes()
+    try:
+        content = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name} is not UTF-8 text (byte {e.start})") from None
+    lines = [(i, line.removesuffix("\r")) for i, line in enumerate(content.split("\n"), 1)]
+    lines = [(i, line) for i, line in lines if line.strip()]
+    if not name.endswith(".jsonl"):
+        texts = [line for _, line in lines]
+    else:
+        texts = []
+        for i, line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f'{name} line {i}: expected a JSON object with a "text" string, got {line[:60]!r}')
+            texts.append(record["text"])
+    if not texts:
+        raise ValueError(f"{name} holds no text to classify")
+    return texts
 
 
 def check_export_target(out: str | Path) -> Path:
@@ -77,9 +121,7 @@ class RunModel:
     """The inference model of one client of a finished run (global track, plus its private track)."""
 
     def __init__(self, run_dir: str | Path, client: int, use_private: bool = True):
-        self.run = RunDir(Path(run_dir))
-        if not (self.run.path / "config.toml").is_file():
-            raise StateFileError(f"{self.run.path} is not a run directory (no config.toml)")
+        self.run = RunDir(finished_run(run_dir, "global.safetensors"))  # the run's final global track
         self.cfg: ExperimentConfig = load_config(self.run.path / "config.toml")
         if not 0 <= client < self.cfg.num_clients:
             raise ValueError(f"client {client} does not exist; this run has clients 0..{self.cfg.num_clients - 1}")

@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import PRESET_KEYS, ConfigError, ExperimentConfig, load_config
 from .paired import Paired, pair
-from .storage import atomic_write_bytes, read_json
+from .storage import RunDirError, atomic_write_bytes, finished_run, read_json
 
 
 @dataclass
@@ -44,15 +44,36 @@ def load_run(path: Path) -> RunRecord:
     return RunRecord(path, load_config(path / "config.toml"), read_json(path / "summary.json"), rounds)
 
 
-def find_runs(paths: list[Path]) -> list[RunRecord]:
-    """Finished runs in ``paths`` (each a run directory or a folder of them), sorted by method and seed."""
-    found = []
+def scan_runs(paths: list[Path]) -> tuple[list[RunRecord], list[str]]:
+    """The finished runs in ``paths`` (each a run directory or a folder of them), sorted by method and seed,
+    and the unfinished runs of those folders that are left out, each as "PATH: why". A run directory named in
+    ``paths`` itself must be finished: an unfinished one is refused, with the command that finishes it."""
+    found, skipped = [], []
     for p in map(Path, paths):
-        candidates = [p] if (p / "summary.json").is_file() else sorted(d for d in p.iterdir() if d.is_dir())
+        if not p.exists():
+            raise FileNotFoundError(f"no such run directory: {p}")
+        if not p.is_dir():
+            raise RunDirError(f"{p} is a file; report reads run directories or folders of them")
+        if (p / "config.toml").is_file():
+            candidates = [finished_run(p)]
+        else:
+            candidates = sorted(d for d in p.iterdir() if (d / "config.toml").is_file())
+            skipped += [f"{d}: run not finished (no summary.json; fedslip run --resume {d} finishes it)"
+                        for d in candidates if not (d / "summary.json").is_file()]
         found += [load_run(d) for d in candidates if (d / "summary.json").is_file()]
     if not found:
         raise FileNotFoundError(f"no finished run (summary.json) under {', '.join(map(str, paths))}")
-    return sorted(found, key=lambda r: (r.method, r.cfg.seed))
+    return sorted(found, key=lambda r: (r.method, r.cfg.seed)), skipped
+
+
+def find_runs(paths: list[Path]) -> list[RunRecord]:
+    """``scan_runs``' finished runs; each unfinished run it leaves out is logged as a warning."""
+    import logging
+
+    runs, skipped = scan_runs(paths)
+    for line in skipped:
+        logging.getLogger("fedslip").warning("report: skipped %s", line)
+    return runs
 
 
 INCOMPLETE = "(incomplete)"  # the mark of a method with a run that lost clients, in every table and plot
@@ -81,8 +102,8 @@ def check_same_settings(method: str, runs: list[RunRecord]) -> None:
     for r in runs[1:]:
         differ = r.cfg.experiment_diff(first, ignore=("seed",))
         if differ:
-            raise ConfigError(f"{method}: {runs[0].path} and {r.path} differ in {', '.join(differ)}; a report row "
-                              "averages runs that differ in their seed only: report them separately")
+            raise ConfigError(f"runs {runs[0].path} and {r.path} of method {method} differ in {', '.join(differ)}; "
+                              "a report row averages runs that differ in their seed only: report them separately")
 
 
 def _stats(values: list[float | None]) -> dict:
@@ -697,9 +718,11 @@ def runs_table(runs: list[RunRecord]) -> list[str]:
                     f"{r.summary['wall_seconds'] / 60:.1f} |" for r in runs]
 
 
-def build_report(runs: list[RunRecord], out: Path, command: str = "", allow_incomplete: bool = False) -> dict:
+def build_report(runs: list[RunRecord], out: Path, command: str = "", allow_incomplete: bool = False,
+                 skipped: list[str] | None = None) -> dict:
     """Write ``results.json``, ``report.md`` and the PNGs into ``out``; return the results. A run that lost
-    clients is marked everywhere and left out of the verdict's comparisons unless ``allow_incomplete``.
+    clients is marked everywhere and left out of the verdict's comparisons unless ``allow_incomplete``;
+    ``skipped``: the runs left out (``scan_runs``), listed in report.md.
     Every file is built before the first is written: a failure leaves ``out`` as it was."""
     out = Path(out)
     agg = aggregate(runs)  # refuses mixed settings before anything is written
@@ -754,6 +777,8 @@ def build_report(runs: list[RunRecord], out: Path, command: str = "", allow_inco
                   "`client_failures` in its summary.json); its means cover the clients that answered only"
                   + (", and the verdict counts it (`--allow-incomplete`)." if allow_incomplete else
                      ", and the verdict leaves it out (`--allow-incomplete` counts it).")]
+    if skipped:
+        lines += ["", "Left out of this report: " + "; ".join(skipped) + "."]
     lines.append("")
     if verdict_lines:
         lines += ["## Verdict", "", *verdict_lines, ""]

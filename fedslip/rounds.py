@@ -40,7 +40,7 @@ from .server import (
     sample_clients,
     validate_update,
 )
-from .storage import StateFileError, save_tensors
+from .storage import StateFileError, run_directory, save_tensors
 from .tracking import Callback
 from .views import GLOBAL_TEST_VIEW, SERVER_MODEL_VIEW
 
@@ -177,12 +177,10 @@ def start(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False, progr
 
 
 def resumable_config(path: Path) -> ExperimentConfig:
-    config_path = path / "config.toml"
-    if not config_path.is_file():
-        raise RunDirError(f"{path} is not a run directory (no config.toml)")
+    run_directory(path)
     if (path / "summary.json").exists():
         raise RunDirError(f"{path} holds a finished run (summary.json); nothing to resume")
-    return load_config(config_path)
+    return load_config(path / "config.toml")
 
 
 def resume_point(run_dir: RunDir) -> tuple[ExperimentConfig, Checkpoint | None]:

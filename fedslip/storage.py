@@ -22,6 +22,34 @@ class StateFileError(ValueError):
     """A state or checkpoint file is missing, truncated or corrupt; the message names the file."""
 
 
+class RunDirError(ValueError):
+    """The output directory already holds a run (and --overwrite was not given), or is not usable; or a path
+    given as a run is not a run directory, or holds a run that has not finished."""
+
+
+RUN_DIR_HOLDS = ("a run directory is the --out of fedslip run: config.toml, metrics.jsonl, checkpoint/, and "
+                 "once the run finished summary.json and global.safetensors")
+
+
+def run_directory(path: str | Path) -> Path:
+    """``path``, refused unless it is a run directory (its ``config.toml`` marks it)."""
+    path = Path(path)
+    if not (path / "config.toml").is_file():
+        what = "does not exist" if not path.exists() else "is a file" if not path.is_dir() else "holds no config.toml"
+        raise RunDirError(f"{path} is not a run directory: it {what} ({RUN_DIR_HOLDS})")
+    return path
+
+
+def finished_run(path: str | Path, written_at_the_end: str = "summary.json") -> Path:
+    """``path``, refused unless it holds a finished run (``summary.json``, or the final ``global.safetensors`` for
+    what only needs the model); an interrupted run is named as such, with the command that finishes it."""
+    path = run_directory(path)
+    if not (path / written_at_the_end).is_file():
+        raise RunDirError(f"run not finished in {path} (no {written_at_the_end}); continue with fedslip run --resume "
+                          f"{path}")
+    return path
+
+
 def plain_file_mode() -> int:
     """The mode a plain ``open()`` gives a new file (0644 under the usual umask; read without changing it)."""
     mask = os.umask(0)

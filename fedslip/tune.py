@@ -40,10 +40,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +89,6 @@ SUMMARY_KEY = {"personalized": "personalized_accuracy", "global": "global_accura
 # the last round): a study whose objective includes it is not pruned (``prunes``)
 ROUND_KEY = {"personalized": "personalized_accuracy", "global": "global_accuracy",
              "worst_client": "personalized_accuracy_per_client"}
-TUNE_KEYS = ("maximize", "trials", "search", "space", "pruner_startup_trials", "pruner_warmup_rounds", "seeds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +103,7 @@ class Param:
 
     @classmethod
     def parse(cls, name: str, spec: Any) -> Param:
-        if name not in FIELDS:
-            raise ConfigError(f"tune space: {name!r} is not a config key")
+        check_searchable([name])
         kind = str(FIELDS[name].type)
         if isinstance(spec, list) and kind not in ("float", "int"):
             raise ConfigError(f"tune space: {name} is a {kind} key: give {{choices = [...]}}")
@@ -144,6 +144,45 @@ class Param:
         if self.choices is not None:
             return f"{self.name} in {list(self.choices)}"
         return f"{self.name} in [{self.low:g}, {self.high:g}]{' log-uniform' if self.log else ''}"
+
+
+def check_searchable(names: list[str]) -> None:
+    """Refuse names that are not config keys (``--search``, ``[tune] search`` or ``[tune.space]``), saying which
+    keys can be searched."""
+    unknown = [n for n in names if n not in FIELDS]
+    if unknown:
+        raise ConfigError(f"tune: {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not a config "
+                          f"key; searchable keys: {', '.join(KNOWN_RANGES)} (default ranges), or any other config key "
+                          "with a range in [tune.space] (fedslip config-reference lists them)")
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# what each setting of the [tune] table must be: a check, and what the error says it expects
+TUNE_SETTINGS: dict[str, tuple[Any, str]] = {
+    "maximize": (lambda v: isinstance(v, (str, dict)),
+                 'an objective or a weighted mix, e.g. "personalized" or "personalized=0.5,global=0.5"'),
+    "trials": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "search": (lambda v: v is None or isinstance(v, (list, tuple)) and all(isinstance(k, str) for k in v),
+               'a list of config keys, e.g. ["lr", "private_lr"]'),
+    "space": (lambda v: isinstance(v, dict), "a table of ranges, e.g. lr = [1e-4, 3e-2]"),
+    "pruner_startup_trials": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "pruner_warmup_rounds": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "seeds": (lambda v: isinstance(v, (list, tuple)) and all(map(_integer, v)), "a list of integers, e.g. [0, 1, 2]"),
+}
+TUNE_KEYS = tuple(TUNE_SETTINGS)
+
+
+def _setting(table: dict[str, Any], name: str, given: Any, default: Any) -> Any:
+    """A study setting: the argument given, else the ``[tune]`` table's value, else ``default``; refused unless
+    of its kind (``TUNE_SETTINGS``), the error naming where the value came from."""
+    value = given if given is not None else table.get(name, default)
+    check, expected = TUNE_SETTINGS[name]
+    if not check(value):
+        raise ConfigError(f"{name if given is not None else f'[tune] {name}'} must be {expected}, got {value!r}")
+    return value
 
 
 def parse_objective(objective: str | dict[str, float]) -> dict[str, float]:
@@ -243,29 +282,28 @@ def make_study(toml_path: str | Path | None = None, overrides: dict[str, Any] | 
     base.pop("eval_split", None)
     cfg = make_config(base)
     base["method"] = cfg.method
-    names = list(search) if search is not None else table.get("search")
+    names = _setting(table, "search", search, None)
     if names is None:
         names = DEFAULT_SPACES.get(cfg.method, ["lr"]) + (["kstep_lr"] if cfg.kstep > 0 and
                                                           cfg.method == "fedavg_lora" else [])
-    ranges = {**{n: KNOWN_RANGES.get(n) for n in names}, **table.get("space", {}), **(space or {})}
+    given_ranges = {**_setting(table, "space", None, {}), **(space or {})}
+    check_searchable([*names, *given_ranges])
+    ranges = {**{n: KNOWN_RANGES.get(n) for n in names}, **given_ranges}
     missing = sorted(n for n, r in ranges.items() if r is None)
     if missing:
-        raise ConfigError(f"tune: no default range for {', '.join(missing)}: give one in [tune.space]")
+        raise ConfigError(f"tune: no default range for {', '.join(missing)}: give one in [tune.space], e.g. "
+                          f"{missing[0]} = [low, high]")
     params = [Param.parse(n, r) for n, r in sorted(ranges.items())]
     clashes = sorted(p.name for p in params if p.name in ("method", "seed", "eval_split", "val_samples_per_client"))
     if clashes:
         raise ConfigError(f"tune: {', '.join(clashes)} cannot be searched")
-    study = Study(base, parse_objective(maximize or table.get("maximize", "personalized")), params,
-                  int(trials if trials is not None else table.get("trials", 12)),
-                  int(pruner_startup_trials if pruner_startup_trials is not None
-                      else table.get("pruner_startup_trials", 3)),
-                  int(pruner_warmup_rounds if pruner_warmup_rounds is not None
-                      else table.get("pruner_warmup_rounds", 1)),
-                  [int(x) for x in (seeds if seeds is not None else table.get("seeds", []))])
+    study = Study(base, parse_objective(_setting(table, "maximize", maximize, "personalized")), params,
+                  trials=_setting(table, "trials", trials, 12),
+                  pruner_startup_trials=_setting(table, "pruner_startup_trials", pruner_startup_trials, 3),
+                  pruner_warmup_rounds=_setting(table, "pruner_warmup_rounds", pruner_warmup_rounds, 1),
+                  seeds=list(_setting(table, "seeds", seeds, [])))
     if len(study.seeds) == 1 or len(set(study.seeds)) != len(study.seeds):
         raise ConfigError(f"tune seeds: two or more different validation seeds to average, got {study.seeds}")
-    if study.trials < 1 or study.pruner_startup_trials < 0 or study.pruner_warmup_rounds < 0:
-        raise ConfigError("tune: trials >= 1, pruner_startup_trials >= 0 and pruner_warmup_rounds >= 0 needed")
     if "kstep" in study.objective and cfg.kstep == 0:
         raise ConfigError("tune maximize 'kstep' needs kstep > 0 in the config")
     if "global" in study.objective and cfg.partition == "own" and not has_local_split(cfg, "val"):
@@ -280,9 +318,41 @@ def make_study(toml_path: str | Path | None = None, overrides: dict[str, Any] | 
 def _optuna():
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna's own record of a failed trial carries the exception's traceback (a Ctrl-C's is some 160 lines, before
+    # the CLI's "interrupted" line): the log's line per trial (``_log_trial``) and the CLI's error say it instead
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
+
+
+@contextlib.contextmanager
+def _warnings_logged() -> Iterator[None]:
+    """Python warnings raised inside (Optuna's, e.g. the parameter importances' "Target and region quantiles
+    select the same set of trials") become INFO lines of the log, which ``--quiet`` hides."""
+    experimental = _optuna().exceptions.ExperimentalWarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=experimental)  # "plot_... is experimental": not for users
+        yield
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        log.info("tune: %s", message)
+
+
+def _params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-"
+
+
+def _log_trial(optuna_study, trial) -> None:
+    """One INFO line per finished trial: number, state, parameters, objective (an Optuna callback; a trial
+    whose run raised is logged by the objective, as Optuna stops the study before its callbacks)."""
+    rounds = sorted(trial.intermediate_values)
+    value = trial.value if trial.value is not None else trial.intermediate_values[rounds[-1]] if rounds else None
+    result = "no objective" if value is None else f"objective {value:.4f}"
+    if trial.state.name == "PRUNED" and rounds:  # its value: the round it stopped in
+        result += f" at round {rounds[-1]}"
+    why = trial.user_attrs.get("failed_round")
+    log.info("tune: trial %d %s: %s; %s%s", trial.number, trial.state.name.lower(), _params(trial.params), result,
+             f" ({why})" if why else "")
 
 
 def _open(study: Study, out: Path):
@@ -342,6 +412,15 @@ def _objective(study: Study, out: Path, progress: bool):
     optuna = _optuna()
 
     def objective(trial) -> float:
+        try:
+            return run_trial(trial)
+        except (KeyboardInterrupt, optuna.TrialPruned):
+            raise
+        except Exception as e:
+            log.info("tune: trial %d failed: %s; %s", trial.number, _params(trial.params), e)
+            raise
+
+    def run_trial(trial) -> float:
         params = {p.name: p.suggest(trial) for p in study.space}
         resume_run = trial.user_attrs.get("resume_run")  # relative to out, like every run_dir attribute
         run_dir = resume_run or f"trials/{trial.number:04d}"
@@ -436,11 +515,13 @@ def tune(out: str | Path, trials: int | None = None, toml_path: str | Path | Non
         log.info("tune: %d of %d trials done; running %d", done, study.trials, study.trials - done)
         if not prunes(study.objective):
             log.info("tune: %s", pruning_note(study))
-        optuna_study.optimize(_objective(study, out, progress), n_trials=study.trials - done, timeout=timeout)
+        optuna_study.optimize(_objective(study, out, progress), n_trials=study.trials - done, timeout=timeout,
+                              callbacks=[_log_trial])
     done = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     if rescore and done >= study.trials:  # a study stopped by its timeout is rescored when it is finished
         rescore_finalists(study, optuna_study, out, rescore, rescore_seeds, progress)
-    return write_outputs(study, optuna_study, out, command)
+    with _warnings_logged():
+        return write_outputs(study, optuna_study, out, command)
 
 
 def rescore_finalists(study: Study, optuna_study, out: Path, top: int, seeds: list[int], progress: bool) -> dict:

@@ -3,7 +3,8 @@
 stays byte-identical even with ``--overwrite``.
 
 A new case is one row in ``CASES``: (id, argv after ``fedslip``, text the error line must contain).
-``{out}``, ``{data}``, ``{tmp}`` are filled in per test; ``--backbone tiny`` keeps the model loads fast.
+``{out}``, ``{data}``, ``{tmp}`` are filled in per test (``{tmp}`` in the text too); ``--backbone tiny`` keeps the
+model loads fast.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from fedslip import make_config
 from fedslip.cli import main
 from fedslip.model import embedded_model_dir
 
@@ -55,6 +57,33 @@ CASES = [
      "label 1e300 in data row 2 is outside 0..3"),
     ("own-file-all-texts-empty", f"{RUN} --partition own --client-data {{tmp}}/no_text.csv,{{tmp}}/no_text.csv",
      "every row's text (title, description) is empty"),
+    ("tune-trials-not-an-integer", "tune --config {tmp}/tune_trials.toml --out {tmp}/study",
+     "[tune] trials must be an integer >= 1, got 'x'"),
+    ("tune-seeds-not-a-list", "tune --config {tmp}/tune_seeds.toml --out {tmp}/study",
+     "[tune] seeds must be a list of integers"),
+    ("tune-search-not-a-key", "tune --search foo --out {tmp}/study", "'foo' is not a config key; searchable keys: lr,"),
+    ("tune-space-not-a-key", "tune --config {tmp}/tune_space.toml --out {tmp}/study",
+     "'foo' is not a config key; searchable keys: lr,"),
+    ("audit-missing-path", "audit {tmp}/missing", "missing is not a run directory: it does not exist (a run directory"),
+    ("audit-a-file", "audit {tmp}/latin1.toml", "latin1.toml is not a run directory: it is a file"),
+    ("audit-unrelated-directory", "audit {tmp}/damaged_data", "damaged_data is not a run directory: it holds no "
+     "config.toml"),
+    ("run-audit-on-own-data", f"{RUN} --audit --partition own --client-data {{tmp}}/a.csv,{{tmp}}/b.csv",
+     "with partition='own' the clients bring their own data"),
+    ("export-unfinished-run", "export --run {tmp}/unfinished --client 0 --out {tmp}/exported",
+     "run not finished in {tmp}/unfinished (no global.safetensors); continue with fedslip run --resume "
+     "{tmp}/unfinished"),
+    ("predict-unfinished-run", "predict --run {tmp}/unfinished --client 0 hello",
+     "run not finished in {tmp}/unfinished (no global.safetensors); continue with fedslip run --resume "
+     "{tmp}/unfinished"),
+    ("predict-file-missing", "predict --run {out} --client 0 --file {tmp}/texts.txt", "no such file: "),
+    ("predict-file-and-texts", "predict --run {out} --client 0 --file {tmp}/latin1.toml hello", "not both"),
+    ("predict-jsonl-without-text", "predict --run {out} --client 0 --file {tmp}/notext.jsonl",
+     'notext.jsonl line 2: expected a JSON object with a "text" string'),
+    ("report-missing-path", "report {tmp}/missing", "no such run directory: {tmp}/missing"),
+    ("report-unfinished-run-named", "report {tmp}/unfinished --out {tmp}/report",
+     "run not finished in {tmp}/unfinished (no summary.json); continue with fedslip run --resume {tmp}/unfinished"),
+    ("upload-codec-not-a-codec", f"{RUN} --upload-codec int3", "argument --upload-codec: invalid choice: 'int3'"),
 ]
 
 
@@ -90,12 +119,21 @@ def inputs(tmp_path, data_dir):
     rows.assign(label=rows["label"].astype(str).where(rows.index != rows.index[1], "1e300")).to_csv(
         tmp_path / "huge_label.csv", index=False)
     rows.assign(title="", description="").to_csv(tmp_path / "no_text.csv", index=False)
+    for name, table in (("trials", '[tune]\ntrials = "x"'), ("seeds", '[tune]\nseeds = "0,1"'),
+                        ("space", "[tune.space]\nfoo = [1, 2]")):
+        (tmp_path / f"tune_{name}.toml").write_text(f"backbone = 'tiny'\n{table}\n")
+    (tmp_path / "notext.jsonl").write_text('{"text": "fine"}\n{"title": "no text field"}\n')
+    unfinished = tmp_path / "unfinished"  # an interrupted run: its config and checkpoint, no summary.json
+    (unfinished / "checkpoint").mkdir(parents=True)
+    make_config(dict(backbone="tiny", num_clients=2, data_dir=str(data_dir))).save(unfinished / "config.toml")
+    (unfinished / "metrics.jsonl").write_text('{"round": 1}\n')
     return {"out": out, "data": data_dir, "tmp": tmp_path, "keep": keep}
 
 
 @pytest.mark.parametrize("argv, needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_error_and_nothing_is_lost(inputs, capsys, argv, needle):
     args = argv.format(out=inputs["out"], data=inputs["data"], tmp=inputs["tmp"]).split()
+    needle = needle.format(tmp=inputs["tmp"])
     try:
         rc = main(args)
     except SystemExit as e:  # argparse's own errors (a flag's value it cannot parse)
@@ -123,6 +161,18 @@ def test_ctrl_c_is_one_line_with_the_resume_command(inputs, capsys, monkeypatch)
         pytest.fail("KeyboardInterrupt escaped fedslip.cli.main")
     err = capsys.readouterr().err.strip()
     assert rc == 130 and err == f"fedslip: interrupted; continue with `fedslip run --resume {inputs['tmp'] / 'new'}`"
+
+
+@pytest.mark.parametrize("argv, prog", [("run --out x --upload-codec int3", "fedslip run"),
+                                         ("runn --out x", "fedslip")])
+def test_a_flag_argparse_refuses_is_its_error_and_a_help_hint_not_the_usage(capsys, argv, prog):
+    """argparse printed the command's whole usage (some 60 lines for ``fedslip run``) above its error line."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv.split())
+    err = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and len(err) == 2, err
+    assert err[0].startswith(f"{prog}: error: argument ") and "invalid choice" in err[0]
+    assert err[1] == f"see {prog} --help"
 
 
 def test_a_read_only_output_directory_is_refused_before_loading(inputs, capsys, monkeypatch):

@@ -295,6 +295,34 @@ def write_run(root, method, seed, personal, glob, kstep=None, failures=(), compl
     return path
 
 
+def test_report_names_the_unfinished_runs_it_leaves_out_and_refuses_one_named(tmp_path, capsys):
+    """An interrupted run in a folder of runs is left out with a line on stderr and in report.md (it was left out
+    silently, and the seed list shrank); an interrupted run named on the command line is refused."""
+    for seed in (0, 1, 2):
+        write_run(tmp_path / "runs", "fedavg_lora", seed, personal=0.85, glob=0.80)
+    interrupted = tmp_path / "runs" / "fedavg_lora-seed2"
+    (interrupted / "summary.json").unlink()
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    why = f"{interrupted}: run not finished (no summary.json; fedslip run --resume {interrupted} finishes it)"
+    assert capsys.readouterr().err == f"fedslip report: skipped {why}\n"
+    assert f"Left out of this report: {why}." in (tmp_path / "report" / "report.md").read_text()
+    assert [r["seed"] for r in json.loads((tmp_path / "report" / "results.json").read_text())["runs"]] == [0, 1]
+    named = ["report", str(tmp_path / "runs" / "fedavg_lora-seed0"), str(interrupted), "--out", str(tmp_path / "two")]
+    assert main(named) == 2
+    assert capsys.readouterr().err == (f"fedslip: error: run not finished in {interrupted} (no summary.json); continue "
+                                       f"with fedslip run --resume {interrupted}\n")
+    assert not (tmp_path / "two").exists()
+
+
+def test_runs_of_one_method_with_other_settings_are_refused_in_words_not_under_the_methods_name(tmp_path, capsys):
+    """The error began with the method's name: "fedslip: error: fedslip: a and b differ in lr" read as a doubled
+    prefix."""
+    a = write_run(tmp_path / "a", "fedslip", 0, personal=0.9, glob=0.8, config={"lr": 0.01})
+    b = write_run(tmp_path / "b", "fedslip", 0, personal=0.9, glob=0.8, config={"lr": 0.02})
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "mixed")]) == 2
+    assert capsys.readouterr().err.startswith(f"fedslip: error: runs {a} and {b} of method fedslip differ in lr; ")
+
+
 def report_of(root, out=None, **kw):
     from fedslip.report import build_report, find_runs
 

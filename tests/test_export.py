@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -293,3 +294,30 @@ def test_an_export_has_a_model_card_naming_its_method_data_and_the_runs_metrics(
     assert "# FedSLIP `fedslip`: the global model" in card.text and "Included: the global track only" in card.text
     assert f"--client 0 --out {merged} --global --format merged" in card.text
     assert f"the run: `{again}`, made by `fedslip compare --methods fedslip ...`" in card.text
+
+
+def test_predict_prints_one_line_per_text_and_reads_texts_from_a_file_or_stdin(head_run, tmp_path, capsys,
+                                                                               monkeypatch):
+    """A text holding a newline or a tab printed as two lines or an extra column; each is escaped as in Python
+    (``\\n``, ``\\t``). ``--file`` reads one text per line, a .jsonl file's "text" fields (which may hold
+    newlines), or standard input (``-``); each gives what ``RunModel.predict`` gives for the same texts."""
+    import io
+
+    from fedslip.inference import read_texts
+
+    texts = ["stocks profit\nmarket news", "team\tcoach \\ match", "war minister election today"]
+    expected = RunModel(head_run, 0).predict(texts)
+    assert main(["predict", "--run", str(head_run), "--client", "0", *texts]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t") for line in lines] == [[p.class_name, f"{max(p.probabilities):.3f}", text] for p, text in
+                                                     zip(expected, ["stocks profit\\nmarket news",
+                                                                    "team\\tcoach \\\\ match", texts[2]])]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    (tmp_path / "lines.txt").write_text("team coach match\r\n\nstocks profit market news\n")
+    assert read_texts(tmp_path / "texts.jsonl") == texts
+    assert read_texts(tmp_path / "lines.txt") == ["team coach match", "stocks profit market news"]  # blank skipped
+    for source, given in ((str(tmp_path / "texts.jsonl"), texts), ("-", ["team coach match", "software chip"])):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\n".join(given).encode())))
+        assert main(["predict", "--run", str(head_run), "--client", "0", "--json", "--file", source]) == 0
+        printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert printed == [p.__dict__ for p in RunModel(head_run, 0).predict(given)]

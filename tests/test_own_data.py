@@ -182,21 +182,32 @@ def test_server_and_client_sides_open_only_their_own_files(tmp_path, data_dir, o
 
 
 @pytest.mark.parametrize("engine", ["embedded", pytest.param("flower-sim", marks=pytest.mark.flower)])
-def test_clients_of_different_sizes_are_weighted_by_their_training_rows(tmp_path, data_dir, operator_dir, engine):
+def test_clients_of_different_sizes_are_weighted_by_their_training_rows(tmp_path, data_dir, operator_dir, engine,
+                                                                       monkeypatch):
     """FedAvg weights each client by its training rows end to end (the client's count, carried by the engine,
     used by the server): client 0's file of 24 rows leaves it 24 - 16 test rows = 8 training rows, client 1's
     80 rows give it samples_per_client = 32. After one round the global track is the start plus
-    (8 * change_0 + 32 * change_1) / 40, the changes as the server received them (the audit record)."""
+    (8 * change_0 + 32 * change_1) / 40, the changes as the server received them (recorded where the server
+    reads each reply; the ServerApp of the Flower simulation runs in this process too)."""
     from fedslip.model import TrackedModel, load_tokenizer
+    from fedslip.server import Server
     from fedslip.storage import load_tensors
 
+    received = {}
+    read_reply = Server.received_weights
+
+    def recorded(server, cid, payload):
+        weights = read_reply(server, cid, payload)
+        received.update({f"{cid}/{n}": w - server.reference[n] for n, w in weights.items()})
+        return weights
+
+    monkeypatch.setattr(Server, "received_weights", recorded)
     files = write_org_files(tmp_path / "orgs", data_dir)  # 80 rows each
     pd.read_csv(files[0], keep_default_na=False).iloc[:24].to_csv(files[0], index=False)
-    cfg = own_cfg(operator_dir, files, method="fedavg_lora", rounds=1, audit=True, engine=engine)
+    cfg = own_cfg(operator_dir, files, method="fedavg_lora", rounds=1, engine=engine)
     out = tmp_path / "run"
     fedslip.run(cfg, out, progress=False)
     start = TrackedModel(cfg, load_tokenizer(cfg.backbone)).global_state()  # the seeded initial global track
-    received = load_tensors(out / "audit" / "round-0001.safetensors")
     final = load_tensors(out / "global.safetensors")
     weighted = {n: t + (8 * received[f"0/{n}"] + 32 * received[f"1/{n}"]) / 40 for n, t in start.items()}
     equal = {n: t + (received[f"0/{n}"] + received[f"1/{n}"]) / 2 for n, t in start.items()}

@@ -106,7 +106,10 @@ def test_kstep_on_a_finished_run_reproduces_its_kstep_and_changes_nothing(baseli
     assert {p: p.read_bytes() for p in before} == before, "the run's own files are untouched"
     with pytest.raises(ConfigError, match="steps > 0"):
         fedslip.kstep(out, 0)
-    with pytest.raises(RunDirError, match="no finished run"):
+    with pytest.raises(RunDirError, match="is not a run directory"):
+        fedslip.kstep(tmp_path, 3)
+    (tmp_path / "config.toml").write_bytes((out / "config.toml").read_bytes())  # an interrupted run
+    with pytest.raises(RunDirError, match="run not finished in .*; continue with fedslip run --resume"):
         fedslip.kstep(tmp_path, 3)
 
 

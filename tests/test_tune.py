@@ -135,7 +135,8 @@ def test_bad_tune_settings_are_refused_before_anything_is_written(tiny_overrides
         (dict(overrides=tiny_overrides, space={"head": [1, 2]}), "head is a str key"),
         (dict(overrides=tiny_overrides, space={"lora_rank": {"choices": [4, -1]}}), "lora_rank"),
         (dict(overrides=tiny_overrides, space={"seed": [0, 5]}), "seed cannot be searched"),
-        (dict(overrides=tiny_overrides, trials=0), "trials >= 1"),
+        (dict(overrides=tiny_overrides, trials=0), "trials must be an integer >= 1, got 0"),
+        (dict(overrides=tiny_overrides, search=["nosuch"]), "'nosuch' is not a config key; searchable keys: lr,"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ConfigError, match=message):
@@ -242,23 +243,33 @@ def test_seeds_average_each_trial_over_validation_seeds(tiny_overrides, tmp_path
         tune_mod.tune(tmp_path / "other", trials=1, toml_path=config, seeds=[3])
 
 
+def _stand_in_runs(monkeypatch, outcome):
+    """``api.run`` replaced by a run without training: ``outcome(lr)`` gives the accuracy it reports every round and
+    as its final accuracies, and other summary values (what the study does with the values is under test)."""
+    from fedslip import api
+
+    def run(cfg, out, callbacks=(), **kwargs):
+        value, summary = outcome(cfg.lr)
+        for round_idx in range(1, cfg.rounds + 1):
+            for callback in callbacks:
+                callback({"round": round_idx, "global_accuracy": value, "personalized_accuracy": value,
+                          "personalized_accuracy_per_client": [value] * cfg.num_clients})
+        out.mkdir(parents=True, exist_ok=True)
+        return {"personalized_accuracy": value, "global_accuracy": value, "wall_seconds": 1.0, **summary}
+
+    monkeypatch.setattr(api, "run", run)
+
+
 def test_a_kstep_objective_prunes_nothing_on_the_zero_shot_signal(tiny_overrides, tmp_path, monkeypatch):
     """FedBABU's head stays at its initialization during federation, so its per-round (zero-shot) personalized
     accuracy is a random head's, whatever the body learned; K-step, which the objective measures, fine-tunes
     the head. Pruning on the zero-shot value stopped such trials (8 of 12 at ~25%). Here trials 1 and 2 are
     poor zero-shot and best after K-step (runs stand-ins feeding the round callbacks): none is pruned."""
-    from fedslip import api
+    def outcome(lr):
+        zero_shot, after_kstep = (0.9, 0.5) if lr == 0.01 else (0.25, 0.8 if lr == 0.002 else 0.7)
+        return zero_shot, {"kstep_accuracy": after_kstep}
 
-    def run(cfg, out, callbacks=(), **kwargs):
-        zero_shot, after_kstep = (0.9, 0.5) if cfg.lr == 0.01 else (0.25, 0.8 if cfg.lr == 0.002 else 0.7)
-        for round_idx in range(1, cfg.rounds + 1):
-            for callback in callbacks:
-                callback({"round": round_idx, "global_accuracy": zero_shot, "personalized_accuracy": zero_shot,
-                          "personalized_accuracy_per_client": [zero_shot] * cfg.num_clients})
-        out.mkdir(parents=True, exist_ok=True)
-        return {"personalized_accuracy": zero_shot, "kstep_accuracy": after_kstep, "wall_seconds": 1.0}
-
-    monkeypatch.setattr(api, "run", run)
+    _stand_in_runs(monkeypatch, outcome)
     out = tmp_path / "study"
     result = tune_mod.tune(out, trials=3, overrides={**tiny_overrides, "method": "fedbabu", "kstep": 5, "lr": 0.01},
                            maximize="kstep", search=["lr"], pruner_startup_trials=1, pruner_warmup_rounds=0,
@@ -307,3 +318,60 @@ def test_rescore_reruns_the_finalists_on_more_seeds_and_recommends_the_best_mean
     assert len(ran) == 5  # finished rescore runs are kept
     with pytest.raises(ConfigError, match="rescore"):
         tune_mod.tune(out, **keys, rescore=2)
+
+
+def test_each_finished_trial_is_one_log_line_and_optunas_warnings_are_log_lines(tiny_overrides, tmp_path, caplog,
+                                                                                 recwarn, monkeypatch):
+    """The log says per trial its number, state, parameters and objective (INFO: --quiet hides it). Optuna's
+    warnings (here the parameter importances' on two complete trials of equal value) are INFO lines of the log
+    too, not Python warnings that --quiet would still print."""
+    import logging
+
+    def outcome(lr):
+        if lr > 0.05:
+            raise ValueError("the stand-in run failed")
+        return 0.5 if lr >= 0.005 else 0.25, {}
+
+    _stand_in_runs(monkeypatch, outcome)
+    with caplog.at_level(logging.INFO, logger="fedslip"):
+        tune_mod.tune(tmp_path / "study", trials=3, overrides={**tiny_overrides, "lr": 0.01}, search=["lr"],
+                      pruner_startup_trials=1, pruner_warmup_rounds=0, enqueue=[{"lr": 0.001}, {"lr": 0.02}])
+        with pytest.raises(ValueError, match="the stand-in run failed"):
+            tune_mod.tune(tmp_path / "failing", trials=1, overrides={**tiny_overrides, "lr": 0.08},
+                          space={"lr": [0.06, 0.09]})
+    assert not [w for w in recwarn if "optuna" in w.filename or "quantiles" in str(w.message)]
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("Target and region quantiles select the same set of trials" in m for m in messages)
+    assert [m for m in messages if m.startswith("tune: trial")] == [
+        "tune: trial 0 complete: lr=0.01; objective 0.5000",
+        "tune: trial 1 pruned: lr=0.001; objective 0.2500 at round 1",
+        "tune: trial 2 complete: lr=0.02; objective 0.5000",
+        "tune: trial 0 failed: lr=0.08; the stand-in run failed"]
+
+
+def test_ctrl_c_in_a_trial_is_one_line_and_no_optuna_traceback(tiny_overrides, tmp_path, capsys, monkeypatch):
+    """Ctrl-C inside a trial: exit code 130 and one line on stderr, as for fedslip run. Optuna recorded the
+    interrupted trial as a warning carrying the KeyboardInterrupt's traceback (some 160 lines before ours); no
+    record of Optuna's reaches a handler now, and the trial is kept for the next call to continue."""
+    import logging
+
+    def interrupted(lr):
+        raise KeyboardInterrupt
+
+    _stand_in_runs(monkeypatch, interrupted)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("optuna").addHandler(handler)
+    config = tmp_path / "study.toml"
+    config.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in {**tiny_overrides, "rounds": 1}.items()))
+    try:
+        rc = main(["tune", "--config", str(config), "--out", str(tmp_path / "study"), "--quiet", "--trials", "2"])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped fedslip.cli.main")
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+    assert rc == 130 and capsys.readouterr().err == "fedslip: interrupted; the same command continues the study\n"
+    trial, = _study(tmp_path / "study").trials
+    assert trial.state.name == "FAIL" and trial.user_attrs["interrupted"]
