@@ -76,7 +76,7 @@ KNOWN_RANGES: dict[str, dict[str, Any]] = {
     "private_weight": {"low": 0.1, "high": 0.9, "log": False},
 }
 # what a method's result depends on most: its learning rates (K-step's where the run has one and the
-# method relies on it) and the method's own knob (issue 13: each method's rates and its knob, one sweep)
+# method relies on it) and the method's own knob (one sweep of both)
 DEFAULT_SPACES = {"fedavg_lora": ["lr"], "centralized": ["lr"], "dual_naive": ["lr", "private_lr"],
                   "fedslip": ["lr", "private_lr"], "fedper": ["lr"], "fedrep": ["lr", "local_first_steps"],
                   "fedbabu": ["lr", "kstep_lr"], "fedsa_lora": ["lr"], "ditto": ["lr", "private_lr", "ditto_lambda"],

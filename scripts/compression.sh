@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compression sweep (issue 15): fedavg_lora and fedslip on configs/seed_cpu.toml, one queue per argument,
+# Compression sweep: fedavg_lora and fedslip on configs/seed_cpu.toml, one queue per argument,
 # one thread each. An argument is a comma-separated list of settings run one after another in that
 # queue; a setting is a codec for both directions (`int4`) or `UPLOAD:DOWNLOAD` (`topk+int8:int4`):
 #   bash scripts/compression.sh int4,topk,fp16 topk+int8,int8,topk+int4

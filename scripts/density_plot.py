@@ -1,4 +1,4 @@
-"""Accuracy against the private track's density (issue 12): finished FedSLIP runs that differ only in the
+"""Accuracy against the private track's density: finished FedSLIP runs that differ only in the
 magnitude-pruning mask's target sparsity (and the prune rate that reaches it).
 
     T=docs/results/tuning_runs   # config, metrics, summary of the second/third hand passes (docs/results/tuning.md)

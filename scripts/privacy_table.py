@@ -1,4 +1,4 @@
-"""docs/results/privacy/report.md from the settings scripts/privacy.sh ran (issue 16).
+"""docs/results/privacy/report.md from the settings scripts/privacy.sh ran.
 
     python scripts/privacy_table.py [docs/results/privacy]
 
@@ -80,7 +80,7 @@ def main(root: Path) -> None:
     table = ["| setting | method | seeds | global accuracy | personalized (zero-shot) | bias attack | "
              "shadow attack | epsilon |", "|---|---|---|---|---|---|---|---|", *rows(root)]
     head = [
-        "# What the server infers from the updates (issue 16)", "",
+        "# What the server infers from the updates", "",
         "Commands: `scripts/privacy.sh none`, `scripts/privacy.sh local SIGMA`, `scripts/privacy.sh central SIGMA` "
         "(each a `fedslip compare --audit` of fedavg_lora, fedslip and fedper on configs/seed_cpu.toml, then "
         "`fedslip audit --public-data` on every run), then `python scripts/privacy_table.py`. Attack accuracy "

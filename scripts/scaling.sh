@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Data-scaling curve (issue 12): fedavg_lora vs fedslip, seed 0, test split, configs/seed_cpu.toml with
+# Data-scaling curve: fedavg_lora vs fedslip, seed 0, test split, configs/seed_cpu.toml with
 # other training-row counts per client (500 = seed 0 of docs/results/seed_cpu). One queue per size, one
 # thread each. At 1000 rows seeds 1 and 2 were added (seed 0 alone overstated the result):
 #   bash scripts/scaling.sh 250 1000 2000

@@ -82,6 +82,7 @@ def test_pyproject_flower_config_is_in_sync():
     assert app["fab-include"] == ["fedslip/**/*.py", "pyproject.toml"]
 
 
+@pytest.mark.flower  # Flower's app builder and loader
 def test_flower_app_directory_of_the_installed_package(tmp_path):
     """`fedslip flower-app DIR`: a pyproject.toml that Flower validates, whose components import from the
     installed fedslip, declaring every config key at its default; its FAB holds that file and no source."""
@@ -420,14 +421,17 @@ def test_deploy_local_from_a_wheel_installed_in_a_fresh_venv(tmp_path, data_dir)
     carries no source, and the run equals the embedded engine's."""
     python = fresh_venv(tmp_path / "venv", build_wheel(tmp_path / "dist"))
     bin_dir = python.parent
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "FEDSLIP_DATA_DIR")}
+    # the environment of a fresh login, not this process's (which earlier tests and Ray may have extended)
+    env = {k: os.environ[k] for k in ("HOME", "LANG", "TMPDIR", "USER") if k in os.environ}
     env.update(PATH=os.pathsep.join([str(bin_dir), "/usr/bin", "/bin"]), HF_HUB_OFFLINE="1",
                FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_HOME=str(tmp_path / ".flwr"))
     work = tmp_path / "work"
     work.mkdir()
-    where = subprocess.run([str(python), "-c", "import fedslip.flower_app; print(fedslip.__file__)"], env=env,
-                           cwd=work, check=True, capture_output=True, text=True).stdout.strip()
+    found = subprocess.run([str(python), "-c", "import fedslip.flower_app; print(fedslip.__file__)"], env=env,
+                           cwd=work, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    where = found.stdout.strip()
     assert Path(where).is_relative_to(tmp_path / "venv") and not Path(where).is_relative_to(REPO)
     for name in ("fedslip", "flwr", "flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
                  "flwr-clientapp"):  # what deploy-local and Flower start: the venv's, with the venv's python

@@ -254,6 +254,7 @@ def test_overwrite_refuses_a_directory_without_a_runs_config(tiny_cfg, tmp_path)
         "clients", "clients/0", "clients/0/private.safetensors", "summary.json"]
 
 
+@pytest.mark.process  # the console script in its own process
 def test_cli_run_and_errors(data_dir, tmp_path):
     base = [sys.executable, "-m", "fedslip.cli", "run", "--backbone", "tiny", "--data-dir", str(data_dir),
             "--rounds", "1", "--samples-per-client", "16", "--test-samples-per-client", "8",

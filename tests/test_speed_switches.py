@@ -17,6 +17,7 @@ def rows(run_dir):
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.process  # worker processes
 def test_parallel_clients_give_the_sequential_results(tiny_cfg, tmp_path):
     cfg = dict(method="fedslip", rounds=2, private_warmup_rounds=0, private_target_sparsity=0.5, kstep=2)
     seq = fedslip.run(tiny_cfg(**cfg), tmp_path / "seq", progress=False)

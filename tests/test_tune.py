@@ -101,6 +101,7 @@ tune.tune(sys.argv[1], trials=2, overrides={overrides}, search=["lr"], pruner_st
 """
 
 
+@pytest.mark.process
 def test_an_interrupted_study_continues_and_resumes_the_interrupted_run(tiny_overrides, tmp_path):
     out = tmp_path / "study"
     script = textwrap.dedent(KILLER).replace("{overrides}", repr(tiny_overrides))
