@@ -377,6 +377,12 @@ def test_supernode_restart_between_rounds_keeps_private_track(tmp_path, data_dir
 
 
 # --- from an installed wheel ---------------------------------------------------------------------------
+def login_env(**extra: str) -> dict[str, str]:
+    """The environment of a fresh login, not this process's: earlier tests and Ray may have extended it (a
+    PYTHONPATH reaching the checkout makes pip take the checkout's fedslip as already installed)."""
+    return {**{k: os.environ[k] for k in ("HOME", "LANG", "TMPDIR", "USER", "PATH") if k in os.environ}, **extra}
+
+
 def build_wheel(dist):
     """The package's wheel, built offline from a copy of its sources (the checkout gets no build/ or egg-info)."""
     src = dist.parent / "src"
@@ -385,7 +391,7 @@ def build_wheel(dist):
         shutil.copy(REPO / name, src / name)
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", *isolation, "-q", "-w",
-                    str(dist), str(src)], check=True)
+                    str(dist), str(src)], check=True, env=login_env())
     return next(dist.glob("fedslip-*.whl"))
 
 
@@ -395,14 +401,14 @@ def fresh_venv(root, wheel):
     minutes); otherwise this environment's site-packages are appended to the venv's sys.path by a .pth file,
     which imports no editable fedslip (a path in a .pth is not scanned for further .pth files), and Flower's
     console scripts are written into the venv's bin/ with its own python."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, env=login_env())
     python = root / "bin" / "python"
     pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-index"]
     wheelhouse = os.environ.get("FEDSLIP_WHEELHOUSE")
     if wheelhouse:
-        subprocess.run([*pip, "--find-links", wheelhouse, str(wheel)], check=True)
+        subprocess.run([*pip, "--find-links", wheelhouse, str(wheel)], check=True, env=login_env())
         return python
-    subprocess.run([*pip, "--no-deps", str(wheel)], check=True)
+    subprocess.run([*pip, "--no-deps", str(wheel)], check=True, env=login_env())
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
     (Path(purelib) / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
@@ -421,8 +427,7 @@ def test_deploy_local_from_a_wheel_installed_in_a_fresh_venv(tmp_path, data_dir)
     carries no source, and the run equals the embedded engine's."""
     python = fresh_venv(tmp_path / "venv", build_wheel(tmp_path / "dist"))
     bin_dir = python.parent
-    # the environment of a fresh login, not this process's (which earlier tests and Ray may have extended)
-    env = {k: os.environ[k] for k in ("HOME", "LANG", "TMPDIR", "USER") if k in os.environ}
+    env = login_env()
     env.update(PATH=os.pathsep.join([str(bin_dir), "/usr/bin", "/bin"]), HF_HUB_OFFLINE="1",
                FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_HOME=str(tmp_path / ".flwr"))
